@@ -1,0 +1,202 @@
+"""Feed actors: one per market-data source, each emitting validated, numbered bars.
+
+A ``FeedActor`` turns its source into bars of the schema in ``core.bars``,
+numbers them (``seq``, increasing by one per bar this feed emits) and keeps the
+most recent ones in a bounded buffer that consumers read with ``since(seq)``.
+Sources:
+
+* ``replay``: bars from the store, one timestamp (a bar per symbol) every
+  ``bar_interval_s``, at the bars' own spacing divided by ``replay_speed``, or
+  as fast as possible (``feeds.replay_pace``);
+* ``synthetic``: ``core.synthetic.SyntheticMarket``, live.
+
+The feed does not choose between sources or fill gaps; the feed router does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import pandas as pd
+import ray
+
+from cluster.logs import configure_logging, get_logger
+from cluster.settings import Settings
+from core.bars import COLUMNS, normalise, validate_bars
+from core.store import BarStore
+from core.synthetic import SyntheticMarket
+
+log = get_logger("feeds")
+
+BUFFER_BARS = 20_000
+
+
+def bars_to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Bars as plain dicts (ts as int ns) - cheap to send between actors."""
+    if len(df) == 0:
+        return []
+    out = df[list(COLUMNS)].copy()
+    out["ts"] = out["ts"].astype("int64")
+    return out.to_dict("records")
+
+
+def records_to_bars(records: list[dict[str, Any]]) -> pd.DataFrame:
+    if not records:
+        from core.bars import empty_bars
+
+        return empty_bars()
+    df = pd.DataFrame.from_records(records)
+    df["ts"] = pd.to_datetime(df["ts"], utc=True)
+    return normalise(df)
+
+
+class _Source:
+    """Gives the next timestamp's bars, or None when exhausted."""
+
+    def next_bars(self) -> pd.DataFrame | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def pause_s(self, settings: Settings, bars: pd.DataFrame, prev_ts: pd.Timestamp | None) -> float:
+        return settings.feeds.bar_interval_s
+
+
+class _ReplaySource(_Source):
+    def __init__(self, store: BarStore, symbols: list[str], start: Any = None):
+        frames = [store.read(s, start=start) for s in symbols]
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            raise ValueError(
+                f"the store at {store.uri} has no bars for {', '.join(symbols)}; run `raytrade data generate` first"
+            )
+        df = pd.concat(frames, ignore_index=True).sort_values(["ts", "symbol"], kind="stable")
+        self._groups = [g for _, g in df.groupby("ts", sort=True)]
+        self._i = 0
+
+    def next_bars(self) -> pd.DataFrame | None:
+        if self._i >= len(self._groups):
+            return None
+        g = self._groups[self._i]
+        self._i += 1
+        return g
+
+    def pause_s(self, settings: Settings, bars: pd.DataFrame, prev_ts: pd.Timestamp | None) -> float:
+        pace = settings.feeds.replay_pace
+        if pace == "fast":
+            return 0.0
+        if pace == "realtime" and prev_ts is not None:
+            return max(0.0, (bars["ts"].iloc[0] - prev_ts).total_seconds() / settings.feeds.replay_speed)
+        return settings.feeds.bar_interval_s
+
+
+class _SyntheticSource(_Source):
+    def __init__(self, symbols: list[str], seed: int, start: Any = None):
+        kw = {"start": start} if start is not None else {}
+        self._market = SyntheticMarket(symbols, seed=seed, source="synthetic", **kw)
+
+    def next_bars(self) -> pd.DataFrame | None:
+        return self._market.next()
+
+
+@ray.remote
+class FeedActor:
+    """One market-data source. Read with ``since(seq)``; ``health()`` for status."""
+
+    def __init__(self, name: str, kind: str, symbols: list[str], settings: Settings, start: Any = None):
+        # Settings travel pickled (secrets intact, in memory only); a JSON dump would redact them.
+        self.settings = settings
+        configure_logging(self.settings)
+        self.name, self.kind, self.symbols = name, kind, [s.upper() for s in symbols]
+        self._start = start
+        self._buffer: deque[dict[str, Any]] = deque(maxlen=BUFFER_BARS)
+        self._seq = 0
+        self._task: asyncio.Task | None = None
+        self._last_bar_at: float | None = None
+        self._emitted = 0
+        self._rejected = 0
+        self._errors = 0
+        self._last_error: str | None = None
+        self._exhausted = False
+        self._paused = False
+        self._last_ts: dict[str, pd.Timestamp] = {}
+        if kind == "replay":
+            store = BarStore.from_settings(self.settings.store, self.settings.resilience)
+            self._source: _Source = _ReplaySource(store, self.symbols, start)
+        elif kind == "synthetic":
+            self._source = _SyntheticSource(self.symbols, self.settings.feeds.seed, start)
+        else:
+            raise ValueError(f"unknown feed kind {kind!r}; use replay or synthetic (alpaca has its own actor)")
+
+    async def start(self) -> bool:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return True
+
+    async def _run(self) -> None:
+        prev_ts: pd.Timestamp | None = None
+        while True:
+            if self._paused:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                bars = self._source.next_bars()
+            except Exception as e:  # noqa: BLE001 - a source error is counted, not fatal
+                self._errors += 1
+                self._last_error = str(e)
+                log.warning("feed %s: source error: %s", self.name, e)
+                await asyncio.sleep(self.settings.feeds.bar_interval_s)
+                continue
+            if bars is None:
+                self._exhausted = True
+                log.info("feed %s: source exhausted after %d bars", self.name, self._emitted)
+                return
+            self._emit(bars)
+            pause = self._source.pause_s(self.settings, bars, prev_ts)
+            prev_ts = bars["ts"].iloc[0]
+            await asyncio.sleep(pause)
+
+    def _emit(self, bars: pd.DataFrame) -> None:
+        bars = normalise(bars, source=self.name)
+        good, rejects = validate_bars(bars, self._last_ts)
+        self._rejected += len(rejects)
+        for rec in bars_to_records(good):
+            self._seq += 1
+            rec["seq"] = self._seq
+            self._buffer.append(rec)
+            self._last_ts[rec["symbol"]] = pd.Timestamp(rec["ts"], tz="UTC")
+        self._emitted += len(good)
+        self._last_bar_at = time.time()
+
+    async def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Bars with ``seq`` greater than the given one, oldest first."""
+        if not self._buffer or self._buffer[-1]["seq"] <= seq:
+            return []
+        first = self._buffer[0]["seq"]
+        start = max(0, seq - first + 1)
+        out = []
+        for i in range(start, min(len(self._buffer), start + limit)):
+            out.append(self._buffer[i])
+        return out
+
+    async def pause(self, paused: bool = True) -> None:
+        """Stop emitting without dying (a stall), or resume."""
+        self._paused = paused
+
+    async def health(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "symbols": self.symbols,
+            "last_seq": self._seq,
+            "emitted": self._emitted,
+            "rejected": self._rejected,
+            "errors": self._errors,
+            "last_error": self._last_error,
+            "seconds_since_last_bar": None if self._last_bar_at is None else now - self._last_bar_at,
+            "exhausted": self._exhausted,
+            "paused": self._paused,
+            "running": self._task is not None and not self._task.done(),
+        }

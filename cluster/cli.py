@@ -1,0 +1,301 @@
+"""The ``raytrade`` command line.
+
+    raytrade up [--detach] [--duration S]   start the system on this machine or a cluster
+    raytrade down                           stop what `up` started
+    raytrade status [--json]                nodes, resources, actors and their states
+    raytrade config show                    effective settings, secrets as ***
+    raytrade data generate|import|ls        history in the store
+
+A user's mistake (a bad flag, a bad setting, a bad file) ends with one line on
+stderr and exit code 2, never a traceback; a cluster that cannot be reached
+ends with one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+from cluster.settings import Settings, SettingsError, load_settings
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 1
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage dump
+        raise UserError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="raytrade", description="raytrade: an algorithmic trading operation on one Ray cluster.")
+    p.add_argument("--config", help="settings file (default: ./raytrade.toml if present)")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    up = sub.add_parser("up", help="start raytrade (local Ray unless RAY_ADDRESS is set)")
+    up.add_argument("--detach", action="store_true", help="start a detached local Ray head and return")
+    up.add_argument("--duration", type=float, default=None, help="run for S seconds, then shut down")
+    up.add_argument("--history-bars", type=int, default=2000, help="bars per symbol generated if the store is empty")
+
+    sub.add_parser("down", help="stop what `raytrade up` started")
+
+    st = sub.add_parser("status", help="the cluster's nodes, resources and raytrade actors")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    cfg = sub.add_parser("config", help="settings")
+    cfg_sub = cfg.add_subparsers(dest="config_cmd", metavar="ACTION", parser_class=_Parser)
+    cfg_sub.add_parser("show", help="print the effective settings (secrets redacted)")
+
+    data = sub.add_parser("data", help="history in the store")
+    data_sub = data.add_subparsers(dest="data_cmd", metavar="ACTION", parser_class=_Parser)
+    imp = data_sub.add_parser("import", help="import a CSV or Parquet file of OHLCV bars")
+    imp.add_argument("file")
+    imp.add_argument("--symbol", required=True)
+    gen = data_sub.add_parser("generate", help="write synthetic history")
+    gen.add_argument("--symbols", nargs="+", default=None, help="default: feeds.symbols")
+    gen.add_argument("--bars", type=int, default=2000, help="bars per symbol")
+    gen.add_argument("--seed", type=int, default=None, help="default: feeds.seed")
+    gen.add_argument("--interval", default="1min", help="bar spacing, e.g. 1min, 1h, 1D")
+    gen.add_argument("--start", default="2024-01-02 14:30", help="first bar's time (UTC)")
+    data_sub.add_parser("ls", help="symbols and time ranges in the store")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (UserError, SettingsError) as e:
+        print(f"raytrade: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().replace("\n", " ")
+    return text[:2000]
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.cmd is None:
+        p.print_help()
+        return 0
+    settings = load_settings(args.config)
+    if args.cmd == "config":
+        if args.config_cmd != "show":
+            raise UserError("raytrade config: choose an action: show")
+        print(settings.show())
+        return 0
+    if args.cmd == "data":
+        return _data(args, settings)
+    if args.cmd == "status":
+        return _status(args, settings)
+    if args.cmd == "up":
+        return _up(args, settings)
+    if args.cmd == "down":
+        return _down(settings)
+    raise UserError(f"unknown command {args.cmd}")
+
+
+# -- data ---------------------------------------------------------------------------
+def _store(settings: Settings):
+    from core.store import BarStore
+
+    return BarStore.from_settings(settings.store, settings.resilience)
+
+
+def _data(args: argparse.Namespace, settings: Settings) -> int:
+    from core.ingest import ImportRefused, read_bars_file
+
+    if args.data_cmd is None:
+        raise UserError("raytrade data: choose an action: import, generate, ls")
+    store = _store(settings)
+    if args.data_cmd == "import":
+        sym = args.symbol.strip().upper()
+        if not sym or not sym.replace(".", "").replace("-", "").isalnum():
+            raise UserError(f"--symbol {args.symbol!r}: use letters and digits, e.g. SPY")
+        try:
+            bars = read_bars_file(args.file, sym)
+        except ImportRefused as e:
+            raise UserError(str(e)) from None
+        res = store.append(bars)
+        print(f"imported {res.written} bars of {sym} into {store.uri}" + (
+            f" ({res.skipped_existing} at or before the stored end were skipped)" if res.skipped_existing else ""))
+        return 0
+    if args.data_cmd == "generate":
+        import pandas as pd
+
+        from core.synthetic import SyntheticMarket
+
+        if args.bars < 1 or args.bars > 10_000_000:
+            raise UserError(f"--bars {args.bars}: must be between 1 and 10,000,000")
+        try:
+            interval = pd.Timedelta(args.interval)
+            start = pd.Timestamp(args.start)
+        except (ValueError, TypeError):
+            raise UserError(f"--interval {args.interval!r} / --start {args.start!r}: not a time span / time") from None
+        if interval <= pd.Timedelta(0):
+            raise UserError(f"--interval {args.interval!r}: must be positive")
+        symbols = [s.upper() for s in (args.symbols or settings.feeds.symbols)]
+        market = SyntheticMarket(symbols, seed=settings.feeds.seed if args.seed is None else args.seed,
+                                 start=start, interval=interval)
+        chunk = 100_000
+        done = 0
+        while done < args.bars:
+            n = min(chunk, args.bars - done)
+            res = store.append(market.generate(n))
+            done += n
+            print(f"  generated {done}/{args.bars} bars per symbol", file=sys.stderr)
+        print(f"wrote synthetic history for {', '.join(symbols)} to {store.uri}"
+              + (f" ({res.skipped_existing} bars at or before the stored end skipped)" if res.skipped_existing else ""))
+        return 0
+    if args.data_cmd == "ls":
+        ranges = store.ranges()
+        if not ranges:
+            print(f"the store at {store.uri} is empty; `raytrade data generate` writes synthetic history")
+            return 0
+        print(f"{'symbol':<8} {'first':<26} {'last':<26} {'bars':>9} {'files':>6}")
+        for r in ranges:
+            print(f"{r.symbol:<8} {str(r.first):<26} {str(r.last):<26} {r.rows:>9} {r.files:>6}")
+        return 0
+    raise UserError(f"unknown data action {args.data_cmd}")
+
+
+# -- cluster ------------------------------------------------------------------------
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.runtime import ClusterUnavailable, connect, status
+
+    try:
+        connect(settings, start_local=False)
+    except ClusterUnavailable as e:
+        print(f"raytrade: {_one_line(e)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    st = status(settings)
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    print(f"namespace {st['namespace']}  profile {st['profile']}")
+    print("nodes:")
+    for n in st["nodes"]:
+        res = ", ".join(f"{k}={_fmt_res(k, v)}" for k, v in sorted(n["resources"].items()))
+        print(f"  {n['node_id']} {n['address']} {'alive' if n['alive'] else 'dead'}: {res}")
+    print("actors:")
+    if not st["actors"]:
+        print("  (none)")
+    for a in st["actors"]:
+        extra = f" waiting for {a['waiting_for']}" if a.get("waiting_for") else ""
+        print(f"  {a['name']:<32} {a['state']}{extra}")
+    return 0
+
+
+def _fmt_res(k: str, v: float) -> str:
+    if "memory" in k:
+        return f"{v / 1024**3:.1f}GiB"
+    return f"{v:g}"
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.runtime import ClusterUnavailable, connect, record_up, start_head
+    from core.store import BarStore
+
+    store = BarStore.from_settings(settings.store, settings.resilience)
+    missing = [s for s in settings.feeds.symbols if store.last_ts(s) is None]
+    if missing:
+        from core.synthetic import SyntheticMarket
+
+        print(f"store {store.uri} has no history for {', '.join(missing)}: writing {args.history_bars} synthetic bars each")
+        store.append(SyntheticMarket(missing, seed=settings.feeds.seed).generate(args.history_bars))
+
+    started_head = False
+    try:
+        if args.detach:
+            import os
+
+            if not os.environ.get("RAY_ADDRESS") and not settings.ray.address:
+                address = start_head(settings)
+                started_head = True
+                os.environ["RAY_ADDRESS"] = address
+        info = connect(settings)
+    except ClusterUnavailable as e:
+        print(f"raytrade: {_one_line(e)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    record_up(info.address, started_head or info.started_locally)
+
+    from cluster.system import start_system
+
+    system = start_system(settings)
+    print("raytrade is up")
+    print(f"  ray address     {info.address}")
+    print(f"  ray dashboard   {info.dashboard_url or 'off'}")
+    print(f"  namespace       {info.namespace} (profile {info.profile})")
+    print(f"  store           {store.root if store.is_local else store.uri}")
+    for line in system.describe():
+        print(f"  {line}")
+    sys.stdout.flush()
+    if args.detach:
+        print("detached; `raytrade status` to look, `raytrade down` to stop")
+        return 0
+
+    stop = {"now": False}
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    deadline = None if args.duration is None else time.time() + args.duration
+    print("streaming (Ctrl-C to stop)")
+    try:
+        while not stop["now"] and (deadline is None or time.time() < deadline):
+            for line in system.poll():
+                print(line)
+            sys.stdout.flush()
+            time.sleep(0.5)
+    finally:
+        print("shutting down")
+        system.stop()
+        import ray
+
+        ray.shutdown()
+        from cluster.runtime import UP_STATE
+
+        UP_STATE.unlink(missing_ok=True)
+        print("stopped cleanly")
+    return 0
+
+
+def _down(settings: Settings) -> int:
+    from cluster.runtime import UP_STATE, ClusterUnavailable, connect, recorded_up, stop_head
+
+    rec = recorded_up()
+    try:
+        connect(settings, start_local=False)
+    except ClusterUnavailable as e:
+        UP_STATE.unlink(missing_ok=True)
+        print(f"raytrade: nothing to stop ({_one_line(e)})")
+        return 0
+    from cluster.system import stop_system
+
+    n = stop_system(settings)
+    import ray
+
+    ray.shutdown()
+    if rec and rec.get("started_head"):
+        stop_head()
+    UP_STATE.unlink(missing_ok=True)
+    print(f"stopped {n} raytrade actor(s)" + (" and the local Ray head" if rec and rec.get("started_head") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Connecting to Ray, or starting it, and finding raytrade's actors.
+
+``connect(settings)`` joins the cluster named by ``RAY_ADDRESS`` (or
+``ray.address`` in settings, or the one ``raytrade up`` recorded), and
+otherwise starts a local Ray on this machine: the embedded default. All of
+raytrade's actors are named and live in one namespace (``ray.namespace``,
+default ``raytrade``), so any process (the CLI, Serve, a Tune driver) finds
+them by name.
+
+``status()`` is the one health view of the cluster: nodes and resources, and
+each raytrade actor with its state, including actors that are waiting for
+resources no node has (reported with what they asked for, not left hanging).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.logs import configure_logging, get_logger, ray_logging_config
+from cluster.resources import choose_profile, ray_options
+from cluster.settings import Settings
+
+log = get_logger("runtime")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = Path(os.environ.get("RAYTRADE_STATE_DIR", ".raytrade"))
+UP_STATE = STATE_DIR / "up.json"
+
+
+class ClusterUnavailable(RuntimeError):
+    """No Ray cluster could be reached where one was expected."""
+
+
+@dataclass
+class RuntimeInfo:
+    address: str
+    started_locally: bool
+    dashboard_url: str | None
+    namespace: str
+    profile: str
+
+
+def _target_address(settings: Settings) -> str | None:
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return env
+    if settings.ray.address:
+        return settings.ray.address
+    return None
+
+
+def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | None = None) -> RuntimeInfo:
+    """Join or start Ray, once per process."""
+    import ray
+
+    configure_logging(settings)
+    ns = settings.ray.namespace
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        return RuntimeInfo(ctx.gcs_address, False, _dashboard_url(), ctx.namespace, current_profile(settings))
+
+    address = _target_address(settings)
+    if address is None and not start_local:
+        address = _recorded_address() or "auto"
+    # Workers import our packages by name; the repo root goes on their path.
+    # On a remote cluster every node has raytrade installed (ray-cluster.yaml),
+    # and the working_dir ships this checkout's code so driver and actors agree.
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_DEDUP_LOGS": "1"}}
+    try:
+        if address is not None:
+            if address.startswith("ray://") or (address != "auto" and not _is_local_address(address)):
+                runtime_env = {
+                    "working_dir": str(REPO_ROOT),
+                    "excludes": [".venv", ".git", "data", "var", "reports", ".raytrade", "**/__pycache__"],
+                }
+            ray.init(
+                address=address,
+                namespace=ns,
+                runtime_env=runtime_env,
+                logging_config=ray_logging_config(settings),
+                log_to_driver=False,
+            )
+            started = False
+        else:
+            ray.init(
+                namespace=ns,
+                num_cpus=num_cpus or settings.ray.num_cpus or max(2, os.cpu_count() or 2),
+                include_dashboard=settings.ray.include_dashboard,
+                dashboard_host="127.0.0.1",
+                runtime_env=runtime_env,
+                logging_config=ray_logging_config(settings),
+                log_to_driver=False,
+            )
+            started = True
+    except ConnectionError as e:
+        raise ClusterUnavailable(
+            f"no Ray cluster at {address}: {e}. Start one with `raytrade up` or `ray up ray-cluster.yaml`"
+        ) from None
+    ctx = ray.get_runtime_context()
+    return RuntimeInfo(ctx.gcs_address, started, _dashboard_url(), ns, current_profile(settings))
+
+
+def _is_local_address(address: str) -> bool:
+    host = address.split("://")[-1].split(":")[0]
+    return host in ("127.0.0.1", "localhost", "") or host == _this_host_ip()
+
+
+def _this_host_ip() -> str:
+    try:
+        import ray._private.services as services
+
+        return services.get_node_ip_address()
+    except Exception:  # noqa: BLE001
+        return "127.0.0.1"
+
+
+def _dashboard_url() -> str | None:
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        url = ctx.dashboard_url if hasattr(ctx, "dashboard_url") else None
+        if not url:
+            from ray._private.worker import global_worker
+
+            url = global_worker.node.address_info.get("webui_url") if global_worker.node else None
+        return f"http://{url}" if url and not url.startswith("http") else url
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def current_profile(settings: Settings) -> str:
+    import ray
+
+    if not ray.is_initialized():
+        return choose_profile({}, settings.ray.profile)
+    return choose_profile(ray.cluster_resources(), settings.ray.profile)
+
+
+def actor_options(role: str, settings: Settings, name: str, *, detached: bool = True, **extra: Any) -> dict[str, Any]:
+    """Options for a named raytrade actor of ``role``: resources from the table, restarts on."""
+    opts = ray_options(role, current_profile(settings), settings.ray.resource_overrides)
+    opts.update(
+        name=name,
+        namespace=settings.ray.namespace,
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=3,
+    )
+    if detached:
+        opts["lifetime"] = "detached"
+    opts.update(extra)
+    return opts
+
+
+def get_actor(name: str, settings: Settings) -> Any:
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=settings.ray.namespace)
+    except ValueError:
+        raise LookupError(f"no raytrade actor named {name!r}; is the system up (`raytrade up`)?") from None
+
+
+# -- `up` bookkeeping -------------------------------------------------------------
+def record_up(address: str, started_head: bool) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    UP_STATE.write_text(json.dumps({"address": address, "started_head": started_head, "pid": os.getpid(), "at": time.time()}))
+
+
+def _recorded_address() -> str | None:
+    try:
+        return json.loads(UP_STATE.read_text())["address"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def recorded_up() -> dict[str, Any] | None:
+    try:
+        return json.loads(UP_STATE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def start_head(settings: Settings) -> str:
+    """Start a detached local Ray head (``ray start --head``) and return its address."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [
+        ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        f"--num-cpus={settings.ray.num_cpus or max(2, os.cpu_count() or 2)}", "--disable-usage-stats",
+    ]
+    if not settings.ray.include_dashboard:
+        cmd.append("--include-dashboard=false")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    if out.returncode != 0:
+        raise ClusterUnavailable(f"`ray start --head` failed: {out.stderr.strip().splitlines()[-1:]}")
+    return "127.0.0.1:6379"
+
+
+def stop_head() -> None:
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+# -- status -------------------------------------------------------------------------
+def status(settings: Settings) -> dict[str, Any]:
+    """Nodes, resources and raytrade's actors with their states."""
+    import ray
+
+    nodes = []
+    for n in ray.nodes():
+        nodes.append(
+            {
+                "node_id": n["NodeID"][:12],
+                "address": n.get("NodeManagerAddress"),
+                "alive": n.get("Alive", False),
+                "resources": {k: v for k, v in n.get("Resources", {}).items() if not k.startswith("node:")},
+            }
+        )
+    actors = _actor_states(settings)
+    return {
+        "namespace": settings.ray.namespace,
+        "profile": current_profile(settings),
+        "cluster_resources": ray.cluster_resources(),
+        "available_resources": ray.available_resources(),
+        "nodes": nodes,
+        "actors": actors,
+    }
+
+
+def _actor_states(settings: Settings) -> list[dict[str, Any]]:
+    import ray
+
+    ns = settings.ray.namespace
+    out: list[dict[str, Any]] = []
+    try:
+        from ray.util.state import list_actors
+
+        for a in list_actors(filters=[("ray_namespace", "=", ns)], detail=True, limit=1000, raise_on_missing_output=False):
+            d = a if isinstance(a, dict) else a.__dict__
+            if not d.get("name"):
+                continue
+            state = d.get("state")
+            entry = {"name": d.get("name"), "class": d.get("class_name"), "state": state, "pid": d.get("pid")}
+            if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):
+                entry["waiting_for"] = d.get("required_resources") or {}
+                entry["state"] = "WAITING_FOR_RESOURCES"
+            out.append(entry)
+        return sorted(out, key=lambda e: (e["name"], e["state"] != "ALIVE"))
+    except Exception as e:  # noqa: BLE001 - no dashboard: fall back to names only
+        log.debug("state API unavailable: %s", e)
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") == ns:
+            out.append({"name": entry["name"], "class": None, "state": "UNKNOWN (no dashboard)"})
+    return out

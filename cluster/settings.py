@@ -1,0 +1,319 @@
+"""raytrade's one settings object.
+
+Settings come from, in rising priority: the defaults below, a TOML file
+(``raytrade.toml`` in the working directory, or the one named by ``--config`` or
+``RAYTRADE_CONFIG``), secret files in ``RAYTRADE_SECRETS_DIR``, and ``RAYTRADE_*``
+environment variables (nested fields joined by ``__``, for example
+``RAYTRADE_RISK__MAX_DAILY_LOSS=0.03`` or ``RAYTRADE_ALPACA__API_KEY=...``).
+
+Every secret is a ``SecretStr``: it prints as ``***`` in ``repr``, ``str``,
+logs, ``raytrade config show`` and status. A bad value fails at start-up with
+one line naming the field, the value and what is allowed (``SettingsError``,
+which the CLI turns into exit code 2).
+
+This module is not where limits are enforced; the risk manager does that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_FILE = "raytrade.toml"
+REDACTED = "***"
+
+
+class SettingsError(ValueError):
+    """A setting has a value raytrade cannot run with; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RiskLimits(_Section):
+    """Trading limits. Fractions are of account equity (0.05 = 5 %)."""
+
+    max_position_pct: float = Field(0.05, gt=0, le=1, description="max position per symbol, fraction of equity")
+    max_position_pct_by_symbol: dict[str, float] = Field(
+        default_factory=dict, description="per-symbol overrides of max_position_pct"
+    )
+    max_risk_per_trade_pct: float = Field(0.01, gt=0, le=1, description="max loss to the stop per trade, fraction of equity")
+    min_reward_risk: float = Field(2.0, gt=0, description="min take-profit distance over stop distance")
+    allowed_symbols: list[str] = Field(
+        default_factory=lambda: ["SPY", "QQQ", "AAPL", "MSFT"], min_length=1, description="symbols that may be traded"
+    )
+    confidence_threshold: float = Field(0.7, ge=0, le=1, description="min model confidence to open or add")
+    max_daily_loss_pct: float = Field(0.02, gt=0, le=1, description="loss in a day that halts new entries")
+    max_drawdown_pct: float = Field(0.05, gt=0, le=1, description="drawdown from peak that trips the kill switch")
+    production: bool = Field(False, description="trade a live account; off means paper only")
+
+    @field_validator("allowed_symbols")
+    @classmethod
+    def _symbols_upper(cls, v: list[str]) -> list[str]:
+        out = []
+        for s in v:
+            if not s or not s.replace(".", "").replace("-", "").isalnum():
+                raise ValueError(f"symbol {s!r} must be letters/digits (., - allowed)")
+            out.append(s.upper())
+        return out
+
+    @field_validator("max_position_pct_by_symbol")
+    @classmethod
+    def _overrides_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for sym, pct in v.items():
+            if not 0 < pct <= 1:
+                raise ValueError(f"override for {sym} is {pct}; must be > 0 and <= 1")
+        return {k.upper(): p for k, p in v.items()}
+
+    def max_position_for(self, symbol: str) -> float:
+        return self.max_position_pct_by_symbol.get(symbol.upper(), self.max_position_pct)
+
+
+class ResilienceSettings(_Section):
+    """Retry with exponential backoff and the circuit breaker, for every call to the outside."""
+
+    retry_attempts: int = Field(3, ge=1, le=20)
+    retry_base_delay_s: float = Field(1.0, ge=0, le=60)
+    retry_multiplier: float = Field(2.0, ge=1, le=10)
+    retry_max_delay_s: float = Field(30.0, gt=0)
+    breaker_failures: int = Field(5, ge=1, description="consecutive failures that open the breaker")
+    breaker_open_s: float = Field(60.0, gt=0, description="how long an open breaker refuses calls before a trial")
+    breaker_recovery_s: float = Field(
+        300.0, gt=0, description="after a trial succeeds, time without failure until the breaker is fully recovered"
+    )
+
+
+class StoreSettings(_Section):
+    """Where bars and model artefacts live: a local directory or s3://bucket/prefix."""
+
+    uri: str = Field("data/store", description="local path, or s3://bucket/prefix")
+    endpoint: str | None = Field(None, description="S3 endpoint URL for MinIO, e.g. http://127.0.0.1:9000")
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    region: str = "us-east-1"
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_ok(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a local path or s3://bucket/prefix")
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError("only local paths and s3://bucket/prefix are supported")
+        if v.startswith("s3://") and len(v) <= len("s3://"):
+            raise ValueError("s3:// needs a bucket, e.g. s3://raytrade/store")
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_ok(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("http://") or v.startswith("https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+class AlpacaSettings(_Section):
+    """Alpaca market data and trading. Off until keys are given."""
+
+    api_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    feed: Literal["iex", "sip"] = "iex"
+    data_stream_url: str | None = Field(None, description="override of the market-data websocket URL")
+    data_rest_url: str | None = Field(None, description="override of the market-data REST URL")
+    trading_url: str | None = Field(None, description="override of the trading REST URL")
+
+    @property
+    def enabled(self) -> bool:
+        return self.api_key is not None and self.secret_key is not None
+
+
+class FeedSettings(_Section):
+    """Market data feeds and the router's health rules."""
+
+    symbols: list[str] = Field(default_factory=lambda: ["SPY", "QQQ", "AAPL", "MSFT"], min_length=1)
+    sources: list[Literal["replay", "synthetic", "alpaca"]] = Field(
+        default_factory=lambda: ["replay", "synthetic"], min_length=1, description="in priority order"
+    )
+    bar_interval_s: float = Field(1.0, gt=0, description="expected time between bars while streaming")
+    replay_pace: Literal["interval", "realtime", "fast"] = Field(
+        "interval",
+        description="replay: one bar per bar_interval_s, the bars' own spacing / replay_speed, or as fast as possible",
+    )
+    replay_speed: float = Field(1.0, gt=0, description="with replay_pace=realtime: N times faster than the bars' time")
+    stall_intervals: float = Field(2.0, gt=0, description="no bar for this many intervals is a stall")
+    failback_intervals: int = Field(5, ge=1, description="healthy intervals before failing back")
+    min_quality: float = Field(0.9, ge=0, le=1, description="share of bars that must pass the quality gate")
+    spike_sigmas: float = Field(8.0, gt=0)
+    window: int = Field(512, ge=16, description="bars kept in memory per symbol")
+    store_batch: int = Field(64, ge=1, description="accepted bars written to the store per batch")
+    seed: int = 7
+
+    @field_validator("symbols")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [s.upper() for s in v]
+
+
+class ServeSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class ApiKey(_Section):
+    name: str
+    key: SecretStr
+    role: Literal["read", "trade", "admin"] = "read"
+
+
+class RaySettings(_Section):
+    address: str | None = Field(None, description="Ray cluster to join; RAY_ADDRESS wins; empty starts a local Ray")
+    namespace: str = "raytrade"
+    profile: Literal["auto", "cpu", "gpu"] = Field("auto", description="resource profile; auto picks gpu when the cluster has GPUs")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; default: this machine's")
+    include_dashboard: bool = True
+    resource_overrides: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per-role overrides of num_cpus/num_gpus/memory"
+    )
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """Everything raytrade can be told. One object, validated once, passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAYTRADE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+        case_sensitive=False,
+    )
+
+    risk: RiskLimits = Field(default_factory=RiskLimits)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    alpaca: AlpacaSettings = Field(default_factory=AlpacaSettings)
+    feeds: FeedSettings = Field(default_factory=FeedSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _alpaca_keys_paired(self) -> "Settings":
+        a = self.alpaca
+        if (a.api_key is None) != (a.secret_key is None):
+            raise ValueError("alpaca.api_key and alpaca.secret_key must be given together")
+        if "alpaca" in self.feeds.sources and not a.enabled:
+            raise ValueError("feeds.sources lists alpaca but alpaca.api_key/secret_key are not set")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment beats the file (passed as init kwargs): an operator
+        # overrides one value for one run without editing the file.
+        return env_settings, file_secret_settings, init_settings
+
+    # -- secrets ---------------------------------------------------------------
+    def secret_values(self) -> list[str]:
+        """Every secret's plain value, so log filters can scrub them."""
+        out: list[str] = []
+
+        def walk(obj: Any) -> None:
+            if isinstance(obj, SecretStr):
+                v = obj.get_secret_value()
+                if v:
+                    out.append(v)
+            elif isinstance(obj, BaseModel):
+                for name in type(obj).model_fields:
+                    walk(getattr(obj, name))
+            elif isinstance(obj, (list, tuple)):
+                for x in obj:
+                    walk(x)
+            elif isinstance(obj, dict):
+                for x in obj.values():
+                    walk(x)
+
+        walk(self)
+        return out
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets as ``***``."""
+        return json.loads(self.model_dump_json())  # SecretStr dumps as '**********'
+
+    def show(self) -> str:
+        data = self.redacted()
+        text = json.dumps(data, indent=2, sort_keys=False)
+        return text.replace('"**********"', f'"{REDACTED}"')
+
+
+def _describe_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__") or "settings"
+    msg = first.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    value = first.get("input")
+    if isinstance(value, dict) or first.get("type") == "extra_forbidden":
+        shown = ""
+    else:
+        shown = f"={value!r}"
+        # Never echo a secret back, even a malformed one.
+        if any(k in loc for k in ("key", "secret", "password", "token")):
+            shown = f"={REDACTED}"
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown setting; see `raytrade config show` for the valid names"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"invalid setting {loc}{shown} from {source}: {msg}{more}"
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read settings from the file (if any) with environment overrides.
+
+    ``path`` defaults to ``RAYTRADE_CONFIG`` or ``./raytrade.toml`` when present.
+    Raises ``SettingsError`` with a one-line message on any bad value.
+    """
+    explicit = path is not None or "RAYTRADE_CONFIG" in os.environ
+    cfg_path = Path(path or os.environ.get("RAYTRADE_CONFIG") or DEFAULT_CONFIG_FILE)
+    data: dict[str, Any] = {}
+    source = "defaults/environment"
+    if cfg_path.exists():
+        try:
+            data = tomllib.loads(cfg_path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise SettingsError(f"config file {cfg_path} is not valid TOML: {e}") from None
+        source = f"{cfg_path} or environment"
+    elif explicit:
+        raise SettingsError(f"config file {cfg_path} does not exist")
+    _deep_merge(data, overrides)
+    secrets_dir = os.environ.get("RAYTRADE_SECRETS_DIR")
+    try:
+        if secrets_dir:
+            return Settings(_secrets_dir=secrets_dir, **data)
+        return Settings(**data)
+    except ValidationError as e:
+        raise SettingsError(_describe_error(e, source)) from None
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v

@@ -1,0 +1,156 @@
+"""The bar: raytrade's one record of market data, its Arrow schema and its validation.
+
+Every bar that enters the system (a feed, an import, the synthetic market)
+passes ``validate_bars`` first. Validation never drops a row silently: each
+rejected row comes back with its position and the reason, so a feed can count
+bad bars against its source and an import can tell the user what to fix.
+
+Not here: spike filtering across sources and failover (the feed router), or
+storage (``core.store``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+PRICE_COLUMNS = ("open", "high", "low", "close")
+COLUMNS = ("symbol", "ts", "open", "high", "low", "close", "volume", "source", "seq")
+
+BAR_SCHEMA = pa.schema(
+    [
+        pa.field("symbol", pa.string(), nullable=False),
+        pa.field("ts", pa.timestamp("ns", tz="UTC"), nullable=False),
+        pa.field("open", pa.float64(), nullable=False),
+        pa.field("high", pa.float64(), nullable=False),
+        pa.field("low", pa.float64(), nullable=False),
+        pa.field("close", pa.float64(), nullable=False),
+        pa.field("volume", pa.float64(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("seq", pa.int64(), nullable=False),
+    ]
+)
+
+# Reasons, as users and metrics see them.
+NON_FINITE_PRICE = "non-finite price"
+NON_POSITIVE_PRICE = "non-positive price"
+HIGH_BELOW = "high below open/close"
+LOW_ABOVE = "low above open/close"
+NEGATIVE_VOLUME = "negative volume"
+NON_FINITE_VOLUME = "non-finite volume"
+TS_NOT_INCREASING = "ts not increasing"
+DUPLICATE_TS = "duplicate ts"
+MISSING_TS = "missing ts"
+MISSING_SYMBOL = "missing symbol"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    row: int  # 0-based position in the input
+    symbol: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row + 1} ({self.symbol}): {self.reason}"
+
+
+def empty_bars() -> pd.DataFrame:
+    return BAR_SCHEMA.empty_table().to_pandas()
+
+
+def normalise(df: pd.DataFrame, source: str | None = None, symbol: str | None = None) -> pd.DataFrame:
+    """Coerce a frame to the bar columns and dtypes (no validation)."""
+    out = df.copy()
+    if symbol is not None:
+        out["symbol"] = symbol
+    if source is not None or "source" not in out:
+        out["source"] = source or "unknown"
+    if "seq" not in out:
+        out["seq"] = np.arange(len(out), dtype=np.int64)
+    missing = [c for c in COLUMNS if c not in out]
+    if missing:
+        raise ValueError(f"bars are missing columns: {', '.join(missing)}")
+    out = out[list(COLUMNS)]
+    out["symbol"] = out["symbol"].astype(str).str.upper()
+    out["ts"] = pd.to_datetime(out["ts"], utc=True).astype("datetime64[ns, UTC]")
+    for c in (*PRICE_COLUMNS, "volume"):
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype("float64")
+    out["source"] = out["source"].astype(str)
+    out["seq"] = out["seq"].astype("int64")
+    return out.reset_index(drop=True)
+
+
+def validate_bars(
+    df: pd.DataFrame, last_ts: dict[str, pd.Timestamp] | None = None
+) -> tuple[pd.DataFrame, list[Rejection]]:
+    """Split ``df`` into the rows that are valid bars and the rejected ones with reasons.
+
+    ``last_ts`` gives, per symbol, the time of the last bar already accepted
+    (from the store or a stream), so a bar at or before it is rejected too.
+    The first failing check names the reason; checks run in the order of the
+    schema's rules. The input order is kept and is the order ``ts`` must
+    increase in, per symbol.
+    """
+    n = len(df)
+    if n == 0:
+        return df.copy(), []
+    o, h, lo, c = (df[k].to_numpy(dtype="float64") for k in PRICE_COLUMNS)
+    v = df["volume"].to_numpy(dtype="float64")
+    prices = np.stack([o, h, lo, c])
+    reason = np.full(n, None, dtype=object)
+
+    def mark(mask: np.ndarray, why: str) -> None:
+        sel = mask & (reason == None)  # noqa: E711 - elementwise on object array
+        reason[sel] = why
+
+    ts = pd.to_datetime(df["ts"], utc=True, errors="coerce")
+    syms = df["symbol"].astype(str).to_numpy()
+    mark(df["symbol"].isna().to_numpy() | (syms == "") | (syms == "nan"), MISSING_SYMBOL)
+    mark(ts.isna().to_numpy(), MISSING_TS)
+    mark(~np.isfinite(prices).all(axis=0), NON_FINITE_PRICE)
+    with np.errstate(invalid="ignore"):
+        mark((prices <= 0).any(axis=0), NON_POSITIVE_PRICE)
+        mark(h < np.maximum(o, c), HIGH_BELOW)
+        mark(lo > np.minimum(o, c), LOW_ABOVE)
+    mark(~np.isfinite(v), NON_FINITE_VOLUME)
+    with np.errstate(invalid="ignore"):
+        mark(v < 0, NEGATIVE_VOLUME)
+
+    # Time order per symbol, against the last *accepted* bar, so one bad bar
+    # does not cause its good successors to be rejected.
+    last: dict[str, int] = {k.upper(): _ns(t) for k, t in (last_ts or {}).items()}
+    ts_ns = ts.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[ns]").view("int64")
+    for i in range(n):
+        if reason[i] is not None:
+            continue
+        s, t = syms[i], int(ts_ns[i])
+        prev = last.get(s)
+        if prev is not None:
+            if t == prev:
+                reason[i] = DUPLICATE_TS
+                continue
+            if t < prev:
+                reason[i] = TS_NOT_INCREASING
+                continue
+        last[s] = t
+
+    ok = reason == None  # noqa: E711
+    rejects = [Rejection(int(i), str(syms[i]), str(reason[i])) for i in np.flatnonzero(~ok)]
+    return df.loc[ok].reset_index(drop=True), rejects
+
+
+def _ns(t: object) -> int:
+    ts = pd.Timestamp(t)
+    return int((ts.tz_localize("UTC") if ts.tz is None else ts.tz_convert("UTC")).value)
+
+
+def to_table(df: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(normalise(df), schema=BAR_SCHEMA, preserve_index=False)
+
+
+def from_table(table: pa.Table) -> pd.DataFrame:
+    df = table.select(list(COLUMNS)).cast(BAR_SCHEMA).to_pandas()
+    return df.reset_index(drop=True)
