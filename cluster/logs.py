@@ -46,6 +46,8 @@ class SecretFilter(logging.Filter):
                 msg = str(record.msg)
             record.msg = scrub(msg)
             record.args = None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
             if record.exc_text:
                 record.exc_text = scrub(record.exc_text)
         return True
@@ -59,8 +61,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            out["exc"] = scrub(self.formatException(record.exc_info))
+        if record.exc_info or record.exc_text:
+            out["exc"] = scrub(record.exc_text or self.formatException(record.exc_info))
         return json.dumps(out)
 
 

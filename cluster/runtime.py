@@ -73,6 +73,8 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
     # On a remote cluster every node has raytrade installed (ray-cluster.yaml),
     # and the working_dir ships this checkout's code so driver and actors agree.
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_DEDUP_LOGS": "1"}}
+    if address not in (None, "auto") and not address.startswith("ray://"):
+        _check_reachable(address)
     try:
         if address is not None:
             if address.startswith("ray://") or (address != "auto" and not _is_local_address(address)):
@@ -105,6 +107,20 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
         ) from None
     ctx = ray.get_runtime_context()
     return RuntimeInfo(ctx.gcs_address, started, _dashboard_url(), ns, current_profile(settings))
+
+
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at the GCS address."""
+    import socket
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as e:
+        raise ClusterUnavailable(
+            f"no Ray cluster at {address} ({e.__class__.__name__}). Start one with `raytrade up` or `ray up ray-cluster.yaml`"
+        ) from None
 
 
 def _is_local_address(address: str) -> bool:

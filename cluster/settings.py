@@ -283,7 +283,7 @@ def _describe_error(err: ValidationError, source: str) -> str:
     return f"invalid setting {loc}{shown} from {source}: {msg}{more}"
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+def load_settings(path: str | os.PathLike[str] | None = None, *, use_file: bool = True, **overrides: Any) -> Settings:
     """Read settings from the file (if any) with environment overrides.
 
     ``path`` defaults to ``RAYTRADE_CONFIG`` or ``./raytrade.toml`` when present.
@@ -293,13 +293,13 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     cfg_path = Path(path or os.environ.get("RAYTRADE_CONFIG") or DEFAULT_CONFIG_FILE)
     data: dict[str, Any] = {}
     source = "defaults/environment"
-    if cfg_path.exists():
+    if use_file and cfg_path.exists():
         try:
             data = tomllib.loads(cfg_path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"config file {cfg_path} is not valid TOML: {e}") from None
         source = f"{cfg_path} or environment"
-    elif explicit:
+    elif use_file and explicit:
         raise SettingsError(f"config file {cfg_path} does not exist")
     _deep_merge(data, overrides)
     secrets_dir = os.environ.get("RAYTRADE_SECRETS_DIR")

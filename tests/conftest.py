@@ -1,0 +1,76 @@
+"""Shared fixtures: one Ray instance for the whole session, a local S3 server.
+
+Starting Ray costs seconds on a 2-core machine, so every test that needs Ray
+shares ``ray_session``. Nothing here reaches beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Tests must never read a developer's own raytrade.toml or environment.
+for _k in [k for k in os.environ if k.startswith("RAYTRADE_")]:
+    del os.environ[_k]
+
+
+def pytest_report_header(config):
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        gpu = False
+    if not gpu:
+        return "gpu tests: skipped - no CUDA GPU on this machine (run `pytest -m gpu` on a GPU machine)"
+    return "gpu tests: a CUDA GPU is available"
+
+
+@pytest.fixture
+def make_settings(tmp_path):
+    """Settings with a fresh local store under tmp_path; keyword overrides merge in."""
+    from cluster.settings import _deep_merge, load_settings
+
+    def make(**overrides):
+        base = {"store": {"uri": str(tmp_path / "store")}}
+        _deep_merge(base, overrides)
+        return load_settings(use_file=False, **base)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole test session (4 logical CPUs on any box)."""
+    import ray
+
+    from cluster.runtime import connect
+    from cluster.settings import load_settings
+
+    os.environ.pop("RAY_ADDRESS", None)
+    settings = load_settings(use_file=False, store={"uri": str(tmp_path_factory.mktemp("ray-store"))}, ray={"num_cpus": 4})
+    info = connect(settings, num_cpus=4)
+    yield info
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto in server mode) on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield {"endpoint": f"http://127.0.0.1:{port}", "access_key": "testing-access", "secret_key": "testing-secret-value"}
+    server.stop()

@@ -1,0 +1,89 @@
+"""Ray itself: a feed actor streams, and `raytrade status` sees it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from cluster.runtime import actor_options, status
+from cluster.settings import load_settings
+from core.store import BarStore
+from core.synthetic import generate_bars
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def feed_settings(tmp_path):
+    s = load_settings(
+        use_file=False,
+        store={"uri": str(tmp_path / "store")},
+        feeds={"symbols": ["SPY", "QQQ"], "bar_interval_s": 0.05},
+    )
+    BarStore.from_settings(s.store).append(generate_bars(["SPY", "QQQ"], 40, seed=1))
+    return s
+
+
+def test_replay_feed_streams_every_bar_once_in_order(ray_session, feed_settings):
+    from actors.feeds import FeedActor
+
+    name = "feed:test-replay"
+    a = FeedActor.options(**actor_options("feed", feed_settings, name, detached=False)).remote(
+        name, "replay", ["SPY", "QQQ"], feed_settings
+    )
+    ray.get(a.start.remote())
+    got: list[dict] = []
+    deadline = time.time() + 60
+    while len(got) < 80 and time.time() < deadline:
+        got += ray.get(a.since.remote(got[-1]["seq"] if got else 0))
+        time.sleep(0.05)
+    assert [b["seq"] for b in got] == list(range(1, 81))
+    want = generate_bars(["SPY", "QQQ"], 40, seed=1)
+    for sym in ("SPY", "QQQ"):
+        closes = [b["close"] for b in got if b["symbol"] == sym]
+        assert closes == list(want[want.symbol == sym]["close"])
+    h = ray.get(a.health.remote())
+    assert h["emitted"] == 80 and h["exhausted"] and h["rejected"] == 0
+    ray.kill(a)
+
+
+def test_status_lists_actors_and_waiting_ones(ray_session, feed_settings):
+    from actors.feeds import FeedActor
+
+    ok = FeedActor.options(**actor_options("feed", feed_settings, "feed:status-ok", detached=False)).remote(
+        "feed:status-ok", "synthetic", ["SPY"], feed_settings
+    )
+    ray.get(ok.health.remote())
+    # A role no node can hold: it must show as waiting, with what it asked for.
+    huge = FeedActor.options(
+        **actor_options("feed", feed_settings, "feed:too-big", detached=False, num_gpus=8)
+    ).remote("feed:too-big", "synthetic", ["SPY"], feed_settings)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        st = status(feed_settings)
+        by_name = {a["name"]: a for a in st["actors"]}
+        if by_name.get("feed:too-big", {}).get("state") == "WAITING_FOR_RESOURCES" and \
+                by_name.get("feed:status-ok", {}).get("state") == "ALIVE":
+            break
+        time.sleep(0.5)
+    assert by_name["feed:status-ok"]["state"] == "ALIVE"
+    assert by_name["feed:too-big"]["state"] == "WAITING_FOR_RESOURCES"
+    assert by_name["feed:too-big"]["waiting_for"].get("GPU") == 8
+    assert st["nodes"] and st["nodes"][0]["alive"]
+    # The CLI, in another process, sees the same cluster.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYTRADE_")}
+    env.update(RAY_ADDRESS=ray_session.address, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json"], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-500:]
+    names = {a["name"]: a["state"] for a in json.loads(r.stdout)["actors"]}
+    assert names["feed:status-ok"] == "ALIVE" and names["feed:too-big"] == "WAITING_FOR_RESOURCES"
+    ray.kill(ok)
+    ray.kill(huge)
