@@ -463,7 +463,7 @@ class AlpacaFakeServer:
         r.add_delete("/v2/positions/{symbol}", self._h_close_position)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, HOST, self._port_req, shutdown_timeout=2.0)
+        site = web.TCPSite(self._runner, HOST, self._port_req)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         self._pusher = asyncio.create_task(self._push_loop())
