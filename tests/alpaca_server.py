@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import collections
 import json
 import logging
 import math
@@ -359,7 +360,7 @@ class AlpacaFakeServer:
         # counters / events
         self._t0 = time.monotonic()
         self._stats: dict[str, Any] = {}
-        self._events: list[tuple[float, str, dict]] = []
+        self._events: collections.deque = collections.deque(maxlen=100_000)  # bounded
         self.reset_counters()
         # trading state
         self._initial_cash = Decimal(str(cash))
@@ -516,7 +517,7 @@ class AlpacaFakeServer:
                 "orders_created": 0, "orders_rejected": 0, "orders_duplicate": 0,
                 "fills": 0,
             }
-            self._events = []
+            self._events.clear()
 
     def stats(self) -> dict:
         """A snapshot of the counters (safe to read from any thread)."""

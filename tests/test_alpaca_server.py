@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import os
+import subprocess
+import sys
 import logging
 import math
 import threading
@@ -316,22 +320,26 @@ def test_json_encoding_for_clients_that_do_not_ask_for_msgpack():
     """alpaca-py always asks for msgpack; this one check uses the plain
     `websockets` client to cover the JSON side of the protocol."""
     from websockets.sync.client import connect
-    import json
 
     truth = make_bars(["AAPL"], 2, seed=5)
-    with AlpacaFakeServer(truth, autostart="manual") as srv:
+    with AlpacaFakeServer(truth, autostart="manual", auth_timeout=0.3) as srv:
         with connect(srv.stream_url("iex"), open_timeout=5, close_timeout=2) as ws:
             assert json.loads(ws.recv(timeout=5)) == [{"T": "success", "msg": "connected"}]
             ws.send(json.dumps({"action": "subscribe", "bars": ["AAPL"]}))
             assert json.loads(ws.recv(timeout=5))[0]["code"] == 401  # not authenticated
             ws.send(json.dumps({"action": "auth", "key": srv.key, "secret": srv.secret}))
+            time.sleep(0.4)  # past auth_timeout: an authenticated socket is not timed out
             assert json.loads(ws.recv(timeout=5)) == [{"T": "success", "msg": "authenticated"}]
             ws.send(json.dumps({"action": "subscribe", "bars": ["AAPL"]}))
             ack = json.loads(ws.recv(timeout=5))[0]
             assert ack["T"] == "subscription" and ack["bars"] == ["AAPL"]
             srv.publish_next()
             bar = json.loads(ws.recv(timeout=5))[0]
+        with connect(srv.stream_url("test"), open_timeout=5, close_timeout=2) as idle:
+            idle.recv(timeout=5)  # connected; then never authenticates
+            timeout_err = json.loads(idle.recv(timeout=5))[0]
     assert bar["t"] == "2024-01-02T14:30:00Z" and bar["c"] == truth["AAPL"][0].c
+    assert (timeout_err["code"], timeout_err["msg"]) == (404, "auth timeout")
 
 
 # ------------------------------------------------------ historical bars
@@ -530,3 +538,34 @@ def test_injected_http_errors_reach_the_client_and_place_nothing():
         assert err.value.status_code == 500
         assert srv.stats()["orders_created"] == 0
         assert tc.submit_order(req).status == OrderStatus.FILLED
+
+
+# -------------------------------------------------------------------- CLI
+
+
+def test_command_line_entry_point_serves_and_stops_on_sigterm():
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alpaca_server.py")
+    proc = subprocess.Popen(
+        [sys.executable, script, "--port", "0", "--symbols", "AAPL", "--n-bars", "3",
+         "--max-seconds", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(15)
+        assert line and line[0], "the server printed no address"
+        info = json.loads(line[0])
+        assert info["base_url"].startswith("http://127.0.0.1:")
+        tc = TradingClient("test-key", "test-secret", paper=True, url_override=info["base_url"])
+        assert tc.get_account().status == "ACTIVE"
+        bars = StockHistoricalDataClient("test-key", "test-secret", url_override=info["base_url"]
+                                         ).get_stock_bars(StockBarsRequest(
+                                             symbol_or_symbols="AAPL", timeframe=TimeFrame.Minute))
+        assert len(bars.data["AAPL"]) == 3
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
