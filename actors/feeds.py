@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -25,13 +26,14 @@ import ray
 
 from cluster.logs import configure_logging, get_logger
 from cluster.settings import Settings
-from core.bars import COLUMNS, normalise, validate_bars
+from core.bars import COLUMNS, normalise
 from core.store import BarStore
 from core.synthetic import SyntheticMarket
 
 log = get_logger("feeds")
 
 BUFFER_BARS = 20_000
+FAULTS = ("nan", "zero", "negative", "high_low", "spike", "duplicate", "out_of_order")
 
 
 def bars_to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -115,12 +117,15 @@ class FeedActor:
         self._task: asyncio.Task | None = None
         self._last_bar_at: float | None = None
         self._emitted = 0
-        self._rejected = 0
         self._errors = 0
         self._last_error: str | None = None
         self._exhausted = False
         self._paused = False
-        self._last_ts: dict[str, pd.Timestamp] = {}
+        # A new id per process: the router re-reads a restarted feed from its start.
+        self.incarnation = uuid.uuid4().hex
+        self._faults: list[str] = []
+        self._previous: dict[str, dict[str, Any]] = {}
+        self._held: dict[str, Any] | None = None
         if kind == "replay":
             store = BarStore.from_settings(self.settings.store, self.settings.resilience)
             self._source: _Source = _ReplaySource(store, self.symbols, start)
@@ -158,16 +163,58 @@ class FeedActor:
             await asyncio.sleep(pause)
 
     def _emit(self, bars: pd.DataFrame) -> None:
+        # Normalise and number; judging quality is the router's job, so bad
+        # bars go out as they came and count against this source there.
         bars = normalise(bars, source=self.name)
-        good, rejects = validate_bars(bars, self._last_ts)
-        self._rejected += len(rejects)
-        for rec in bars_to_records(good):
+        now = time.time()
+        records = bars_to_records(bars)
+        records = self._apply_fault(records)
+        for rec in records:
             self._seq += 1
             rec["seq"] = self._seq
+            rec["emitted_at"] = now
             self._buffer.append(rec)
-            self._last_ts[rec["symbol"]] = pd.Timestamp(rec["ts"], tz="UTC")
-        self._emitted += len(good)
-        self._last_bar_at = time.time()
+        self._emitted += len(records)
+        self._last_bar_at = now
+
+    def _apply_fault(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self._faults or not records:
+            if records:
+                self._previous = {r["symbol"]: dict(r) for r in records}
+            return records
+        kind = self._faults.pop(0)
+        sym = records[0]["symbol"]
+        out = [dict(r) for r in records]
+        victim = out[0]
+        if kind == "nan":
+            victim["close"] = float("nan")
+        elif kind == "zero":
+            victim["low"] = 0.0
+        elif kind == "negative":
+            victim["open"] = -abs(victim["open"])
+        elif kind == "high_low":
+            victim["high"], victim["low"] = victim["low"] * 0.99, victim["high"] * 1.01
+        elif kind == "spike":
+            victim["close"] *= 1.5
+            victim["high"] = max(victim["high"], victim["close"])
+        elif kind == "duplicate" and sym in self._previous:
+            out[0] = dict(self._previous[sym])
+        elif kind == "out_of_order":
+            # Hold this bar back and send it after the next one.
+            self._held = out.pop(0)
+            self._faults.insert(0, "_release")
+        elif kind == "_release" and self._held is not None:
+            out.append(self._held)
+            self._held = None
+        self._previous = {r["symbol"]: dict(r) for r in records}
+        return out
+
+    async def inject_fault(self, kind: str) -> None:
+        """Chaos testing: corrupt the next emitted bar (nan, zero, negative,
+        high_low, spike, duplicate, out_of_order). Watch the router fail over."""
+        if kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; use one of {', '.join(FAULTS)}")
+        self._faults.append(kind)
 
     async def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
         """Bars with ``seq`` greater than the given one, oldest first."""
@@ -179,6 +226,9 @@ class FeedActor:
         for i in range(start, min(len(self._buffer), start + limit)):
             out.append(self._buffer[i])
         return out
+
+    async def since_with_incarnation(self, seq: int, limit: int = 10_000) -> tuple[list[dict[str, Any]], str]:
+        return await self.since(seq, limit), self.incarnation
 
     async def pause(self, paused: bool = True) -> None:
         """Stop emitting without dying (a stall), or resume."""
@@ -192,7 +242,7 @@ class FeedActor:
             "symbols": self.symbols,
             "last_seq": self._seq,
             "emitted": self._emitted,
-            "rejected": self._rejected,
+            "faults_pending": list(self._faults),
             "errors": self._errors,
             "last_error": self._last_error,
             "seconds_since_last_bar": None if self._last_bar_at is None else now - self._last_bar_at,
