@@ -135,9 +135,14 @@ class FeedActor:
             raise ValueError(f"unknown feed kind {kind!r}; use replay or synthetic (alpaca has its own actor)")
 
     async def start(self) -> bool:
+        self._ensure_running()
+        return True
+
+    def _ensure_running(self) -> None:
+        # Also called by every read: an actor Ray restarted gets no start()
+        # call, so the first caller after a restart starts its loop again.
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
-        return True
 
     async def _run(self) -> None:
         prev_ts: pd.Timestamp | None = None
@@ -217,6 +222,7 @@ class FeedActor:
         self._faults.append(kind)
 
     async def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
+        self._ensure_running()
         """Bars with ``seq`` greater than the given one, oldest first."""
         if not self._buffer or self._buffer[-1]["seq"] <= seq:
             return []
@@ -235,6 +241,7 @@ class FeedActor:
         self._paused = paused
 
     async def health(self) -> dict[str, Any]:
+        self._ensure_running()
         now = time.time()
         return {
             "name": self.name,

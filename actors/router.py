@@ -138,9 +138,14 @@ class FeedRouter:
         return h
 
     async def start(self) -> bool:
+        self._ensure_running()
+        return True
+
+    def _ensure_running(self) -> None:
+        # Also called by every read: an actor Ray restarted gets no start()
+        # call, so the first caller after a restart starts its loop again.
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
-        return True
 
     async def _poll_source(self, name: str) -> None:
         h = self._handle(name)
@@ -184,6 +189,7 @@ class FeedRouter:
 
     # -- consumers ----------------------------------------------------------------------
     async def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
+        self._ensure_running()
         return self.state.since(seq, limit)
 
     async def window(self, symbol: str, n: int = 256) -> list[dict[str, Any]]:
@@ -193,6 +199,7 @@ class FeedRouter:
         return {s: w[-1] for s in self.symbols if (w := self.state.window(s, 1))}
 
     async def health(self) -> dict[str, Any]:
+        self._ensure_running()
         h = self.state.health()
         h["group"] = self.group
         h["restarted"] = self._restarted
