@@ -102,16 +102,16 @@ class _SyntheticSource(_Source):
         return self._market.next()
 
 
-@ray.remote
-class FeedActor:
-    """One market-data source. Read with ``since(seq)``; ``health()`` for status."""
+class FeedBase:
+    """What every feed actor shares: numbering, the buffer, ``since``, health, chaos hooks."""
 
-    def __init__(self, name: str, kind: str, symbols: list[str], settings: Settings, start: Any = None):
+    kind = "base"
+
+    def _init_base(self, name: str, symbols: list[str], settings: Settings) -> None:
         # Settings travel pickled (secrets intact, in memory only); a JSON dump would redact them.
         self.settings = settings
         configure_logging(self.settings)
-        self.name, self.kind, self.symbols = name, kind, [s.upper() for s in symbols]
-        self._start = start
+        self.name, self.symbols = name, [s.upper() for s in symbols]
         self._buffer: deque[dict[str, Any]] = deque(maxlen=BUFFER_BARS)
         self._seq = 0
         self._task: asyncio.Task | None = None
@@ -126,13 +126,9 @@ class FeedActor:
         self._faults: list[str] = []
         self._previous: dict[str, dict[str, Any]] = {}
         self._held: dict[str, Any] | None = None
-        if kind == "replay":
-            store = BarStore.from_settings(self.settings.store, self.settings.resilience)
-            self._source: _Source = _ReplaySource(store, self.symbols, start)
-        elif kind == "synthetic":
-            self._source = _SyntheticSource(self.symbols, self.settings.feeds.seed, start)
-        else:
-            raise ValueError(f"unknown feed kind {kind!r}; use replay or synthetic (alpaca has its own actor)")
+
+    async def _run(self) -> None:  # pragma: no cover - each feed has its own
+        raise NotImplementedError
 
     async def start(self) -> bool:
         self._ensure_running()
@@ -143,29 +139,6 @@ class FeedActor:
         # call, so the first caller after a restart starts its loop again.
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        prev_ts: pd.Timestamp | None = None
-        while True:
-            if self._paused:
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                bars = self._source.next_bars()
-            except Exception as e:  # noqa: BLE001 - a source error is counted, not fatal
-                self._errors += 1
-                self._last_error = str(e)
-                log.warning("feed %s: source error: %s", self.name, e)
-                await asyncio.sleep(self.settings.feeds.bar_interval_s)
-                continue
-            if bars is None:
-                self._exhausted = True
-                log.info("feed %s: source exhausted after %d bars", self.name, self._emitted)
-                return
-            self._emit(bars)
-            pause = self._source.pause_s(self.settings, bars, prev_ts)
-            prev_ts = bars["ts"].iloc[0]
-            await asyncio.sleep(pause)
 
     def _emit(self, bars: pd.DataFrame) -> None:
         # Normalise and number; judging quality is the router's job, so bad
@@ -256,4 +229,44 @@ class FeedActor:
             "exhausted": self._exhausted,
             "paused": self._paused,
             "running": self._task is not None and not self._task.done(),
+            "incarnation": self.incarnation,
         }
+
+
+@ray.remote
+class FeedActor(FeedBase):
+    """A replay or synthetic source. Read with ``since(seq)``; ``health()`` for status."""
+
+    def __init__(self, name: str, kind: str, symbols: list[str], settings: Settings, start: Any = None):
+        self._init_base(name, symbols, settings)
+        self.kind = kind
+        if kind == "replay":
+            store = BarStore.from_settings(self.settings.store, self.settings.resilience)
+            self._source: _Source = _ReplaySource(store, self.symbols, start)
+        elif kind == "synthetic":
+            self._source = _SyntheticSource(self.symbols, self.settings.feeds.seed, start)
+        else:
+            raise ValueError(f"unknown feed kind {kind!r}; use replay or synthetic (alpaca has its own actor)")
+
+    async def _run(self) -> None:
+        prev_ts: pd.Timestamp | None = None
+        while True:
+            if self._paused:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                bars = self._source.next_bars()
+            except Exception as e:  # noqa: BLE001 - a source error is counted, not fatal
+                self._errors += 1
+                self._last_error = str(e)
+                log.warning("feed %s: source error: %s", self.name, e)
+                await asyncio.sleep(self.settings.feeds.bar_interval_s)
+                continue
+            if bars is None:
+                self._exhausted = True
+                log.info("feed %s: source exhausted after %d bars", self.name, self._emitted)
+                return
+            self._emit(bars)
+            pause = self._source.pause_s(self.settings, bars, prev_ts)
+            prev_ts = bars["ts"].iloc[0]
+            await asyncio.sleep(pause)
