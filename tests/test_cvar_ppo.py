@@ -187,6 +187,17 @@ def test_delayed_loss_mean_cvar_with_a_floor_takes_the_safe_path():
     assert p_risky < 0.2
 
 
+def test_episodes_that_straddle_rollouts_count_once_with_their_whole_return():
+    # 10-step episodes, 15-step rollouts: episodes end at global steps 9, 19, 29, ... so rollouts
+    # alternately see one and two endings per copy; every R is a whole episode's: 1, 3 or -12.
+    settings = CVaRPPOSettings(seed=2, total_timesteps=6 * 16 * 15, num_steps=15, risk_mode="cvar", alpha=0.5)
+    history, _ = train(settings, DelayedLossChoice(16, seed=4))
+    assert [r["episodes"] for r in history] == [16, 32, 16, 32, 16, 32]
+    for r in history:
+        assert min(abs(r["nu"] - v) for v in (1.0, 3.0, -12.0)) < 1e-5, r["nu"]
+    assert any(abs(r["nu"] - 1.0) < 1e-5 for r in history)
+
+
 # --------------------------------------------------------------------------- trading env
 def test_learns_to_go_long_in_a_steady_uptrend_despite_costs():
     # +0.1% every bar, 5 bp of costs: always long is optimal, R* = 64 * 0.001 - 0.0005 = 0.0635;
@@ -262,9 +273,11 @@ def test_onnx_export_matches_torch_with_a_dynamic_batch(tmp_path):
     with torch.no_grad():  # move the head off its near-uniform init so argmax is not a coin toss
         policy.actor[-1].weight.mul_(100.0)
     path = tmp_path / "policy.onnx"
-    max_diff = export_onnx(policy, path, obs_dim=35)
+    max_diff = export_onnx(policy, path, obs_dim=35, metadata={"window": 4, "feature_spec_hash": "abc123"})
     assert max_diff < 1e-5
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta == {"obs_dim": "35", "action_values": "[-1.0, 0.0, 1.0]", "window": "4", "feature_spec_hash": "abc123"}
     assert [i.name for i in session.get_inputs()] == ["obs"]
     assert [o.name for o in session.get_outputs()] == ["logits", "probs", "target_position"]
     g = torch.Generator().manual_seed(1)

@@ -557,16 +557,21 @@ class _ExportedPolicy(nn.Module):
         return logits, torch.softmax(logits, dim=-1), self.action_values[logits.argmax(dim=-1)]
 
 
-def export_onnx(policy: ActorCritic, path: str | Path, obs_dim: int, *, parity_rows: int = 256,
-                tolerance: float = 1e-5) -> float:
+def export_onnx(policy: ActorCritic, path: str | Path, obs_dim: int, *, metadata: dict[str, Any] | None = None,
+                parity_rows: int = 256, tolerance: float = 1e-5) -> float:
     """Export the actor to ONNX with a dynamic batch axis and check it against torch.
 
     Inputs: ``obs`` float32 ``[batch, obs_dim]``. Outputs: ``logits`` and ``probs``
     ``[batch, num_actions]``, ``target_position`` ``[batch]`` (the greedy action's value).
-    The check runs ONNX Runtime on the CPU provider over random rows and raises if
-    logits or probs differ from torch by ``tolerance`` or more, or any position differs.
-    Returns the largest absolute difference seen.
+    The model's metadata holds ``obs_dim`` and ``action_values`` (JSON) plus ``metadata``
+    (e.g. the feature spec hash and window the policy was trained on), so a loader can
+    refuse a model fed the wrong inputs. The check runs ONNX Runtime on the CPU provider
+    over random rows and raises if logits or probs differ from torch by ``tolerance`` or
+    more, or any position differs. Returns the largest absolute difference seen.
     """
+    import json
+
+    import onnx
     import onnxruntime as ort
 
     if obs_dim != policy.obs_dim:
@@ -582,6 +587,13 @@ def export_onnx(policy: ActorCritic, path: str | Path, obs_dim: int, *, parity_r
                           input_names=["obs"], output_names=["logits", "probs", "target_position"],
                           dynamic_axes={"obs": {0: "batch"}, "logits": {0: "batch"}, "probs": {0: "batch"},
                                         "target_position": {0: "batch"}})
+    model = onnx.load(str(path))
+    props = {"obs_dim": str(obs_dim), "action_values": json.dumps(policy.action_values.tolist())}
+    props.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(parity_rows, obs_dim, generator=g)
