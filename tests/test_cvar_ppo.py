@@ -17,6 +17,7 @@ from core.rl.cvar_ppo import (
     cvar_advantages,
     episode_returns_per_step,
     export_onnx,
+    ppo_update,
     shape_terminal_rewards,
     soft_risk_alpha,
     train,
@@ -94,6 +95,31 @@ def test_soft_risk_schedule_anneals_from_one_to_alpha():
     assert soft_risk_alpha(0.1, 0.0, 0.0) == 0.1
 
 
+def _adam_steps(optimizer) -> int:
+    return int(next(iter(optimizer.state.values()))["step"].item())
+
+
+@pytest.mark.parametrize("target_kl,steps,early_stop", [(None, 16, 0.0), (0.0, 1, 1.0)])
+def test_ppo_update_stops_before_stepping_on_a_minibatch_past_target_kl(target_kl, steps, early_stop):
+    g = torch.Generator().manual_seed(0)
+    policy = ActorCritic(obs_dim=5, num_actions=3, seed=0)
+    obs, cum = torch.randn(256, 5, generator=g), torch.randn(256, generator=g)
+    with torch.no_grad():
+        actions, logprobs, _, values = policy.get_action_and_value(obs, cum, generator=g)
+    batch = dict(obs=obs, cum_return=cum, actions=actions, logprobs=logprobs, values=values,
+                 advantages=torch.randn(256, generator=g), returns=torch.randn(256, generator=g),
+                 pg_mask=torch.ones(256))
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    settings = CVaRPPOSettings(update_epochs=4, num_minibatches=4, target_kl=target_kl)
+    stats = ppo_update(policy, optimizer, batch, settings, minibatch_size=64, generator=g)
+    # The first minibatch sees the unchanged policy (approx_kl = 0, not > 0): one step, then
+    # the second minibatch's approx_kl > 0 stops the update before its step.
+    assert _adam_steps(optimizer) == steps
+    assert stats["early_stop"] == early_stop
+    assert stats["epochs"] == (4.0 if target_kl is None else 0.0)
+    assert stats["approx_kl"] > 0.0
+
+
 @pytest.mark.parametrize("bad", [dict(alpha=0.0), dict(alpha=1.5), dict(risk_mode="var"), dict(lambda_lr=-1.0),
                                  dict(soft_risk_fraction=2.0)])
 def test_settings_reject_nonsense(bad):
@@ -147,6 +173,11 @@ def test_mean_cvar_constraint_that_binds_pushes_off_the_risky_arm():
     # mean 0.5 + 0.4 p, so the optimum is p = 0.049: mostly safe, lambda_ > 0.
     history, p_risky = _bandit(alpha=0.1, beta=0.0, lambda_lr=0.05)
     assert p_risky < 0.2
+    # Projected dual ascent, once per iteration: lambda_k = max(0, lambda_{k-1} + 0.05 (0 - CVaR_k)).
+    lam = 0.0
+    for r in history:
+        lam = max(0.0, lam + 0.05 * (0.0 - r["cvar"]))
+        assert r["lambda_"] == pytest.approx(lam, abs=1e-9)
     assert history[-1]["lambda_"] > 0.0
     late = [r["cvar"] for r in history[-10:]]
     assert np.mean(late) > -1.0  # near the floor, far above the risky arm's -9
