@@ -28,6 +28,8 @@ from core.rl.oracle_envs import RISKY, DelayedLossChoice, TwoArmBandit
 torch.set_num_threads(1)
 
 T, F = True, False
+# Tests of bookkeeping use deliberately small batches; the thin-tail warning is expected there.
+small_batches = pytest.mark.filterwarnings("ignore:.*tail holds:UserWarning")
 
 
 # --------------------------------------------------------------------------- hand-computed pieces
@@ -218,6 +220,7 @@ def test_delayed_loss_mean_cvar_with_a_floor_takes_the_safe_path():
     assert p_risky < 0.2
 
 
+@small_batches
 def test_episodes_that_straddle_rollouts_count_once_with_their_whole_return():
     # 10-step episodes, 15-step rollouts: episodes end at global steps 9, 19, 29, ... so rollouts
     # alternately see one and two endings per copy; every R is a whole episode's: 1, 3 or -12.
@@ -227,6 +230,12 @@ def test_episodes_that_straddle_rollouts_count_once_with_their_whole_return():
     for r in history:
         assert min(abs(r["nu"] - v) for v in (1.0, 3.0, -12.0)) < 1e-5, r["nu"]
     assert any(abs(r["nu"] - 1.0) < 1e-5 for r in history)
+
+
+def test_warns_when_the_tail_holds_too_few_episodes_to_estimate():
+    settings = CVaRPPOSettings(total_timesteps=2 * 4 * 10, num_steps=10, risk_mode="cvar", alpha=0.1)
+    with pytest.warns(UserWarning, match="tail holds 0.4"):
+        train(settings, DelayedLossChoice(4, seed=0))
 
 
 # --------------------------------------------------------------------------- trading env
@@ -264,6 +273,7 @@ def _assert_same_run(a, b):
         assert na == nb and torch.equal(ta, tb), na
 
 
+@small_batches
 def test_same_seed_gives_identical_numbers_and_another_seed_does_not():
     a = train(_small_run_settings(), DelayedLossChoice(16, seed=3))
     b = train(_small_run_settings(), DelayedLossChoice(16, seed=3))
@@ -274,6 +284,7 @@ def test_same_seed_gives_identical_numbers_and_another_seed_does_not():
     assert any(r["lambda_"] > 0 for r in a[0])
 
 
+@small_batches
 def test_checkpoint_resume_continues_with_identical_numbers(tmp_path):
     settings = _small_run_settings()
     uninterrupted = train(settings, DelayedLossChoice(16, seed=3))
@@ -288,6 +299,7 @@ def test_checkpoint_resume_continues_with_identical_numbers(tmp_path):
     _assert_same_run(uninterrupted, resumed)
 
 
+@small_batches
 def test_resume_refuses_other_settings(tmp_path):
     path = tmp_path / "ckpt.pt"
     train(_small_run_settings(), DelayedLossChoice(16, seed=3), lambda r: False, checkpoint_path=path)

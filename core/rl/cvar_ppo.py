@@ -420,6 +420,7 @@ def train(
     cum_return = torch.zeros((settings.num_steps, num_envs), device=device)
     return_after_step = torch.zeros((settings.num_steps, num_envs), device=device)
 
+    warned_thin_tail = False
     while state.iteration < num_iterations:
         iteration = state.iteration + 1
         progress = (iteration - 1) / num_iterations
@@ -446,6 +447,11 @@ def train(
             # The risk terms from the episodes that ended in this rollout.
             ended_returns = return_after_step[dones]
             have_episodes = ended_returns.numel() > 0
+            if settings.alpha < 1.0 and ended_returns.numel() * settings.alpha < 10 and not warned_thin_tail:
+                warned_thin_tail = True  # once per run: the estimate, not the code, is at fault
+                warnings.warn(f"{ended_returns.numel()} episodes ended in the rollout, so the alpha={settings.alpha} "
+                              f"tail holds {ended_returns.numel() * settings.alpha:.1f} of them; nu and CVaR will be "
+                              "noisy. Raise num_envs or num_steps.", stacklevel=2)
             if have_episodes:
                 cvar_alpha, nu = empirical_cvar(ended_returns, alpha)
                 cvar_target = empirical_cvar(ended_returns, settings.alpha)[0].item()
@@ -497,6 +503,7 @@ def save_checkpoint(path: str | Path, state: TrainingState, env: BatchedEnv, set
     env's state, so that ``train(..., resume_from=path)`` continues with identical numbers.
     Written to a temporary file first, so a crash mid-write leaves the old checkpoint."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "settings": dataclasses.asdict(settings),
         "policy": state.policy.state_dict(),
