@@ -57,6 +57,7 @@ import pandas as pd
 from numba import njit, prange
 
 from core import metrics as _metrics
+from core.metrics import summary_row
 from core.features import price_arrays
 
 # Columns of the raw trade array [P, K, N_TRADE_FIELDS].
@@ -71,7 +72,7 @@ _FULL = 1.0 - 2.0**-52
 _CASH, _UNITS, _EP_ENTRY_BAR, _EP_IN_UNITS, _EP_IN_VALUE, _EP_OUT_UNITS, _EP_OUT_VALUE, _EP_COMM, _EP_SIGN = range(9)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades):
     """Trade ``units_delta`` at ``price`` (before slippage); returns the new trade count."""
     if units_delta == 0.0:
@@ -139,19 +140,33 @@ def _target_units(equity, target, price, commission, slippage, whole_units, curr
 
 
 @njit(cache=True)
-def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
+def _rebalance(state, target, price, bar, commission, slippage, whole_units, trades, n_trades):
+    """Turn a new target into fills at ``price``; returns the new trade count."""
+    units = state[_UNITS]
+    if units != 0.0 and (target == 0.0 or (target > 0) != (units > 0)):
+        n_trades = _fill(state, -units, price, bar, commission, slippage, trades, n_trades)
+    if target != 0.0:
+        units = state[_UNITS]
+        equity = state[_CASH] + units * price
+        if equity > 0:
+            goal = _target_units(equity, target, price, commission, slippage, whole_units, units)
+            n_trades = _fill(state, goal - units, price, bar, commission, slippage, trades, n_trades)
+    return n_trades
+
+
+@njit(cache=True)
+def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash0, close_at_end,
              equity_out, units_out, trades):
     T = close.shape[0]
     state = np.zeros(9)
-    state[_CASH] = cash
+    # Cash and units live in locals on the hot path (most bars trade nothing)
+    # and in ``state`` only around fills.
+    cash = cash0
+    units = 0.0
     acted = 0.0  # the last target turned into an order
     n_trades = 0
-    ruined = False
-    for t in range(T):
-        if ruined:
-            equity_out[t] = 0.0
-            units_out[t] = 0.0
-            continue
+    t = 0
+    while t < T:
         if fill_on_close:
             target = targets[t]
             price = close[t]
@@ -161,33 +176,36 @@ def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_u
             price = open_[t]
             pending = t > 0 and target != acted
         if pending:
+            state[_CASH] = cash
+            state[_UNITS] = units
+            n_trades = _rebalance(state, target, price, t, commission, slippage, whole_units, trades, n_trades)
+            cash = state[_CASH]
             units = state[_UNITS]
-            if units != 0.0 and (target == 0.0 or (target > 0) != (units > 0)):
-                n_trades = _fill(state, -units, price, t, commission, slippage, trades, n_trades)
-            if target != 0.0:
-                units = state[_UNITS]
-                equity = state[_CASH] + units * price
-                if equity > 0:
-                    goal = _target_units(equity, target, price, commission, slippage, whole_units, units)
-                    n_trades = _fill(state, goal - units, price, t, commission, slippage, trades, n_trades)
             acted = target
-        equity = state[_CASH] + state[_UNITS] * close[t]
+        equity = cash + units * close[t]
         if equity <= 0.0:
             # Out of money: liquidate at this close and stop, as a broker would.
-            n_trades = _fill(state, -state[_UNITS], close[t], t, commission, slippage, trades, n_trades)
-            ruined = True
-            equity = 0.0
-            state[_CASH] = 0.0
+            state[_CASH] = cash
+            state[_UNITS] = units
+            n_trades = _fill(state, -units, close[t], t, commission, slippage, trades, n_trades)
+            cash = 0.0
+            units = 0.0
+            equity_out[t:] = 0.0
+            units_out[t:] = 0.0
+            break
         equity_out[t] = equity
-        units_out[t] = state[_UNITS]
-    if state[_UNITS] != 0.0:
+        units_out[t] = units
+        t += 1
+    state[_CASH] = cash
+    state[_UNITS] = units
+    if units != 0.0:
         if close_at_end:
-            n_trades = _fill(state, -state[_UNITS], close[T - 1], T - 1, commission, slippage, trades, n_trades)
+            n_trades = _fill(state, -units, close[T - 1], T - 1, commission, slippage, trades, n_trades)
             equity_out[T - 1] = state[_CASH]
             units_out[T - 1] = 0.0
         else:
             sign = state[_EP_SIGN]
-            held = abs(state[_UNITS])
+            held = abs(units)
             row = trades[n_trades]
             row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
             row[EXIT_BAR] = -1.0
@@ -204,13 +222,28 @@ def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_u
 
 @njit(cache=True, parallel=True)
 def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
-               equity_out, units_out, trades, n_trades):
-    P = targets.shape[0]
+               keep_curves, equity_out, units_out, trades, n_trades,
+               compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, metrics_out):
+    P, T = targets.shape
     last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
     for p in prange(P):
         row = min(np.int64(p), last_row)
-        n_trades[p] = _run_one(open_[row], close[row], targets[p], fill_on_close, commission, slippage,
-                               whole_units, cash, close_at_end, equity_out[p], units_out[p], trades[p])
+        if keep_curves:
+            equity = equity_out[p]
+            units = units_out[p]
+        else:
+            # A sweep that wants only metrics keeps one row at a time, in cache.
+            equity = np.empty(T)
+            units = np.empty(T)
+        n = _run_one(open_[row], close[row], targets[p], fill_on_close, commission, slippage,
+                     whole_units, cash, close_at_end, equity, units, trades[p])
+        n_trades[p] = n
+        if compute_metrics:
+            pnl = np.full(n, np.nan)
+            for k in range(n):
+                if trades[p, k, IS_OPEN] == 0.0:
+                    pnl[k] = trades[p, k, PNL]
+            summary_row(equity, cash, units, pnl, periods_per_year, tail_k, tail_frac, tail_mass, metrics_out[p])
 
 
 @dataclass
@@ -235,12 +268,13 @@ class BacktestResult:
 class BatchResult:
     """Backtests of P parameter sets over the same bars (or P price paths).
 
-    Arrays are ``[P, T]``; ``trade_array`` is ``[P, K, N_TRADE_FIELDS]`` with
-    ``n_trades[p]`` rows filled for set ``p``; ``metrics`` maps names to ``[P]``.
+    Arrays are ``[P, T]`` (``None`` when run with ``keep_curves=False``);
+    ``trade_array`` is ``[P, K, N_TRADE_FIELDS]`` with ``n_trades[p]`` rows
+    filled for set ``p``; ``metrics`` maps names to ``[P]``.
     """
 
-    equity: np.ndarray
-    units: np.ndarray
+    equity: np.ndarray | None
+    units: np.ndarray | None
     trade_array: np.ndarray
     n_trades: np.ndarray
     cash: float
@@ -248,7 +282,7 @@ class BatchResult:
     times: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return self.equity.shape[0]
+        return self.n_trades.shape[0]
 
     @property
     def returns(self) -> np.ndarray:
@@ -288,6 +322,8 @@ class BatchResult:
         return frame
 
     def __getitem__(self, p: int) -> BacktestResult:
+        if self.equity is None:
+            raise ValueError("curves were not kept (keep_curves=False); rerun this parameter set with backtest()")
         return BacktestResult(
             equity=self.equity[p],
             returns=_metrics.returns_from_equity(self.equity[p], self.cash),
@@ -298,11 +334,35 @@ class BatchResult:
         )
 
 
-def _check_targets(targets: np.ndarray) -> None:
-    if not np.all(np.isfinite(targets)):
-        raise ValueError("target positions must be finite (NaN is not 'hold'; use the previous target)")
-    if np.any(np.abs(targets) > 1.0):
-        raise ValueError("target positions must lie in [-1, 1]")
+@njit(cache=True, parallel=True)
+def _scan_targets(targets, changes):
+    """Count each row's target changes (a bound on its trades); return how many rows hold a bad value."""
+    P, T = targets.shape
+    bad = 0
+    for p in prange(P):
+        prev = 0.0
+        n = 0
+        ok = True
+        for t in range(T):
+            x = targets[p, t]
+            if not (-1.0 <= x <= 1.0):  # NaN fails this too
+                ok = False
+            if x != prev:
+                n += 1
+            prev = x
+        changes[p] = n
+        if not ok:
+            bad += 1
+    return bad
+
+
+def _check_targets(targets: np.ndarray) -> np.ndarray:
+    """Refuse NaN or out-of-range targets; return the number of target changes per row."""
+    changes = np.empty(targets.shape[0], dtype=np.int64)
+    if _scan_targets(targets, changes):
+        raise ValueError("target positions must be finite and lie in [-1, 1] (NaN is not 'hold': repeat the "
+                         "previous target)")
+    return changes
 
 
 def _bar_times(bars: Any) -> np.ndarray | None:
@@ -326,6 +386,7 @@ def run_batch(
     whole_units: bool = True,
     close_at_end: bool = False,
     compute_metrics: bool = True,
+    keep_curves: bool = True,
     periods_per_year: float = _metrics.TRADING_DAYS_PER_YEAR,
     alpha: float = 0.05,
     times: np.ndarray | None = None,
@@ -335,6 +396,11 @@ def run_batch(
     ``open_`` and ``close`` are ``[T]`` (one market shared by every parameter
     set) or ``[P, T]`` (one price path per row, for Monte Carlo); ``targets``
     is ``[P, T]``. See the module docstring for the fill rules.
+
+    Metrics (``core.metrics.summary``'s table, VaR/CVaR at ``alpha``) are
+    computed inside the compiled loop. ``keep_curves=False`` drops the
+    ``[P, T]`` equity and unit curves, for sweeps that only rank parameter
+    sets: it saves the memory traffic, which costs more than the simulation.
     """
     if fill not in ("open", "close"):
         raise ValueError(f"fill must be 'open' or 'close', got {fill!r}")
@@ -353,24 +419,23 @@ def run_batch(
         raise ValueError(f"prices {close.shape} do not match targets {targets.shape}")
     if not (np.all(np.isfinite(close)) and np.all(close > 0) and np.all(np.isfinite(open_)) and np.all(open_ > 0)):
         raise ValueError("open and close prices must be finite and positive")
-    _check_targets(targets)
     # Each change of target opens at most one trade, so this bounds the trade list.
-    changes = np.count_nonzero(np.diff(targets, axis=1, prepend=0.0), axis=1)
+    changes = _check_targets(targets)
     max_trades = int(changes.max()) + 1 if P else 1
-    equity = np.empty((P, T))
-    units = np.empty((P, T))
-    trades = np.zeros((P, max_trades, N_TRADE_FIELDS))
+    curve_shape = (P, T) if keep_curves else (0, 0)
+    equity = np.empty(curve_shape)
+    units = np.empty(curve_shape)
+    # Rows past n_trades[p] are never read, so the trade table need not be zeroed.
+    trades = np.empty((P, max_trades, N_TRADE_FIELDS))
     n_trades = np.zeros(P, dtype=np.int64)
+    table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0)
     _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
-               float(cash), bool(close_at_end), equity, units, trades, n_trades)
-    result = BatchResult(equity=equity, units=units, trade_array=trades, n_trades=n_trades, cash=float(cash),
-                         times=times)
-    if compute_metrics:
-        result.metrics = _metrics.summary(
-            equity, np.float64(cash), positions=units, trade_pnl=result.closed_trade_pnl(),
-            periods_per_year=periods_per_year, alpha=alpha,
-        )
-    return result
+               float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, n_trades,
+               bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]), table)
+    metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
+    return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
+                       trade_array=trades, n_trades=n_trades, cash=float(cash), metrics=metrics, times=times)
 
 
 def backtest_batch(bars: Any, targets: np.ndarray, **kwargs) -> BatchResult:

@@ -240,3 +240,16 @@ def test_torch_paths_on_cuda_match_cpu():
     cpu, _ = simulate_paths_torch(close, targets, open_=open_, commission=0.001, device="cpu")
     gpu, _ = simulate_paths_torch(close, targets, open_=open_, commission=0.001, device="cuda")
     np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), rtol=1e-9)
+
+
+def test_a_metrics_only_sweep_gives_the_same_metrics():
+    open_, close = _gbm_paths(1, 300, seed=1)
+    targets = _momentum_targets(np.repeat(close, 6, axis=0) * np.linspace(0.9, 1.1, 6)[:, None])
+    full = run_batch(open_[0], close[0], targets, commission=0.001)
+    lean = run_batch(open_[0], close[0], targets, commission=0.001, keep_curves=False)
+    assert lean.equity is None
+    for name, value in full.metrics.items():
+        np.testing.assert_array_equal(lean.metrics[name], value, err_msg=name)
+    np.testing.assert_array_equal(full.metrics["final_equity"], full.equity[:, -1])
+    with pytest.raises(ValueError, match="keep_curves"):
+        lean[0]
