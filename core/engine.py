@@ -223,7 +223,7 @@ def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_u
 @njit(cache=True, parallel=True)
 def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
                keep_curves, equity_out, units_out, trades, n_trades,
-               compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, metrics_out):
+               compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, metrics_out):
     P, T = targets.shape
     last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
     for p in prange(P):
@@ -243,7 +243,8 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
             for k in range(n):
                 if trades[p, k, IS_OPEN] == 0.0:
                     pnl[k] = trades[p, k, PNL]
-            summary_row(equity, cash, units, pnl, periods_per_year, tail_k, tail_frac, tail_mass, metrics_out[p])
+            summary_row(equity, cash, units, pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z,
+                        metrics_out[p])
 
 
 @dataclass
@@ -429,10 +430,11 @@ def run_batch(
     trades = np.empty((P, max_trades, N_TRADE_FIELDS))
     n_trades = np.zeros(P, dtype=np.int64)
     table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
-    tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0)
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0, 0.0)
     _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
                float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, n_trades,
-               bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]), table)
+               bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]),
+               float(tail[3]), table)
     metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
     return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
                        trade_array=trades, n_trades=n_trades, cash=float(cash), metrics=metrics, times=times)

@@ -23,6 +23,8 @@ decide which metric a search optimises (that is ``tune/``).
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 from numba import njit, prange
 
@@ -211,44 +213,10 @@ def cvar(returns, alpha: float = 0.05) -> np.ndarray:
 
 
 @njit(cache=True)
-def _heap_push_smallest(heap, size, capacity, x):
-    """Keep the ``capacity`` smallest values seen in a max-heap ``heap[:size]``; return the new size."""
-    if size < capacity:
-        i = size
-        size += 1
-    elif x < heap[0]:
-        # Replace the largest kept value: sift x down from the root.
-        i = 0
-        while True:
-            child = 2 * i + 1
-            if child >= size:
-                break
-            if child + 1 < size and heap[child + 1] > heap[child]:
-                child += 1
-            if heap[child] <= x:
-                break
-            heap[i] = heap[child]
-            i = child
-        heap[i] = x
-        return size
-    else:
-        return size
-    # Sift x up from the new leaf.
-    while i > 0:
-        parent = (i - 1) // 2
-        if heap[parent] >= x:
-            break
-        heap[i] = heap[parent]
-        i = parent
-    heap[i] = x
-    return size
-
-
-@njit(cache=True)
-def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, out):
+def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, out):
     """``summary`` for one series, compiled, writing ``out[i]`` for ``SUMMARY_NAMES[i]``.
 
-    ``tail_k``, ``tail_frac`` and ``tail_mass`` come from ``tail_weights``.
+    ``tail_k``, ``tail_frac``, ``tail_mass`` and ``tail_z`` come from ``tail_weights``.
     The backtest engine calls this inside its own compiled loop, right after
     simulating a row, so a sweep never has to keep every equity curve.
     """
@@ -271,11 +239,6 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tai
             floor_ratio = e / peak
     worst = 1.0 - floor_ratio if peak > 0.0 else 0.0
     mean = total / T
-    # The worst ceil(n alpha) returns, kept in a max-heap: a selection in one
-    # pass, far cheaper than sorting (see cvar() for the weighting).
-    capacity = tail_k + 1 if tail_frac > 0.0 else tail_k
-    heap = np.empty(capacity)
-    size = 0
     sq = 0.0
     down = 0.0
     for t in range(T):
@@ -284,7 +247,6 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tai
         sq += d * d
         if x < 0.0:
             down += x * x
-        size = _heap_push_smallest(heap, size, capacity, x)
     std = np.sqrt(sq / (T - 1)) if T > 1 else np.nan
     downside = np.sqrt(down / T)
     # Compounded growth is the ratio of last to first equity; the product of
@@ -299,10 +261,28 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tai
     out[5] = mean / downside * root if downside > 0.0 else np.nan
     out[6] = worst
     out[7] = cagr_ / worst if worst > 0.0 else np.nan
+    # VaR and CVaR need the ceil(n alpha) smallest returns (see cvar() for the
+    # weighting). Select, don't sort: first keep the returns below a guess at
+    # the tail's edge (twice the tail mass under a normal fit), then select
+    # among those few; if fat tails or flat stretches leave too few below the
+    # guess, select among all returns.
+    need = tail_k + 1 if tail_frac > 0.0 else tail_k
+    edge = mean + tail_z * (std if std == std else 0.0)
+    kept = np.empty(T)
+    n_kept = 0
+    for t in range(T):
+        if r[t] <= edge:
+            kept[n_kept] = r[t]
+            n_kept += 1
+    pool = kept[:n_kept] if n_kept >= need else r
+    if need < pool.shape[0]:
+        pool = np.partition(pool, need - 1)
     tail = 0.0
-    for i in range(size):
-        tail += heap[i]
-    var = heap[0]  # the ceil(n alpha)-th smallest return
+    var = -np.inf  # the ceil(n alpha)-th smallest return: the largest of the tail
+    for i in range(need):
+        tail += pool[i]
+        if pool[i] > var:
+            var = pool[i]
     if tail_frac > 0.0:
         tail -= (1.0 - tail_frac) * var
     out[8] = var
@@ -331,17 +311,19 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tai
 
 
 @njit(cache=True, parallel=True)
-def _summary_rows(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, out):
+def _summary_rows(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, out):
     for p in prange(equity.shape[0]):
         summary_row(equity[p], initial, units[p], trade_pnl[p], periods_per_year, tail_k, tail_frac, tail_mass,
-                    out[p])
+                    tail_z, out[p])
 
 
-def tail_weights(n: int, alpha: float) -> tuple[int, float, float]:
-    """(whole returns in the alpha tail, weight of the boundary return, tail mass n * alpha)."""
+def tail_weights(n: int, alpha: float) -> tuple[int, float, float, float]:
+    """For ``summary_row``: (whole returns in the alpha tail, weight of the boundary
+    return, tail mass n * alpha, normal z-score of twice the tail mass)."""
     mass = _tail_mass(n, alpha)
     k = int(np.floor(mass))
-    return k, mass - k, mass
+    z = NormalDist().inv_cdf(min(0.5, 2.0 * alpha))
+    return k, mass - k, mass, z
 
 
 SUMMARY_NAMES = (

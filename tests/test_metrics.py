@@ -132,6 +132,9 @@ def test_compiled_summary_equals_the_one_metric_functions():
     P, T = 5, 301
     equity = 1000 * np.cumprod(1 + rng.normal(0.0004, 0.012, size=(P, T)), axis=1)
     equity[2, 150:] = 0.0  # a ruined account
+    equity[3] = 1000.0  # mostly flat: the tail is an atom of zero returns...
+    equity[3, 100:103] = [990.0, 1010.0, 980.0]  # ...and three real moves
+    equity[4, ::2] *= 1.05  # a sawtooth: half the returns sit far below the mean
     positions = rng.integers(-1, 2, size=(P, T)).astype(float)
     pnl = np.where(rng.random((P, 12)) < 0.8, rng.normal(0, 10, (P, 12)), np.nan)
     for alpha in (0.05, 0.1, 43 / 301, 301 / 301):  # fractional boundary weights, then whole ones
