@@ -99,7 +99,7 @@ def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades
         state[_EP_OUT_UNITS] += qty
         state[_EP_OUT_VALUE] += qty * fill_price
     state[_UNITS] = after
-    if after == 0.0:
+    if after == 0.0 and n_trades < trades.shape[0]:  # a zero-row table records nothing (Monte Carlo)
         sign = state[_EP_SIGN]
         row = trades[n_trades]
         row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
@@ -110,6 +110,7 @@ def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades
         row[PNL] = sign * (state[_EP_OUT_VALUE] - state[_EP_IN_VALUE]) - state[_EP_COMM]
         row[COMMISSION] = state[_EP_COMM]
         row[IS_OPEN] = 0.0
+    if after == 0.0:
         n_trades += 1
     return n_trades
 
@@ -204,25 +205,27 @@ def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_u
             equity_out[T - 1] = state[_CASH]
             units_out[T - 1] = 0.0
         else:
-            sign = state[_EP_SIGN]
-            held = abs(units)
-            row = trades[n_trades]
-            row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
-            row[EXIT_BAR] = -1.0
-            row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
-            row[EXIT_PRICE] = close[T - 1]
-            row[SIZE] = sign * state[_EP_IN_UNITS]
-            # Unrealised: what closing at the last close would give, before exit commission.
-            row[PNL] = sign * (state[_EP_OUT_VALUE] + held * close[T - 1] - state[_EP_IN_VALUE]) - state[_EP_COMM]
-            row[COMMISSION] = state[_EP_COMM]
-            row[IS_OPEN] = 1.0
+            if n_trades < trades.shape[0]:
+                sign = state[_EP_SIGN]
+                held = abs(units)
+                row = trades[n_trades]
+                row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
+                row[EXIT_BAR] = -1.0
+                row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
+                row[EXIT_PRICE] = close[T - 1]
+                row[SIZE] = sign * state[_EP_IN_UNITS]
+                # Unrealised: what closing at the last close would give, before exit commission.
+                row[PNL] = (sign * (state[_EP_OUT_VALUE] + held * close[T - 1] - state[_EP_IN_VALUE])
+                            - state[_EP_COMM])
+                row[COMMISSION] = state[_EP_COMM]
+                row[IS_OPEN] = 1.0
             n_trades += 1
     return n_trades
 
 
 @njit(cache=True, parallel=True)
 def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
-               keep_curves, equity_out, units_out, trades, n_trades,
+               keep_curves, equity_out, units_out, trades, trade_offsets, n_trades,
                compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, metrics_out):
     P, T = targets.shape
     last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
@@ -235,14 +238,16 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
             # A sweep that wants only metrics keeps one row at a time, in cache.
             equity = np.empty(T)
             units = np.empty(T)
+        mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
         n = _run_one(open_[row], close[row], targets[p], fill_on_close, commission, slippage,
-                     whole_units, cash, close_at_end, equity, units, trades[p])
+                     whole_units, cash, close_at_end, equity, units, mine)
         n_trades[p] = n
         if compute_metrics:
-            pnl = np.full(n, np.nan)
-            for k in range(n):
-                if trades[p, k, IS_OPEN] == 0.0:
-                    pnl[k] = trades[p, k, PNL]
+            recorded = min(n, mine.shape[0])
+            pnl = np.full(recorded, np.nan)
+            for k in range(recorded):
+                if mine[k, IS_OPEN] == 0.0:
+                    pnl[k] = mine[k, PNL]
             summary_row(equity, cash, units, pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z,
                         metrics_out[p])
 
@@ -270,13 +275,15 @@ class BatchResult:
     """Backtests of P parameter sets over the same bars (or P price paths).
 
     Arrays are ``[P, T]`` (``None`` when run with ``keep_curves=False``);
-    ``trade_array`` is ``[P, K, N_TRADE_FIELDS]`` with ``n_trades[p]`` rows
-    filled for set ``p``; ``metrics`` maps names to ``[P]``.
+    ``trade_array`` is ``[sum of K_p, N_TRADE_FIELDS]``: set ``p`` owns rows
+    ``trade_offsets[p]`` to ``trade_offsets[p + 1]``, of which the first
+    ``n_trades[p]`` are filled; ``metrics`` maps names to ``[P]``.
     """
 
     equity: np.ndarray | None
     units: np.ndarray | None
     trade_array: np.ndarray
+    trade_offsets: np.ndarray
     n_trades: np.ndarray
     cash: float
     metrics: dict[str, np.ndarray] = field(default_factory=dict)
@@ -291,15 +298,19 @@ class BatchResult:
 
     def closed_trade_pnl(self) -> np.ndarray:
         """[P, K] P&L of closed trades, NaN-padded (what win rate and profit factor count)."""
-        pnl = self.trade_array[:, :, PNL].copy()
-        k = np.arange(pnl.shape[1])
-        valid = (k[None, :] < self.n_trades[:, None]) & (self.trade_array[:, :, IS_OPEN] == 0)
-        pnl[~valid] = np.nan
+        counts = np.minimum(self.n_trades, np.diff(self.trade_offsets))
+        pnl = np.full((len(self), int(counts.max(initial=0))), np.nan)
+        for p, n in enumerate(counts):
+            rows = self.trade_array[self.trade_offsets[p]: self.trade_offsets[p] + n]
+            pnl[p, :n] = np.where(rows[:, IS_OPEN] == 0, rows[:, PNL], np.nan)
         return pnl
 
     def trades(self, p: int) -> pd.DataFrame:
         """Trade list of parameter set ``p``: entry/exit bar and time, prices, size, P&L, commission."""
-        rows = self.trade_array[p, : self.n_trades[p]]
+        start = self.trade_offsets[p]
+        if self.n_trades[p] > self.trade_offsets[p + 1] - start:
+            raise ValueError("trades were not recorded (record_trades=False)")
+        rows = self.trade_array[start: start + self.n_trades[p]]
         entry_bar = rows[:, ENTRY_BAR].astype(np.int64)
         exit_bar = rows[:, EXIT_BAR].astype(np.int64)
         frame = pd.DataFrame(
@@ -388,6 +399,7 @@ def run_batch(
     close_at_end: bool = False,
     compute_metrics: bool = True,
     keep_curves: bool = True,
+    record_trades: bool = True,
     periods_per_year: float = _metrics.TRADING_DAYS_PER_YEAR,
     alpha: float = 0.05,
     times: np.ndarray | None = None,
@@ -402,6 +414,9 @@ def run_batch(
     computed inside the compiled loop. ``keep_curves=False`` drops the
     ``[P, T]`` equity and unit curves, for sweeps that only rank parameter
     sets: it saves the memory traffic, which costs more than the simulation.
+    ``record_trades=False`` skips the trade list (``n_trades`` still counts
+    trades, the open one included), for Monte Carlo runs that want only the
+    distribution of outcomes; win rate and profit factor are then absent.
     """
     if fill not in ("open", "close"):
         raise ValueError(f"fill must be 'open' or 'close', got {fill!r}")
@@ -422,22 +437,28 @@ def run_batch(
         raise ValueError("open and close prices must be finite and positive")
     # Each change of target opens at most one trade, so this bounds the trade list.
     changes = _check_targets(targets)
-    max_trades = int(changes.max()) + 1 if P else 1
     curve_shape = (P, T) if keep_curves else (0, 0)
     equity = np.empty(curve_shape)
     units = np.empty(curve_shape)
-    # Rows past n_trades[p] are never read, so the trade table need not be zeroed.
-    trades = np.empty((P, max_trades, N_TRADE_FIELDS))
+    # One flat table, each set getting as many rows as it can possibly fill:
+    # sized per set, it is a few MB where a [P, max K] block would be tens.
+    # Rows past n_trades[p] are never read, so it need not be zeroed.
+    room = changes + 1 if record_trades else np.zeros(P, dtype=np.int64)
+    trade_offsets = np.concatenate(([0], np.cumsum(room))).astype(np.int64)
+    trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
     n_trades = np.zeros(P, dtype=np.int64)
     table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
     tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0, 0.0)
     _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
-               float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, n_trades,
+               float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets, n_trades,
                bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]),
                float(tail[3]), table)
     metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
+    if compute_metrics and not record_trades:
+        for name in ("n_trades", "win_rate", "profit_factor"):
+            del metrics[name]
     return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
-                       trade_array=trades, n_trades=n_trades, cash=float(cash), metrics=metrics, times=times)
+                       trade_array=trades, trade_offsets=trade_offsets, n_trades=n_trades, cash=float(cash), metrics=metrics, times=times)
 
 
 def backtest_batch(bars: Any, targets: np.ndarray, **kwargs) -> BatchResult:
@@ -472,7 +493,7 @@ def simulate_paths(
     ``targets`` is ``[N, T]`` or a rule mapping the close paths to it (e.g.
     ``lambda c: sma_crossover({"close": ...})``). Without ``open_`` paths,
     orders fill at the close. Units are fractional by default: a simulated
-    path has no lot size.
+    path has no lot size. No trade list is kept unless ``record_trades=True``.
     """
     close = np.asarray(close, dtype=np.float64)
     if callable(targets):
@@ -480,6 +501,7 @@ def simulate_paths(
     fill = fill or ("close" if open_ is None else "open")
     open_ = close if open_ is None else open_
     kwargs.setdefault("compute_metrics", False)
+    kwargs.setdefault("record_trades", False)
     return run_batch(open_, close, targets, fill=fill, whole_units=whole_units, **kwargs)
 
 

@@ -253,3 +253,17 @@ def test_a_metrics_only_sweep_gives_the_same_metrics():
     np.testing.assert_array_equal(full.metrics["final_equity"], full.equity[:, -1])
     with pytest.raises(ValueError, match="keep_curves"):
         lean[0]
+
+
+def test_monte_carlo_without_a_trade_list_counts_the_same_trades():
+    open_, close = _gbm_paths(8, 200, seed=5)
+    targets = _momentum_targets(close)
+    lean = simulate_paths(close, targets, open_=open_, commission=0.001)
+    full = simulate_paths(close, targets, open_=open_, commission=0.001, record_trades=True)
+    np.testing.assert_array_equal(lean.equity, full.equity)
+    np.testing.assert_array_equal(lean.n_trades, full.n_trades)
+    assert full.n_trades.min() > 10
+    # The last trade row of each path is the open one, if a position is held at the end.
+    assert all(full.trades(p).is_open.iloc[-1] == (full.units[p, -1] != 0) for p in range(8))
+    with pytest.raises(ValueError, match="record_trades"):
+        lean.trades(0)
