@@ -72,7 +72,7 @@ _FULL = 1.0 - 2.0**-52
 _CASH, _UNITS, _EP_ENTRY_BAR, _EP_IN_UNITS, _EP_IN_VALUE, _EP_OUT_UNITS, _EP_OUT_VALUE, _EP_COMM, _EP_SIGN = range(9)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades):
     """Trade ``units_delta`` at ``price`` (before slippage); returns the new trade count."""
     if units_delta == 0.0:
@@ -140,7 +140,7 @@ def _target_units(equity, target, price, commission, slippage, whole_units, curr
     return current
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _rebalance(state, target, price, bar, commission, slippage, whole_units, trades, n_trades):
     """Turn a new target into fills at ``price``; returns the new trade count."""
     units = state[_UNITS]
