@@ -177,6 +177,8 @@ def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_u
             price = open_[t]
             pending = t > 0 and target != acted
         if pending:
+            if not (-1.0 <= target <= 1.0):  # NaN fails too; only a change needs checking
+                return -1
             state[_CASH] = cash
             state[_UNITS] = units
             n_trades = _rebalance(state, target, price, t, commission, slippage, whole_units, trades, n_trades)
@@ -242,7 +244,7 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
         n = _run_one(open_[row], close[row], targets[p], fill_on_close, commission, slippage,
                      whole_units, cash, close_at_end, equity, units, mine)
         n_trades[p] = n
-        if compute_metrics:
+        if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
             recorded = min(n, mine.shape[0])
             pnl = np.full(recorded, np.nan)
             for k in range(recorded):
@@ -368,6 +370,14 @@ def _scan_targets(targets, changes):
     return bad
 
 
+@njit(cache=True)
+def _all_positive_finite(a):
+    for x in a.ravel():
+        if not (0.0 < x < np.inf):
+            return False
+    return True
+
+
 def _check_targets(targets: np.ndarray) -> np.ndarray:
     """Refuse NaN or out-of-range targets; return the number of target changes per row."""
     changes = np.empty(targets.shape[0], dtype=np.int64)
@@ -433,17 +443,23 @@ def run_batch(
     P, T = targets.shape
     if close.shape != open_.shape or close.shape[1] != T or close.shape[0] not in (1, P):
         raise ValueError(f"prices {close.shape} do not match targets {targets.shape}")
-    if not (np.all(np.isfinite(close)) and np.all(close > 0) and np.all(np.isfinite(open_)) and np.all(open_ > 0)):
+    if not (_all_positive_finite(close) and (open_ is close or _all_positive_finite(open_))):
         raise ValueError("open and close prices must be finite and positive")
-    # Each change of target opens at most one trade, so this bounds the trade list.
-    changes = _check_targets(targets)
+    if record_trades:
+        # Each change of target opens at most one trade, so this bounds the trade list.
+        changes = _check_targets(targets)
+    else:
+        # The compiled loop checks every target it acts on; next-open fills
+        # never act on the last bar's, so check that one here.
+        _check_targets(np.ascontiguousarray(targets[:, -1:]))
+        changes = np.zeros(P, dtype=np.int64)
     curve_shape = (P, T) if keep_curves else (0, 0)
     equity = np.empty(curve_shape)
     units = np.empty(curve_shape)
     # One flat table, each set getting as many rows as it can possibly fill:
     # sized per set, it is a few MB where a [P, max K] block would be tens.
     # Rows past n_trades[p] are never read, so it need not be zeroed.
-    room = changes + 1 if record_trades else np.zeros(P, dtype=np.int64)
+    room = changes + 1 if record_trades else changes
     trade_offsets = np.concatenate(([0], np.cumsum(room))).astype(np.int64)
     trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
     n_trades = np.zeros(P, dtype=np.int64)
@@ -453,6 +469,8 @@ def run_batch(
                float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets, n_trades,
                bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]),
                float(tail[3]), table)
+    if np.any(n_trades < 0):
+        _check_targets(targets)  # raises, naming the problem
     metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
     if compute_metrics and not record_trades:
         for name in ("n_trades", "win_rate", "profit_factor"):

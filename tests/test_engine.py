@@ -267,3 +267,15 @@ def test_monte_carlo_without_a_trade_list_counts_the_same_trades():
     assert all(full.trades(p).is_open.iloc[-1] == (full.units[p, -1] != 0) for p in range(8))
     with pytest.raises(ValueError, match="record_trades"):
         lean.trades(0)
+
+
+@pytest.mark.parametrize("bad_value, where", [(np.nan, 5), (1.5, 7), (-2.0, 19)])
+def test_monte_carlo_refuses_bad_targets_too(bad_value, where):
+    # Without a trade list the compiled loop itself checks the targets it acts on.
+    _, close = _gbm_paths(3, 20, seed=2)
+    targets = np.ones_like(close)
+    targets[1, where] = bad_value
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        simulate_paths(close, targets, compute_metrics=True)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        simulate_paths(close, targets, open_=close * 1.001, fill="open")
