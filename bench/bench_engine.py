@@ -3,7 +3,7 @@ backtesting.py and vectorbt on the same data and parameter grid, and how many
 Monte Carlo path-steps per second its compiled and torch paths run against
 plain numpy.
 
-    python bench/bench_engine.py                 # 1,000 SMA pairs, ~1-3 minutes
+    python bench/bench_engine.py                 # 1,000 SMA pairs, about a minute
     python bench/bench_engine.py --pairs 200 --repeats 3
 
 Everything runs on one core (numba, torch and BLAS held to one thread) on the
@@ -25,6 +25,8 @@ import os
 # One core: set before numpy, numba and torch start their thread pools.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ[_var] = "1"
+# backtesting.py draws a tqdm progress bar per run when tqdm is installed.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
