@@ -92,6 +92,9 @@ def sma_crossover(
     moves from strictly below to strictly above slow, to -1 on the opposite
     crossing, and is held in between; flat until the first crossing. A touch
     (fast == slow on a bar) is not a crossing, also as in backtesting.py.
+    One difference from that example: if fast dips below slow through a touch
+    and then crosses up again, SmaCross closes and reopens its long (paying
+    commission twice); here the target is +1 throughout, so nothing trades.
     ``mode="state"`` holds sign(fast - slow) on every bar from the end of the
     warm-up. ``sma_method`` is passed to :func:`core.features.sma` ("window"
     or backtesting.py's "rolling"). With ``allow_short=False`` the short side
