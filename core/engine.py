@@ -1,0 +1,622 @@
+"""The backtest engine: target positions in, fills, equity, trades and metrics out.
+
+Two verbs::
+
+    from core.engine import backtest, backtest_batch
+    result = backtest(bars, targets, cash=10_000, commission=0.001)
+    batch = backtest_batch(bars, targets_for_many_parameter_sets)   # [P, T]
+
+A *target* is the fraction of equity to hold after bar ``t``'s close, in
+[-1, 1], decided from bars ``<= t`` (what ``core.strategies`` and the ensemble
+produce). The rules, which the tests pin down to the cent:
+
+- **When.** A target that differs from the last one acted on becomes a market
+  order. It fills at the *next* bar's open (``fill="open"``, default) or at
+  this bar's close (``fill="close"``). With next-open fills the last bar's
+  order is never filled. A constant target holds a constant number of units:
+  nothing is traded just because equity drifted.
+- **Price.** Buys fill at ``price * (1 + slippage)``, sells at
+  ``price * (1 - slippage)``. Commission is ``commission`` times the traded
+  value at the fill price, charged on entry and on exit.
+- **Size.** A change of side (or to flat) first closes the whole position;
+  then the new position gets ``|target| * equity / (fill price * (1 + commission))``
+  units, equity marked at the unadjusted price, scaled by ``1 - 2**-52`` so
+  rounding never buys more than the cash allows (backtesting.py's rule) and
+  floored to whole units unless ``whole_units=False``. A same-side change of
+  size trades only the difference, and only if the position lies outside
+  the sizes computed at the buying and at the selling price (with slippage
+  the two differ; inside that band it is already on target).
+- **Marks.** Equity after bar ``t`` is cash plus units times ``close[t]``.
+  If it reaches zero or below, the position is closed at that close and the
+  account stops trading (equity 0 from then on).
+- **End.** The position still open after the last bar is reported as an open
+  trade marked at the last close, unless ``close_at_end=True``, which closes
+  it at the last close, with costs.
+- **Trades.** A trade runs from the fill that opens a position to the fill
+  that flattens or reverses it. Entry and exit prices are the volume-weighted
+  fill prices of its increases and decreases, ``size`` is the total units
+  bought (negative: sold short) into it, and its P&L, net of both sides'
+  commission, is ``sign * (exit value - entry value) - commission``.
+
+Fills use only ``open`` and ``close``: there are no stop or limit orders, so
+``high`` and ``low`` are not needed. The inner loop is compiled with numba
+(``cache=True``) and runs parameter sets in parallel; each set's metrics
+(``core.metrics.summary_row``) are computed in the same loop, while its
+curve is still in cache. ``simulate_paths`` runs the same loop over Monte
+Carlo price paths, and ``simulate_paths_torch`` runs the same rules in torch
+for large batches on a GPU (tested equal to the compiled loop).
+
+With its defaults the engine reproduces backtesting.py (0.6) running an
+always-in-the-market strategy with ``buy()``/``sell()`` after
+``position.close()``: the same fills, sizes, commissions and equity, to
+1e-6 (tests/test_engine_peer.py). backtesting.py's ``finalize_trades=True``
+closes the last trade at the last bar's *open*; ``close_at_end`` here closes
+at the last close.
+
+What this module is not: it does not decide targets (``core.strategies``,
+the ensemble), validate bars, or apply risk limits (the risk manager does,
+live).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from numba import njit, prange
+
+from core import metrics as _metrics
+from core.metrics import summary_row
+from core.features import price_arrays
+
+# Columns of the raw trade array [P, K, N_TRADE_FIELDS].
+ENTRY_BAR, EXIT_BAR, ENTRY_PRICE, EXIT_PRICE, SIZE, PNL, COMMISSION, IS_OPEN = range(8)
+N_TRADE_FIELDS = 8
+
+# A hair under 1, as backtesting.py sizes "all equity" orders: equity * 1.0 /
+# price can round up past what the cash pays for.
+_FULL = 1.0 - 2.0**-52
+
+# Indices into the per-run state vector of the compiled loop.
+_CASH, _UNITS, _EP_ENTRY_BAR, _EP_IN_UNITS, _EP_IN_VALUE, _EP_OUT_UNITS, _EP_OUT_VALUE, _EP_COMM, _EP_SIGN = range(9)
+
+
+@njit(cache=True, inline="always")
+def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades):
+    """Trade ``units_delta`` at ``price`` (before slippage); returns the new trade count."""
+    if units_delta == 0.0:
+        return n_trades
+    fill_price = price * (1.0 + slippage) if units_delta > 0 else price * (1.0 - slippage)
+    qty = abs(units_delta)
+    fee = qty * fill_price * commission
+    state[_CASH] -= units_delta * fill_price + fee
+    before = state[_UNITS]
+    after = before + units_delta
+    if before == 0.0:
+        state[_EP_ENTRY_BAR] = bar
+        state[_EP_SIGN] = 1.0 if units_delta > 0 else -1.0
+        state[_EP_IN_UNITS] = 0.0
+        state[_EP_IN_VALUE] = 0.0
+        state[_EP_OUT_UNITS] = 0.0
+        state[_EP_OUT_VALUE] = 0.0
+        state[_EP_COMM] = 0.0
+    state[_EP_COMM] += fee
+    if units_delta * state[_EP_SIGN] > 0:
+        state[_EP_IN_UNITS] += qty
+        state[_EP_IN_VALUE] += qty * fill_price
+    else:
+        state[_EP_OUT_UNITS] += qty
+        state[_EP_OUT_VALUE] += qty * fill_price
+    state[_UNITS] = after
+    if after == 0.0 and n_trades < trades.shape[0]:  # a zero-row table records nothing (Monte Carlo)
+        sign = state[_EP_SIGN]
+        row = trades[n_trades]
+        row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
+        row[EXIT_BAR] = bar
+        row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
+        row[EXIT_PRICE] = state[_EP_OUT_VALUE] / state[_EP_OUT_UNITS]
+        row[SIZE] = sign * state[_EP_IN_UNITS]
+        row[PNL] = sign * (state[_EP_OUT_VALUE] - state[_EP_IN_VALUE]) - state[_EP_COMM]
+        row[COMMISSION] = state[_EP_COMM]
+        row[IS_OPEN] = 0.0
+    if after == 0.0:
+        n_trades += 1
+    return n_trades
+
+
+@njit(cache=True, inline="always")
+def _target_units(equity, target, price, commission, slippage, whole_units, current):
+    """Units to hold for ``target`` given equity marked at ``price``.
+
+    The fill price depends on the trade's direction, which depends on the
+    size: size at the price of adding exposure and of cutting it, and trade
+    only if the position lies outside that band.
+    """
+    direction = 1.0 if target > 0 else -1.0
+    budget = equity * abs(target) * _FULL
+    add_price = price * (1.0 + direction * slippage)
+    cut_price = price * (1.0 - direction * slippage)
+    size_add = budget / (add_price * (1.0 + commission))
+    size_cut = budget / (cut_price * (1.0 + commission))
+    if whole_units:
+        size_add = np.floor(size_add)
+        size_cut = np.floor(size_cut)
+    held = abs(current)
+    if held < size_add:
+        return direction * size_add
+    if held > size_cut:
+        return direction * size_cut
+    return current
+
+
+@njit(cache=True, inline="always")
+def _rebalance(state, target, price, bar, commission, slippage, whole_units, trades, n_trades):
+    """Turn a new target into fills at ``price``; returns the new trade count."""
+    units = state[_UNITS]
+    if units != 0.0 and (target == 0.0 or (target > 0) != (units > 0)):
+        n_trades = _fill(state, -units, price, bar, commission, slippage, trades, n_trades)
+    if target != 0.0:
+        units = state[_UNITS]
+        equity = state[_CASH] + units * price
+        if equity > 0:
+            goal = _target_units(equity, target, price, commission, slippage, whole_units, units)
+            n_trades = _fill(state, goal - units, price, bar, commission, slippage, trades, n_trades)
+    return n_trades
+
+
+@njit(cache=True)
+def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash0, close_at_end,
+             equity_out, units_out, trades):
+    T = close.shape[0]
+    state = np.zeros(9)
+    # Cash and units live in locals on the hot path (most bars trade nothing)
+    # and in ``state`` only around fills.
+    cash = cash0
+    units = 0.0
+    acted = 0.0  # the last target turned into an order
+    n_trades = 0
+    t = 0
+    while t < T:
+        if fill_on_close:
+            target = targets[t]
+            price = close[t]
+            pending = target != acted
+        else:
+            target = targets[t - 1] if t > 0 else 0.0
+            price = open_[t]
+            pending = t > 0 and target != acted
+        if pending:
+            if not (-1.0 <= target <= 1.0):  # NaN fails too; only a change needs checking
+                return -1
+            state[_CASH] = cash
+            state[_UNITS] = units
+            n_trades = _rebalance(state, target, price, t, commission, slippage, whole_units, trades, n_trades)
+            cash = state[_CASH]
+            units = state[_UNITS]
+            acted = target
+        equity = cash + units * close[t]
+        if equity <= 0.0:
+            # Out of money: liquidate at this close and stop, as a broker would.
+            state[_CASH] = cash
+            state[_UNITS] = units
+            n_trades = _fill(state, -units, close[t], t, commission, slippage, trades, n_trades)
+            cash = 0.0
+            units = 0.0
+            equity_out[t:] = 0.0
+            units_out[t:] = 0.0
+            break
+        equity_out[t] = equity
+        units_out[t] = units
+        t += 1
+    state[_CASH] = cash
+    state[_UNITS] = units
+    if units != 0.0:
+        if close_at_end:
+            n_trades = _fill(state, -units, close[T - 1], T - 1, commission, slippage, trades, n_trades)
+            equity_out[T - 1] = state[_CASH]
+            units_out[T - 1] = 0.0
+        else:
+            if n_trades < trades.shape[0]:
+                sign = state[_EP_SIGN]
+                held = abs(units)
+                row = trades[n_trades]
+                row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
+                row[EXIT_BAR] = -1.0
+                row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
+                row[EXIT_PRICE] = close[T - 1]
+                row[SIZE] = sign * state[_EP_IN_UNITS]
+                # Unrealised: what closing at the last close would give, before exit commission.
+                row[PNL] = (sign * (state[_EP_OUT_VALUE] + held * close[T - 1] - state[_EP_IN_VALUE])
+                            - state[_EP_COMM])
+                row[COMMISSION] = state[_EP_COMM]
+                row[IS_OPEN] = 1.0
+            n_trades += 1
+    return n_trades
+
+
+@njit(cache=True, parallel=True)
+def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
+               keep_curves, equity_out, units_out, trades, trade_offsets, n_trades,
+               compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, metrics_out):
+    P, T = targets.shape
+    last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
+    for p in prange(P):
+        row = min(np.int64(p), last_row)
+        if keep_curves:
+            equity = equity_out[p]
+            units = units_out[p]
+        else:
+            # A sweep that wants only metrics keeps one row at a time, in cache.
+            equity = np.empty(T)
+            units = np.empty(T)
+        mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
+        n = _run_one(open_[row], close[row], targets[p], fill_on_close, commission, slippage,
+                     whole_units, cash, close_at_end, equity, units, mine)
+        n_trades[p] = n
+        if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
+            recorded = min(n, mine.shape[0])
+            pnl = np.full(recorded, np.nan)
+            for k in range(recorded):
+                if mine[k, IS_OPEN] == 0.0:
+                    pnl[k] = mine[k, PNL]
+            summary_row(equity, cash, units, pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z,
+                        metrics_out[p])
+
+
+@dataclass
+class BacktestResult:
+    """One parameter set's backtest.
+
+    ``equity``, ``returns`` and ``units`` have one entry per bar (``returns[0]``
+    is measured from the starting cash); ``trades`` has one row per trade,
+    the open one last with ``is_open`` set; ``metrics`` maps names from
+    ``core.metrics.summary`` to floats.
+    """
+
+    equity: np.ndarray
+    returns: np.ndarray
+    units: np.ndarray
+    trades: pd.DataFrame
+    metrics: dict[str, float]
+    times: np.ndarray | None = None
+
+
+@dataclass
+class BatchResult:
+    """Backtests of P parameter sets over the same bars (or P price paths).
+
+    Arrays are ``[P, T]`` (``None`` when run with ``keep_curves=False``);
+    ``trade_array`` is ``[sum of K_p, N_TRADE_FIELDS]``: set ``p`` owns rows
+    ``trade_offsets[p]`` to ``trade_offsets[p + 1]``, of which the first
+    ``n_trades[p]`` are filled; ``metrics`` maps names to ``[P]``.
+    """
+
+    equity: np.ndarray | None
+    units: np.ndarray | None
+    trade_array: np.ndarray
+    trade_offsets: np.ndarray
+    n_trades: np.ndarray
+    cash: float
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    times: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.n_trades.shape[0]
+
+    @property
+    def returns(self) -> np.ndarray:
+        return _metrics.returns_from_equity(self.equity, self.cash)
+
+    def closed_trade_pnl(self) -> np.ndarray:
+        """[P, K] P&L of closed trades, NaN-padded (what win rate and profit factor count)."""
+        counts = np.minimum(self.n_trades, np.diff(self.trade_offsets))
+        pnl = np.full((len(self), int(counts.max(initial=0))), np.nan)
+        for p, n in enumerate(counts):
+            rows = self.trade_array[self.trade_offsets[p]: self.trade_offsets[p] + n]
+            pnl[p, :n] = np.where(rows[:, IS_OPEN] == 0, rows[:, PNL], np.nan)
+        return pnl
+
+    def trades(self, p: int) -> pd.DataFrame:
+        """Trade list of parameter set ``p``: entry/exit bar and time, prices, size, P&L, commission."""
+        start = self.trade_offsets[p]
+        if self.n_trades[p] > self.trade_offsets[p + 1] - start:
+            raise ValueError("trades were not recorded (record_trades=False)")
+        rows = self.trade_array[start: start + self.n_trades[p]]
+        entry_bar = rows[:, ENTRY_BAR].astype(np.int64)
+        exit_bar = rows[:, EXIT_BAR].astype(np.int64)
+        frame = pd.DataFrame(
+            {
+                "entry_bar": entry_bar,
+                "exit_bar": exit_bar,
+                "entry_price": rows[:, ENTRY_PRICE],
+                "exit_price": rows[:, EXIT_PRICE],
+                "size": rows[:, SIZE],
+                "pnl": rows[:, PNL],
+                "commission": rows[:, COMMISSION],
+                "is_open": rows[:, IS_OPEN].astype(bool),
+            }
+        )
+        if self.times is not None:
+            times = pd.Series(pd.to_datetime(self.times))
+            frame.insert(2, "entry_time", times.iloc[entry_bar].to_numpy())
+            exit_time = times.iloc[np.where(exit_bar >= 0, exit_bar, 0)].to_numpy().copy()
+            exit_time[exit_bar < 0] = np.datetime64("NaT")
+            frame.insert(3, "exit_time", exit_time)
+        return frame
+
+    def __getitem__(self, p: int) -> BacktestResult:
+        if self.equity is None:
+            raise ValueError("curves were not kept (keep_curves=False); rerun this parameter set with backtest()")
+        return BacktestResult(
+            equity=self.equity[p],
+            returns=_metrics.returns_from_equity(self.equity[p], self.cash),
+            units=self.units[p],
+            trades=self.trades(p),
+            metrics={k: float(v[p]) for k, v in self.metrics.items()},
+            times=self.times,
+        )
+
+
+@njit(cache=True, parallel=True)
+def _scan_targets(targets, changes):
+    """Count each row's target changes (a bound on its trades); return how many rows hold a bad value."""
+    P, T = targets.shape
+    bad = 0
+    for p in prange(P):
+        prev = 0.0
+        n = 0
+        ok = True
+        for t in range(T):
+            x = targets[p, t]
+            if not (-1.0 <= x <= 1.0):  # NaN fails this too
+                ok = False
+            if x != prev:
+                n += 1
+            prev = x
+        changes[p] = n
+        if not ok:
+            bad += 1
+    return bad
+
+
+@njit(cache=True)
+def _all_positive_finite(a):
+    for x in a.ravel():
+        if not (0.0 < x < np.inf):
+            return False
+    return True
+
+
+def _check_targets(targets: np.ndarray) -> np.ndarray:
+    """Refuse NaN or out-of-range targets; return the number of target changes per row."""
+    changes = np.empty(targets.shape[0], dtype=np.int64)
+    if _scan_targets(targets, changes):
+        raise ValueError("target positions must be finite and lie in [-1, 1] (NaN is not 'hold': repeat the "
+                         "previous target)")
+    return changes
+
+
+def _bar_times(bars: Any) -> np.ndarray | None:
+    if isinstance(bars, pd.DataFrame):
+        if "ts" in bars.columns:
+            return bars["ts"].to_numpy()
+        if isinstance(bars.index, pd.DatetimeIndex):
+            return bars.index.to_numpy()
+    return None
+
+
+def run_batch(
+    open_: np.ndarray,
+    close: np.ndarray,
+    targets: np.ndarray,
+    *,
+    cash: float = 10_000.0,
+    commission: float = 0.0,
+    slippage: float = 0.0,
+    fill: str = "open",
+    whole_units: bool = True,
+    close_at_end: bool = False,
+    compute_metrics: bool = True,
+    keep_curves: bool = True,
+    record_trades: bool = True,
+    periods_per_year: float = _metrics.TRADING_DAYS_PER_YEAR,
+    alpha: float = 0.05,
+    times: np.ndarray | None = None,
+) -> BatchResult:
+    """The batched engine on raw arrays.
+
+    ``open_`` and ``close`` are ``[T]`` (one market shared by every parameter
+    set) or ``[P, T]`` (one price path per row, for Monte Carlo); ``targets``
+    is ``[P, T]``. See the module docstring for the fill rules.
+
+    Metrics (``core.metrics.summary``'s table, VaR/CVaR at ``alpha``) are
+    computed inside the compiled loop. ``keep_curves=False`` drops the
+    ``[P, T]`` equity and unit curves, for sweeps that only rank parameter
+    sets: it saves the memory traffic, which costs more than the simulation.
+    ``record_trades=False`` skips the trade list (``n_trades`` still counts
+    trades, the open one included), for Monte Carlo runs that want only the
+    distribution of outcomes; win rate and profit factor are then absent.
+    """
+    if fill not in ("open", "close"):
+        raise ValueError(f"fill must be 'open' or 'close', got {fill!r}")
+    if cash <= 0:
+        raise ValueError("cash must be positive")
+    if commission < 0 or slippage < 0 or slippage >= 1:
+        raise ValueError("commission must be >= 0 and slippage in [0, 1)")
+    # Writable C-contiguous float64, so numba compiles one signature (pandas
+    # hands out read-only views, a different type to numba).
+    targets, close, open_ = (
+        np.require(np.atleast_2d(np.asarray(a, dtype=np.float64)), requirements=("C", "W"))
+        for a in (targets, close, open_)
+    )
+    P, T = targets.shape
+    if close.shape != open_.shape or close.shape[1] != T or close.shape[0] not in (1, P):
+        raise ValueError(f"prices {close.shape} do not match targets {targets.shape}")
+    if not (_all_positive_finite(close) and (open_ is close or _all_positive_finite(open_))):
+        raise ValueError("open and close prices must be finite and positive")
+    if record_trades:
+        # Each change of target opens at most one trade, so this bounds the trade list.
+        changes = _check_targets(targets)
+    else:
+        # The compiled loop checks every target it acts on; next-open fills
+        # never act on the last bar's, so check that one here.
+        _check_targets(np.ascontiguousarray(targets[:, -1:]))
+        changes = np.zeros(P, dtype=np.int64)
+    curve_shape = (P, T) if keep_curves else (0, 0)
+    equity = np.empty(curve_shape)
+    units = np.empty(curve_shape)
+    # One flat table, each set getting as many rows as it can possibly fill:
+    # sized per set, it is a few MB where a [P, max K] block would be tens.
+    # Rows past n_trades[p] are never read, so it need not be zeroed.
+    room = changes + 1 if record_trades else changes
+    trade_offsets = np.concatenate(([0], np.cumsum(room))).astype(np.int64)
+    trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
+    n_trades = np.zeros(P, dtype=np.int64)
+    table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0, 0.0)
+    _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
+               float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets, n_trades,
+               bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]),
+               float(tail[3]), table)
+    if np.any(n_trades < 0):
+        _check_targets(targets)  # raises, naming the problem
+    metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
+    if compute_metrics and not record_trades:
+        for name in ("n_trades", "win_rate", "profit_factor"):
+            del metrics[name]
+    return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
+                       trade_array=trades, trade_offsets=trade_offsets, n_trades=n_trades, cash=float(cash), metrics=metrics, times=times)
+
+
+def backtest_batch(bars: Any, targets: np.ndarray, **kwargs) -> BatchResult:
+    """Backtest P target-position series ``[P, T]`` on one symbol's bars at once.
+
+    Keyword arguments are those of :func:`run_batch` (cash, commission,
+    slippage, fill, whole_units, close_at_end, ...).
+    """
+    p = price_arrays(bars, ("open", "close"))
+    return run_batch(p["open"], p["close"], targets, times=_bar_times(bars), **kwargs)
+
+
+def backtest(bars: Any, targets: np.ndarray, **kwargs) -> BacktestResult:
+    """Backtest one target-position series ``[T]`` on one symbol's bars."""
+    targets = np.asarray(targets, dtype=np.float64)
+    if targets.ndim != 1:
+        raise ValueError("backtest() takes one series of targets [T]; use backtest_batch for [P, T]")
+    return backtest_batch(bars, targets[None, :], **kwargs)[0]
+
+
+def simulate_paths(
+    close: np.ndarray,
+    targets: np.ndarray | Callable[[np.ndarray], np.ndarray],
+    *,
+    open_: np.ndarray | None = None,
+    fill: str | None = None,
+    whole_units: bool = False,
+    **kwargs,
+) -> BatchResult:
+    """Monte Carlo: run targets over N price paths ``[N, T]`` with the compiled loop.
+
+    ``targets`` is ``[N, T]`` or a rule mapping the close paths to it (e.g.
+    ``lambda c: sma_crossover({"close": ...})``). Without ``open_`` paths,
+    orders fill at the close. Units are fractional by default: a simulated
+    path has no lot size. No trade list is kept unless ``record_trades=True``.
+    """
+    close = np.asarray(close, dtype=np.float64)
+    if callable(targets):
+        targets = targets(close)
+    fill = fill or ("close" if open_ is None else "open")
+    open_ = close if open_ is None else open_
+    kwargs.setdefault("compute_metrics", False)
+    kwargs.setdefault("record_trades", False)
+    return run_batch(open_, close, targets, fill=fill, whole_units=whole_units, **kwargs)
+
+
+def simulate_paths_torch(
+    close,
+    targets,
+    *,
+    open_=None,
+    fill: str | None = None,
+    cash: float = 10_000.0,
+    commission: float = 0.0,
+    slippage: float = 0.0,
+    whole_units: bool = False,
+    device: str | None = None,
+    dtype=None,
+):
+    """Monte Carlo in torch: the same rules as the compiled loop, vectorised over N paths.
+
+    ``close`` (and ``open_``) are ``[N, T]`` tensors or arrays; ``targets`` is
+    ``[N, T]`` or a callable mapping the close tensor to it. ``device``
+    defaults to CUDA when available. Returns ``(equity [N, T], units [N, T])``
+    as tensors on ``device``. There is no trade list: this path is for
+    distributions of outcomes over many paths, not for auditing fills.
+    """
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = dtype or torch.float64
+    close = torch.as_tensor(close, dtype=dtype, device=device)
+    if callable(targets):
+        targets = targets(close)
+    targets = torch.as_tensor(targets, dtype=dtype, device=device)
+    fill = fill or ("close" if open_ is None else "open")
+    if fill not in ("open", "close"):
+        raise ValueError(f"fill must be 'open' or 'close', got {fill!r}")
+    open_t = close if open_ is None else torch.as_tensor(open_, dtype=dtype, device=device)
+    if targets.shape != close.shape or open_t.shape != close.shape:
+        raise ValueError("close, open_ and targets must all be [N, T]")
+    if not bool(torch.isfinite(targets).all()) or bool((targets.abs() > 1).any()):
+        raise ValueError("target positions must be finite and lie in [-1, 1]")
+    N, T = close.shape
+    cash_t = torch.full((N,), float(cash), dtype=dtype, device=device)
+    units = torch.zeros(N, dtype=dtype, device=device)
+    acted = torch.zeros(N, dtype=dtype, device=device)
+    alive = torch.ones(N, dtype=torch.bool, device=device)
+    equity_out = torch.empty((N, T), dtype=dtype, device=device)
+    units_out = torch.empty((N, T), dtype=dtype, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+
+    def trade(delta, price, mask):
+        delta = torch.where(mask, delta, zero)
+        fill_price = torch.where(delta > 0, price * (1 + slippage), price * (1 - slippage))
+        return cash_t - delta * fill_price - delta.abs() * fill_price * commission, units + delta
+
+    for t in range(T):
+        if fill == "close":
+            target, price = targets[:, t], close[:, t]
+            pending = (target != acted) & alive
+        else:
+            if t == 0:
+                target, price = acted, open_t[:, 0]
+                pending = torch.zeros(N, dtype=torch.bool, device=device)
+            else:
+                target, price = targets[:, t - 1], open_t[:, t]
+                pending = (target != acted) & alive
+        flip = pending & (units != 0) & ((target == 0) | ((target > 0) != (units > 0)))
+        cash_t, units = trade(-units, price, flip)
+        opening = pending & (target != 0)
+        equity = cash_t + units * price
+        direction = torch.where(target > 0, 1.0, -1.0).to(dtype)
+        budget = equity * target.abs() * _FULL
+        size_add = budget / (price * (1 + direction * slippage) * (1 + commission))
+        size_cut = budget / (price * (1 - direction * slippage) * (1 + commission))
+        if whole_units:
+            size_add, size_cut = size_add.floor(), size_cut.floor()
+        held = units.abs()
+        goal = torch.where(held < size_add, direction * size_add, torch.where(held > size_cut, direction * size_cut, units))
+        cash_t, units = trade(goal - units, price, opening & (equity > 0))
+        acted = torch.where(pending, target, acted)
+        equity = cash_t + units * close[:, t]
+        broke = alive & (equity <= 0)
+        cash_t, units = trade(-units, close[:, t], broke)
+        cash_t = torch.where(broke, zero, cash_t)
+        alive = alive & ~broke
+        equity = torch.where(alive, cash_t + units * close[:, t], zero)
+        equity_out[:, t] = equity
+        units_out[:, t] = units
+    return equity_out, units_out
