@@ -297,20 +297,19 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         print(f"store {store.uri} has no history for {', '.join(missing)}: writing {args.history_bars} synthetic bars each")
         store.append(SyntheticMarket(missing, seed=settings.feeds.seed).generate(args.history_bars))
 
-    started_head = False
+    head_pgid = None
     try:
         if args.detach:
             import os
 
             if not os.environ.get("RAY_ADDRESS") and not settings.ray.address:
-                address = start_head(settings)
-                started_head = True
+                address, head_pgid = start_head(settings)
                 os.environ["RAY_ADDRESS"] = address
         info = connect(settings)
     except ClusterUnavailable as e:
         print(f"raytrade: {_one_line(e)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    record_up(info.address, started_head or info.started_locally)
+    record_up(info.address, head_pgid is not None, head_pgid)
 
     from cluster.system import start_system
 
@@ -371,8 +370,8 @@ def _down(settings: Settings) -> int:
     import ray
 
     ray.shutdown()
-    if rec and rec.get("started_head"):
-        stop_head()
+    if rec and rec.get("head_pgid"):
+        stop_head(int(rec["head_pgid"]))
     UP_STATE.unlink(missing_ok=True)
     print(f"stopped {n} raytrade actor(s)" + (" and the local Ray head" if rec and rec.get("started_head") else ""))
     return 0
