@@ -162,7 +162,13 @@ def current_profile(settings: Settings) -> str:
 
 def actor_options(role: str, settings: Settings, name: str, *, detached: bool = True, **extra: Any) -> dict[str, Any]:
     """Options for a named raytrade actor of ``role``: resources from the table, restarts on."""
-    opts = ray_options(role, current_profile(settings), settings.ray.resource_overrides)
+    import ray
+
+    # The cluster's resources decide the profile and which pins (``feed``) apply.
+    opts = ray_options(
+        role, current_profile(settings), settings.ray.resource_overrides,
+        cluster_resources=ray.cluster_resources() if ray.is_initialized() else None,
+    )
     opts.update(
         name=name,
         namespace=settings.ray.namespace,
