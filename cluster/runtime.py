@@ -266,7 +266,11 @@ def _actor_states(settings: Settings) -> list[dict[str, Any]]:
     try:
         from ray.util.state import list_actors
 
-        for a in list_actors(filters=[("ray_namespace", "=", ns)], detail=True, limit=1000, raise_on_missing_output=False):
+        # The address is explicit: with several Ray instances on one machine the
+        # state API's "auto" cannot tell which one this process is connected to.
+        address = ray.get_runtime_context().gcs_address
+        for a in list_actors(address=address, filters=[("ray_namespace", "=", ns)], detail=True, limit=1000,
+                             raise_on_missing_output=False):
             d = a if isinstance(a, dict) else a.__dict__
             if not d.get("name"):
                 continue

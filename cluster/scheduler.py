@@ -578,11 +578,12 @@ def _attempt_over(task_id: str | None) -> bool | None:
     try:
         from ray.util.state import get_task
 
-        t = get_task(task_id, timeout=5)
+        # The address is explicit: with several Ray instances on one machine "auto" is ambiguous.
+        t = get_task(task_id, timeout=5, address=ray.get_runtime_context().gcs_address)
     except Exception:  # noqa: BLE001 - no dashboard / state API: fall back to the grace period
         return None
     if not t:
-        return None
+        return None  # its events may never have reached the GCS (an owner killed within a second)
     states = [x.state for x in t] if isinstance(t, list) else [t.state]
     return all(s in ("FINISHED", "FAILED") for s in states)
 

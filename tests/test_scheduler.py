@@ -374,3 +374,172 @@ def test_status_shows_running_with_locks_queued_and_history():
     assert st["locks"] == {} and st["running"] == []
     assert [(h["id"], h["state"], h["error"]) for h in st["history"]] == [(a.id, CANCELLED, "ValueError: bad bar")]
     assert [x["id"] for x in st["queued"]] == [b.id] and st["queued"][0]["waiting_for"] == []
+
+
+# -- the actor, on Ray ---------------------------------------------------------------------
+@pytest.fixture
+def sched_settings(make_settings):
+    return make_settings(scheduler={"tick_s": 0.05, "retry_base_delay_s": 0.3, "retry_multiplier": 2.0,
+                                    "max_running": 3, "recovery_grace_s": 5.0})
+
+
+def _start(settings):
+    from cluster.scheduler import WorkflowScheduler, scheduler_options
+
+    opts = scheduler_options(settings, detached=False)
+    opts["name"] = f"scheduler-test-{uuid.uuid4().hex[:8]}"
+    return WorkflowScheduler.options(**opts).remote(settings)
+
+
+def _jobs(sched, ids):
+    import ray
+
+    return {jid: ray.get(sched.job.remote(jid), timeout=30) for jid in ids}
+
+
+def _wait(sched, ids, until, timeout_s=60.0):
+    """Poll until ``until(jobs)``; a scheduler that is restarting is polled again."""
+    import ray
+
+    deadline = time.time() + timeout_s
+    jobs = {}
+    while time.time() < deadline:
+        try:
+            jobs = _jobs(sched, ids)
+            if until(jobs):
+                return jobs
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; jobs: { {k: (v or {}).get('state') for k, v in jobs.items()} }")
+
+
+def _final(jobs):
+    return all(j and j["state"] in (SUCCEEDED, FAILED, TIMED_OUT, CANCELLED) for j in jobs.values())
+
+
+def _no_overlap(spans, locks_of):
+    by_lock: dict[str, list] = {}
+    for job, pid, t0, t1 in spans:
+        for lock in locks_of[job]:
+            by_lock.setdefault(lock, []).append((t0, t1, job, pid))
+    for lock, xs in by_lock.items():
+        xs.sort()
+        for a, b in zip(xs, xs[1:]):
+            assert a[1] < b[0], f"{lock}: {a[2]} (pid {a[3]}) alive until {a[1]:.3f}, {b[2]} started {b[0]:.3f}"
+    return by_lock
+
+
+def test_actor_runs_contending_workflows_with_retries(ray_session, sched_settings, tmp_path):
+    import ray
+
+    from tests.workflow_targets import intervals, read_log
+
+    log = str(tmp_path / "events.jsonl")
+    sched = _start(sched_settings)
+    rng = random.Random(7)
+    locks_of, ids = {}, []
+    for i in range(9):
+        name = f"w{i}"
+        locks = rng.sample(["market_data", "portfolio_data"], rng.randint(1, 2))
+        j = ray.get(sched.submit.remote(rng.choice(list(PRIORITIES)), [log, name, rng.uniform(0.1, 0.4)],
+                                        target=TARGET, locks=locks, job_id=name))
+        locks_of[name], ids = locks, ids + [j["id"]]
+    flaky = ray.get(sched.submit.remote("risk_management", [log, "flaky", 2], target="tests.workflow_targets:flaky",
+                                        locks=["risk_calculation"], job_id="flaky"))
+    locks_of["flaky"] = ["risk_calculation"]
+    jobs = _wait(sched, ids + [flaky["id"]], _final, timeout_s=90)
+    assert {j["state"] for j in jobs.values()} == {SUCCEEDED}
+    assert jobs["flaky"]["attempts"] == 3
+    assert [a["outcome"] for a in jobs["flaky"]["attempt_log"]] == [FAILED, FAILED, SUCCEEDED]
+    assert "planned failure 1 of 2" in jobs["flaky"]["attempt_log"][0]["error"]
+    events = read_log(log)
+    _no_overlap(intervals(events), locks_of)
+    starts = [e["t"] for e in events if e["job"] == "flaky" and e["event"] == "start"]
+    assert starts[1] - starts[0] >= 0.3 and starts[2] - starts[1] >= 0.6  # backoff 0.3 s, then 0.6 s
+    st = ray.get(sched.status.remote())
+    assert st["running"] == [] and st["queued"] == [] and st["locks"] == {}
+    assert {h["id"] for h in st["history"]} == set(ids) | {"flaky"}
+    ray.kill(sched, no_restart=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_actor_times_out_and_cancels_by_killing_the_attempt(ray_session, sched_settings, tmp_path):
+    import ray
+
+    from tests.workflow_targets import intervals, read_log
+
+    log = str(tmp_path / "events.jsonl")
+    sched = _start(sched_settings)
+    sub = lambda wf, name, secs, locks, **kw: ray.get(sched.submit.remote(  # noqa: E731
+        wf, [log, name, secs], target=TARGET, locks=locks, job_id=name, **kw))
+    sub("model_training", "slow", 60, ["training"], timeout_s=2.0, max_attempts=1)
+    sub("model_training", "after-slow", 0.1, ["training"])
+    sub("data_collection", "long", 60, ["market_data"])
+    sub("data_collection", "queued", 0.1, ["market_data"])
+    _wait(sched, ["long"], lambda js: js["long"]["state"] == RUNNING)
+    _wait(sched, ["long"], lambda js: any(e["job"] == "long" for e in read_log(log)), timeout_s=30)
+    assert ray.get(sched.cancel.remote("queued"))["state"] == CANCELLED
+    assert ray.get(sched.cancel.remote("long"))["state"] == STOPPING
+    jobs = _wait(sched, ["slow", "after-slow", "long", "queued"], _final, timeout_s=60)
+    assert jobs["slow"]["state"] == TIMED_OUT and jobs["slow"]["attempts"] == 1
+    assert jobs["long"]["state"] == CANCELLED and jobs["queued"]["state"] == CANCELLED
+    assert jobs["after-slow"]["state"] == SUCCEEDED
+    events = read_log(log)
+    assert not any(e["job"] == "queued" for e in events)  # cancelled before it ever started
+    spans = {job: (pid, t0, t1) for job, pid, t0, t1 in intervals(events)}
+    for killed in ("slow", "long"):
+        assert not any(e["job"] == killed and e["event"] == "end" for e in events)
+        assert not _pid_alive(spans[killed][0]), f"{killed}'s process outlived its timeout/cancel"
+    # The job queued behind the timed-out one started only after the killed process's last sign of life.
+    assert spans["after-slow"][1] > spans["slow"][2]
+    assert 1.5 <= spans["slow"][2] - spans["slow"][1] <= 10
+    ray.kill(sched, no_restart=True)
+
+
+def test_scheduler_killed_mid_run_recovers_and_never_reruns_finished_work(ray_session, sched_settings, tmp_path):
+    import ray
+
+    from tests.workflow_targets import intervals, read_log
+
+    log = str(tmp_path / "events.jsonl")
+    sched = _start(sched_settings)
+    sub = lambda wf, name, secs, locks: ray.get(sched.submit.remote(  # noqa: E731
+        wf, [log, name, secs], target=TARGET, locks=locks, job_id=name))
+    sub("data_collection", "finished", 0.1, ["market_data"])
+    _wait(sched, ["finished"], lambda js: js["finished"]["state"] == SUCCEEDED)
+    sub("position_reconciliation", "mid-run", 4.0, ["portfolio_data"])
+    sub("daily_report", "queued", 0.2, ["portfolio_data"])
+    _wait(sched, ["mid-run"], lambda js: js["mid-run"]["state"] == RUNNING)
+    _wait(sched, ["mid-run"], lambda js: sum(e["job"] == "mid-run" for e in read_log(log)) > 5, timeout_s=30)
+
+    ray.kill(sched, no_restart=False)  # a crash: Ray restarts it from the same arguments
+
+    jobs = _wait(sched, ["finished", "mid-run", "queued"], _final, timeout_s=90)
+    assert {k: j["state"] for k, j in jobs.items()} == {"finished": SUCCEEDED, "mid-run": SUCCEEDED, "queued": SUCCEEDED}
+    events = read_log(log)
+    starts = lambda job: [e for e in events if e["job"] == job and e["event"] == "start"]  # noqa: E731
+    assert len(starts("finished")) == 1  # finished before the crash: never run again
+    assert len(starts("mid-run")) == 2  # interrupted by the crash, then run again to the end
+    assert [a["outcome"] for a in jobs["mid-run"]["attempt_log"]] == ["interrupted", SUCCEEDED]
+    assert jobs["mid-run"]["attempts"] == 1  # the scheduler's crash is not counted against the workflow
+    first_pid = starts("mid-run")[0]["pid"]
+    assert not any(e["pid"] == first_pid and e["job"] == "mid-run" and e["event"] == "end" for e in events)
+    assert not _pid_alive(first_pid)
+    # One holder of portfolio_data at a time, across the crash: the rerun and the queued
+    # report started only after the interrupted attempt's process was last seen alive.
+    by_lock = _no_overlap(intervals(events), {"finished": ["market_data"], "mid-run": ["portfolio_data"],
+                                              "queued": ["portfolio_data"]})
+    assert [x[2] for x in by_lock["portfolio_data"]] == ["mid-run", "mid-run", "queued"]
+    st = ray.get(sched.status.remote())
+    assert st["scheduler"]["restored_jobs"] == 3 and st["locks"] == {}
+    ray.kill(sched, no_restart=True)
