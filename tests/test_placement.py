@@ -84,3 +84,86 @@ def test_a_role_no_node_can_hold_is_reported_waiting(placement):
     assert "learner:too-big" not in placement["alive"]
     assert {"ensemble", "learner", "feed:replay", "feed:synthetic", "risk", "scheduler"} <= set(placement["alive"])
     assert placement["nodes"] == 3
+
+
+# -- limits that hold inside the actors (Ray's `memory` is only a reservation) ------------------
+def test_gpu_memory_limits_follow_the_roles_share():
+    from cluster.resources import GiB, gpu_memory_limits
+
+    total = 24 * GiB  # an A10G, the GPU of ray-cluster.yaml's gpu_worker
+    ens = gpu_memory_limits("ensemble", "gpu", total)
+    learner = gpu_memory_limits("learner", "gpu", total)
+    assert (ens.torch_fraction, ens.ort_gpu_mem_limit) == (0.25, 6 * GiB)
+    assert (learner.torch_fraction, learner.ort_gpu_mem_limit) == (0.5, 12 * GiB)
+    # The two roles that share one GPU are capped to less than all of it between them.
+    assert ens.ort_gpu_mem_limit + learner.ort_gpu_mem_limit <= total
+    # A CPU role, or the CPU profile, touches no GPU memory at all.
+    assert gpu_memory_limits("learner", "cpu", total) == gpu_memory_limits("risk", "gpu", total)
+    assert gpu_memory_limits("risk", "gpu", total).torch_fraction is None
+    # Settings overrides move the cap with the reservation.
+    over = gpu_memory_limits("learner", "gpu", total, {"learner": {"num_gpus": 0.4}})
+    assert over.ort_gpu_mem_limit == int(0.4 * total) and over.torch_fraction == 0.4
+    assert gpu_memory_limits("learner", "gpu", total, {"learner": {"num_gpus": 2}}).torch_fraction == 1.0
+    with pytest.raises(ValueError, match="positive"):
+        gpu_memory_limits("learner", "gpu", 0)
+
+
+def test_ort_providers_carry_the_cap_and_fall_back_to_cpu():
+    from cluster.resources import GiB, ort_cuda_providers
+
+    providers = ort_cuda_providers("ensemble", "gpu", 24 * GiB, device_id=0)
+    assert providers[-1] == "CPUExecutionProvider"
+    name, opts = providers[0]
+    assert name == "CUDAExecutionProvider"
+    assert opts == {"device_id": 0, "gpu_mem_limit": 6 * GiB, "arena_extend_strategy": "kSameAsRequested"}
+    assert ort_cuda_providers("ensemble", "cpu", 24 * GiB) == ["CPUExecutionProvider"]
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU on this machine: the in-actor GPU caps are checked on a GPU machine")
+def test_two_roles_share_one_gpu_each_inside_its_share():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYTRADE_")}
+    env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES=env.get("CUDA_VISIBLE_DEVICES", "0"))
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "gpu_share_probe.py"), role, "3"], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for role in ("ensemble", "learner")]
+    results = {}
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+        r = json.loads(out.strip().splitlines()[-1])
+        results[r["role"]] = r
+    assert results["ensemble"]["fraction"] == 0.25 and results["learner"]["fraction"] == 0.5
+    for r in results.values():
+        assert r["over_refused"], f"{r['role']} allocated past its share"
+        assert r["max_allocated"] <= r["share_bytes"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU on this machine: ONNX Runtime's CUDA arena cap is checked on a GPU machine")
+def test_onnx_runtime_takes_the_cap():
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    from cluster.resources import ort_cuda_providers
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    total = torch.cuda.get_device_properties(0).total_memory
+    sess = ort.InferenceSession(model.SerializeToString(), providers=ort_cuda_providers("ensemble", "gpu", total))
+    assert sess.get_providers()[0] == "CUDAExecutionProvider"
+    cap = sess.get_provider_options()["CUDAExecutionProvider"]["gpu_mem_limit"]
+    assert int(cap) == int(0.25 * total)
+    assert onnx.checker.check_model(model) is None
