@@ -613,3 +613,19 @@ def get_scheduler(settings: Settings) -> Any:
     from cluster.runtime import get_actor
 
     return get_actor(SCHEDULER_ACTOR, settings)
+
+
+def scheduler_summary(settings: Settings, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    """The scheduler's queue for the health view: None when it is not running."""
+    try:
+        sched = get_scheduler(settings)
+        st = ray.get(sched.status.remote(10), timeout=timeout_s)
+    except LookupError:
+        return None
+    except (ray.exceptions.RayError, TimeoutError) as e:
+        return {"error": f"{type(e).__name__}: the scheduler did not answer"}
+    return {
+        "running": [{"id": j["id"], "workflow": j["workflow"], "locks_held": j["locks_held"]} for j in st["running"]],
+        "queued": len(st["queued"]),
+        "recent": [{"id": j["id"], "workflow": j["workflow"], "state": j["state"]} for j in st["history"]],
+    }

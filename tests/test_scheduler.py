@@ -543,3 +543,50 @@ def test_scheduler_killed_mid_run_recovers_and_never_reruns_finished_work(ray_se
     st = ray.get(sched.status.remote())
     assert st["scheduler"]["restored_jobs"] == 3 and st["locks"] == {}
     ray.kill(sched, no_restart=True)
+
+
+def test_cli_workflows_run_ls_cancel(ray_session, tmp_path, monkeypatch, capsys):
+    import json as _json
+
+    import ray
+
+    from cluster.cli import main
+    from cluster.scheduler import get_scheduler
+    from cluster.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAYTRADE_STORE__URI", str(tmp_path / "store"))
+    monkeypatch.setenv("RAYTRADE_SCHEDULER__TICK_S", "0.05")
+    log = str(tmp_path / "events.jsonl")
+    try:
+        assert main(["workflows", "ls"]) == 0
+        assert "scheduler is not running" in capsys.readouterr().out
+        assert main(["workflows", "run", "data_collection", "--target", TARGET, "--args",
+                     _json.dumps([log, "cli-1", 0.1]), "--id", "cli-1", "--wait", "60"]) == 0
+        out = capsys.readouterr().out
+        assert "queued cli-1 (data_collection, priority 25, locks market_data)" in out and "cli-1 succeeded" in out
+        assert main(["workflows", "run", "model_training", "--target", TARGET, "--args",
+                     _json.dumps([log, "cli-2", 60]), "--id", "cli-2"]) == 0
+        capsys.readouterr()
+        assert main(["workflows", "ls", "--json"]) == 0
+        st = _json.loads(capsys.readouterr().out)
+        assert [h["id"] for h in st["history"]] == ["cli-1"] and st["history"][0]["state"] == SUCCEEDED
+        assert [j["id"] for j in st["running"] + st["queued"]] == ["cli-2"]
+        assert main(["status"]) == 0
+        assert "scheduler: " in capsys.readouterr().out
+        assert main(["workflows", "cancel", "cli-2"]) == 0
+        assert "cli-2 " in capsys.readouterr().out
+        # Mistakes are one line and exit 2.
+        assert main(["workflows", "run", "buy_everything"]) == 2
+        assert "unknown workflow 'buy_everything'" in capsys.readouterr().err
+        assert main(["workflows", "run", "daily_report"]) == 2  # no target set for it yet
+        assert "has no target" in capsys.readouterr().err
+        assert main(["workflows", "cancel", "nope"]) == 2
+        assert "no job 'nope'" in capsys.readouterr().err
+        sched = get_scheduler(load_settings(use_file=False))
+        _wait(sched, ["cli-2"], lambda js: js["cli-2"]["state"] == CANCELLED, timeout_s=30)
+    finally:
+        try:
+            ray.kill(get_scheduler(load_settings(use_file=False)), no_restart=True)
+        except LookupError:
+            pass
