@@ -429,6 +429,23 @@ def completion_marker(journal_path: str, job_id: str, attempt: int) -> str:
     return f"{base}/done/{job_id}.{attempt}.json" if base else f"done/{job_id}.{attempt}.json"
 
 
+def load_journal(store: Any, path: str) -> dict[str, Any] | None:
+    """The journalled queue, or None for a first start. An unreadable journal stops
+    the scheduler: starting empty would silently drop queued work or rerun finished work."""
+    if not store.exists(path):
+        return None
+    raw = store.get_bytes(path)
+    try:
+        state = json.loads(raw)
+        WorkflowQueue(SchedulerSettings(), check_target=None, state=state)  # the shape is checked, not just the JSON
+        return state
+    except (ValueError, TypeError, KeyError) as e:
+        raise RuntimeError(
+            f"the scheduler journal {path} in the store is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+            "move it aside to start with an empty queue"
+        ) from None
+
+
 def _store(settings: Settings):
     from core.store import BarStore
 
@@ -457,10 +474,7 @@ class WorkflowScheduler:
         self.cfg = settings.scheduler
         self.store = _store(settings)
         self._lock = threading.RLock()
-        state = None
-        if self.store.exists(self.cfg.journal):
-            state = json.loads(self.store.get_bytes(self.cfg.journal))
-        self.queue = WorkflowQueue(self.cfg, state=state)
+        self.queue = WorkflowQueue(self.cfg, state=load_journal(self.store, self.cfg.journal))
         self.refs: dict[str, Any] = {}
         self.started_at = time.time()
         self.restored = len(self.queue.jobs)

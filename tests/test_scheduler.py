@@ -9,6 +9,7 @@ tasks, a timeout that kills one, and a scheduler killed mid-run and restarted.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
@@ -546,8 +547,6 @@ def test_scheduler_killed_mid_run_recovers_and_never_reruns_finished_work(ray_se
 
 
 def test_cli_workflows_run_ls_cancel(ray_session, tmp_path, monkeypatch, capsys):
-    import json as _json
-
     import ray
 
     from cluster.cli import main
@@ -562,14 +561,14 @@ def test_cli_workflows_run_ls_cancel(ray_session, tmp_path, monkeypatch, capsys)
         assert main(["workflows", "ls"]) == 0
         assert "scheduler is not running" in capsys.readouterr().out
         assert main(["workflows", "run", "data_collection", "--target", TARGET, "--args",
-                     _json.dumps([log, "cli-1", 0.1]), "--id", "cli-1", "--wait", "60"]) == 0
+                     json.dumps([log, "cli-1", 0.1]), "--id", "cli-1", "--wait", "60"]) == 0
         out = capsys.readouterr().out
         assert "queued cli-1 (data_collection, priority 25, locks market_data)" in out and "cli-1 succeeded" in out
         assert main(["workflows", "run", "model_training", "--target", TARGET, "--args",
-                     _json.dumps([log, "cli-2", 60]), "--id", "cli-2"]) == 0
+                     json.dumps([log, "cli-2", 60]), "--id", "cli-2"]) == 0
         capsys.readouterr()
         assert main(["workflows", "ls", "--json"]) == 0
-        st = _json.loads(capsys.readouterr().out)
+        st = json.loads(capsys.readouterr().out)
         assert [h["id"] for h in st["history"]] == ["cli-1"] and st["history"][0]["state"] == SUCCEEDED
         assert [j["id"] for j in st["running"] + st["queued"]] == ["cli-2"]
         assert main(["status"]) == 0
@@ -590,3 +589,23 @@ def test_cli_workflows_run_ls_cancel(ray_session, tmp_path, monkeypatch, capsys)
             ray.kill(get_scheduler(load_settings(use_file=False)), no_restart=True)
         except LookupError:
             pass
+
+
+def test_an_unreadable_journal_stops_the_scheduler_instead_of_dropping_the_queue(make_settings):
+    from cluster.scheduler import load_journal
+    from core.store import BarStore
+
+    s = make_settings()
+    store = BarStore.from_settings(s.store)
+    assert load_journal(store, s.scheduler.journal) is None  # first start
+    clock = Clock()
+    q = make_queue(clock)
+    q.submit("daily_report", target=TARGET, job_id="r1")
+    store.put_bytes(s.scheduler.journal, json.dumps(q.to_state()).encode())
+    assert [j["id"] for j in load_journal(store, s.scheduler.journal)["jobs"]] == ["r1"]
+    store.put_bytes(s.scheduler.journal, b'{"version": 1, "seq": 3, "jobs": [{"id": "half')
+    with pytest.raises(RuntimeError, match="unreadable .*move it aside"):
+        load_journal(store, s.scheduler.journal)
+    store.put_bytes(s.scheduler.journal, b'{"version": 1, "seq": 3, "jobs": [{"id": "x"}]}')
+    with pytest.raises(RuntimeError, match="unreadable"):
+        load_journal(store, s.scheduler.journal)
