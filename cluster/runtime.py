@@ -102,7 +102,11 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
             )
             started = False
         else:
+            # "local": a new Ray of our own. Without it ray.init() joins whatever
+            # cluster /tmp/ray/ray_current_cluster names (any `ray start` on this
+            # machine) and then refuses num_cpus.
             ray.init(
+                address="local",
                 namespace=ns,
                 num_cpus=num_cpus or settings.ray.num_cpus or max(2, os.cpu_count() or 2),
                 include_dashboard=settings.ray.include_dashboard,
@@ -173,7 +177,13 @@ def current_profile(settings: Settings) -> str:
 
 def actor_options(role: str, settings: Settings, name: str, *, detached: bool = True, **extra: Any) -> dict[str, Any]:
     """Options for a named raytrade actor of ``role``: resources from the table, restarts on."""
-    opts = ray_options(role, current_profile(settings), settings.ray.resource_overrides)
+    import ray
+
+    # The cluster's resources decide the profile and which pins (``feed``) apply.
+    opts = ray_options(
+        role, current_profile(settings), settings.ray.resource_overrides,
+        cluster_resources=ray.cluster_resources() if ray.is_initialized() else None,
+    )
     opts.update(
         name=name,
         namespace=settings.ray.namespace,
@@ -308,7 +318,11 @@ def _actor_states(settings: Settings) -> list[dict[str, Any]]:
     try:
         from ray.util.state import list_actors
 
-        for a in list_actors(filters=[("ray_namespace", "=", ns)], detail=True, limit=1000, raise_on_missing_output=False):
+        # The address is explicit: with several Ray instances on one machine the
+        # state API's "auto" cannot tell which one this process is connected to.
+        address = ray.get_runtime_context().gcs_address
+        for a in list_actors(address=address, filters=[("ray_namespace", "=", ns)], detail=True, limit=1000,
+                             raise_on_missing_output=False):
             d = a if isinstance(a, dict) else a.__dict__
             if not d.get("name"):
                 continue
