@@ -167,6 +167,9 @@ class FeedSettings(_Section):
 class ServeSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    external_weight: float = Field(0.3, ge=0, le=1, description="weight of an outside signal against the ensemble's")
+    rate_limit_per_s: float = Field(50.0, gt=0, description="requests a second per API key (per ingress replica)")
+    rate_burst: float = Field(100.0, ge=1, description="burst size of the per-key rate limit")
 
 
 class ApiKey(_Section):
