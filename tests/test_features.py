@@ -1,0 +1,115 @@
+"""The shared feature function: shape, warm-up, causality, finite memory, hand values."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import features
+from core.features import FEATURE_NAMES, WARMUP, atr, compute_features, feature_spec_hash, rsi, window
+
+
+@pytest.fixture(scope="module")
+def goog():
+    return pytest.importorskip("backtesting.test").GOOG
+
+
+@pytest.fixture(scope="module")
+def goog_features(goog):
+    return compute_features(goog)
+
+
+def schema_bars(goog):
+    """GOOG in the system's bar schema (lower-case columns, UTC ts, symbol/source/seq)."""
+    frame = goog.rename(columns=str.lower).reset_index(drop=True)
+    frame.insert(0, "ts", pd.DatetimeIndex(goog.index).tz_localize("UTC"))
+    frame.insert(0, "symbol", "GOOG")
+    return frame.assign(source="test", seq=np.arange(len(frame)))
+
+
+def test_shape_dtype_and_warmup(goog, goog_features):
+    f = goog_features
+    assert f.shape == (len(goog), len(FEATURE_NAMES)) and f.dtype == np.float32
+    assert np.all(np.isnan(f[:WARMUP]))
+    assert np.all(np.isfinite(f[WARMUP:]))
+    # WARMUP is tight: the 50-bar SMA first exists at bar 49.
+    assert WARMUP == 49
+    # The schema frame and backtesting.py's capitalised frame give the same numbers.
+    np.testing.assert_array_equal(compute_features(schema_bars(goog)), f)
+
+
+def test_features_are_causal(goog, goog_features):
+    for cut in (WARMUP + 1, 300, 1500):
+        np.testing.assert_array_equal(compute_features(goog.iloc[:cut]), goog_features[:cut])
+        shocked = goog.copy()
+        shocked.iloc[cut:, :4] *= 2.0
+        shocked.iloc[cut:, 4] *= 10.0
+        np.testing.assert_array_equal(compute_features(shocked)[:cut], goog_features[:cut])
+
+
+def test_a_live_window_of_warmup_plus_one_bars_gives_the_backtests_row(goog, goog_features):
+    # Finite memory: the last row from just WARMUP + 1 bars is bit-identical to
+    # the same row computed over the whole history.
+    for t in (WARMUP, 777, len(goog) - 1):
+        live = compute_features(goog.iloc[t - WARMUP : t + 1])
+        np.testing.assert_array_equal(live[-1], goog_features[t])
+
+
+def test_feature_values_by_hand(goog, goog_features):
+    c = goog.Close.to_numpy()
+    t = 500
+    row = dict(zip(FEATURE_NAMES, goog_features[t]))
+    assert row["log_return_1"] == pytest.approx(math.log(c[t] / c[t - 1]), rel=1e-6)
+    assert row["log_return_20"] == pytest.approx(math.log(c[t] / c[t - 20]), rel=1e-6)
+    assert row["close_to_sma_10"] == pytest.approx(c[t] / c[t - 9 : t + 1].mean() - 1, rel=1e-5)
+    one_bar = np.diff(np.log(c[t - 20 : t + 1]))
+    assert row["volatility_20"] == pytest.approx(one_bar.std(ddof=1), rel=1e-5)
+    v = goog.Volume.to_numpy()[t - 19 : t + 1]
+    assert row["volume_zscore_20"] == pytest.approx((v[-1] - v.mean()) / v.std(ddof=1), rel=1e-5)
+
+
+def test_rsi_and_atr_by_hand():
+    close = np.array([10.0, 11.0, 10.5, 11.5, 11.5])
+    # Changes +1, -0.5, +1, 0. RSI(3) at bar 3: gains 2, losses 0.5 -> 100 * 2 / 2.5 = 80;
+    # at bar 4: changes -0.5, +1, 0 -> 100 * 1 / 1.5 = 66.67.
+    np.testing.assert_allclose(rsi(close, 3), [np.nan, np.nan, np.nan, 80.0, 200 / 3], equal_nan=True)
+    assert rsi(np.full(6, 5.0), 3)[-1] == 50.0  # no change at all
+    high = np.array([10.0, 12.0, 11.0])
+    low = np.array([9.0, 10.5, 8.0])
+    close = np.array([9.5, 11.0, 8.5])
+    # True ranges: bar 1 max(1.5, |12 - 9.5|, |10.5 - 9.5|) = 2.5; bar 2 max(3, |11 - 11|, |8 - 11|) = 3.
+    np.testing.assert_allclose(atr(high, low, close, 2), [np.nan, np.nan, 2.75], equal_nan=True)
+
+
+def test_constant_volume_scores_zero_not_inf():
+    n = 80
+    bars = {"open": np.linspace(10, 12, n), "high": np.linspace(10, 12, n) + 0.1, "low": np.linspace(10, 12, n) - 0.1,
+            "close": np.linspace(10, 12, n), "volume": np.full(n, 500.0)}
+    f = compute_features(bars)
+    assert np.all(f[WARMUP:, FEATURE_NAMES.index("volume_zscore_20")] == 0.0)
+
+
+def test_window_returns_the_last_rows_and_refuses_warmup(goog_features):
+    np.testing.assert_array_equal(window(goog_features, 32), goog_features[-32:])
+    with pytest.raises(ValueError, match="warm-up"):
+        window(goog_features[: WARMUP + 10], 20)
+    with pytest.raises(ValueError):
+        window(goog_features[:5], 10)
+
+
+def test_feature_spec_hash_tracks_names_and_parameters(monkeypatch):
+    h = feature_spec_hash()
+    assert len(h) == 64 and h == feature_spec_hash()
+    monkeypatch.setitem(features.FEATURE_PARAMS, "rsi_window", 21)
+    assert feature_spec_hash() != h
+
+
+def test_bad_bars_are_refused(goog):
+    frame = schema_bars(goog)
+    with pytest.raises(ValueError, match="several symbols"):
+        compute_features(pd.concat([frame, frame.assign(symbol="MSFT")]))
+    with pytest.raises(ValueError, match="time order"):
+        compute_features(frame.iloc[::-1])
+    with pytest.raises(KeyError):
+        compute_features(frame.drop(columns="volume"))
