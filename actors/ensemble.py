@@ -152,8 +152,23 @@ class Ensemble:
         self._batcher = _Batcher(self.predict, cfg.max_batch_size, cfg.batch_wait_s)
         self.requests = 0
         self.started_at = time.time()
+        self._warm_up()
         if use_registry:
             self._sync_blocking()
+
+    def _warm_up(self) -> None:
+        """Call each rule and Python member once, so a JIT compile is not taken for a timeout."""
+        from core.synthetic import generate_bars
+
+        bars = generate_bars(["WARM"], WARMUP + 64, seed=0)
+        arrays = {k: bars[k].to_numpy() for k in ("open", "high", "low", "close", "volume")}
+        feats = compute_features(arrays)[-DEFAULT_WINDOW:][None]
+        batch = MemberBatch(np.ascontiguousarray(feats, dtype=np.float32), (arrays,), ("WARM",))
+        for slot in self._static:
+            try:
+                slot.member.predict(batch)
+            except Exception as e:  # noqa: BLE001 - reported on every call that fails the same way
+                log.warning("member %s failed its warm-up call: %s", slot.member.name, e)
 
     # -- registry ---------------------------------------------------------------------
     def _reg(self) -> Any:
