@@ -174,6 +174,12 @@ class Ensemble:
     def _reg(self) -> Any:
         if self._registry is None:
             self._registry = ray.get_actor(REGISTRY_ACTOR, namespace=self.settings.ray.namespace)
+        elif self._registry == "store":
+            # No registry actor (Serve's local testing mode, a notebook): read the
+            # index from the store in this process. It sees promotions only on refresh(force=True).
+            from actors.registry import ModelRegistry
+
+            self._registry = ModelRegistry(self.settings)
         return self._registry
 
     async def _ask(self, method: str, *args: Any) -> Any:
@@ -476,6 +482,7 @@ class Ensemble:
                        "intra_op_threads": self.device.intra_op_threads},
             "weights": self.weights.adaptive.state(),
             "requests": self.requests,
+            "largest_batch": max(self._batcher.batch_sizes, default=0),
             "window": self.window(),
         }
 
@@ -587,8 +594,8 @@ class EnsembleDeployment:
     resource table and batching from ``ensemble.max_batch_size`` / ``batch_wait_s``.
     """
 
-    def __init__(self, settings: Any):
-        self.ensemble = Ensemble(settings)
+    def __init__(self, settings: Any, registry: Any | None = None):
+        self.ensemble = Ensemble(settings, registry)
         self.predict_one.set_max_batch_size(settings.ensemble.max_batch_size)
         self.predict_one.set_batch_wait_timeout_s(settings.ensemble.batch_wait_s)
 
@@ -599,6 +606,7 @@ class EnsembleDeployment:
 
     @serve.batch
     async def predict_one(self, requests: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        self.ensemble._batcher.batch_sizes.append(len(requests))  # status() reports the largest
         return await self.ensemble.predict(requests)
 
     async def predict(self, requests: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
