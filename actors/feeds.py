@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -25,13 +26,14 @@ import ray
 
 from cluster.logs import configure_logging, get_logger
 from cluster.settings import Settings
-from core.bars import COLUMNS, normalise, validate_bars
+from core.bars import COLUMNS, normalise
 from core.store import BarStore
 from core.synthetic import SyntheticMarket
 
 log = get_logger("feeds")
 
 BUFFER_BARS = 20_000
+FAULTS = ("nan", "zero", "negative", "high_low", "spike", "duplicate", "out_of_order")
 
 
 def bars_to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -100,27 +102,144 @@ class _SyntheticSource(_Source):
         return self._market.next()
 
 
-@ray.remote
-class FeedActor:
-    """One market-data source. Read with ``since(seq)``; ``health()`` for status."""
+class FeedBase:
+    """What every feed actor shares: numbering, the buffer, ``since``, health, chaos hooks."""
 
-    def __init__(self, name: str, kind: str, symbols: list[str], settings: Settings, start: Any = None):
+    kind = "base"
+
+    def _init_base(self, name: str, symbols: list[str], settings: Settings) -> None:
         # Settings travel pickled (secrets intact, in memory only); a JSON dump would redact them.
         self.settings = settings
         configure_logging(self.settings)
-        self.name, self.kind, self.symbols = name, kind, [s.upper() for s in symbols]
-        self._start = start
+        self.name, self.symbols = name, [s.upper() for s in symbols]
         self._buffer: deque[dict[str, Any]] = deque(maxlen=BUFFER_BARS)
         self._seq = 0
         self._task: asyncio.Task | None = None
         self._last_bar_at: float | None = None
         self._emitted = 0
-        self._rejected = 0
         self._errors = 0
         self._last_error: str | None = None
         self._exhausted = False
         self._paused = False
-        self._last_ts: dict[str, pd.Timestamp] = {}
+        # A new id per process: the router re-reads a restarted feed from its start.
+        self.incarnation = uuid.uuid4().hex
+        self._faults: list[str] = []
+        self._previous: dict[str, dict[str, Any]] = {}
+        self._held: dict[str, Any] | None = None
+
+    async def _run(self) -> None:  # pragma: no cover - each feed has its own
+        raise NotImplementedError
+
+    async def start(self) -> bool:
+        self._ensure_running()
+        return True
+
+    def _ensure_running(self) -> None:
+        # Also called by every read: an actor Ray restarted gets no start()
+        # call, so the first caller after a restart starts its loop again.
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _emit(self, bars: pd.DataFrame) -> None:
+        # Normalise and number; judging quality is the router's job, so bad
+        # bars go out as they came and count against this source there.
+        bars = normalise(bars, source=self.name)
+        now = time.time()
+        records = bars_to_records(bars)
+        records = self._apply_fault(records)
+        for rec in records:
+            self._seq += 1
+            rec["seq"] = self._seq
+            rec["emitted_at"] = now
+            self._buffer.append(rec)
+        self._emitted += len(records)
+        self._last_bar_at = now
+
+    def _apply_fault(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self._faults or not records:
+            if records:
+                self._previous = {r["symbol"]: dict(r) for r in records}
+            return records
+        kind = self._faults.pop(0)
+        sym = records[0]["symbol"]
+        out = [dict(r) for r in records]
+        victim = out[0]
+        if kind == "nan":
+            victim["close"] = float("nan")
+        elif kind == "zero":
+            victim["low"] = 0.0
+        elif kind == "negative":
+            victim["open"] = -abs(victim["open"])
+        elif kind == "high_low":
+            victim["high"], victim["low"] = victim["low"] * 0.99, victim["high"] * 1.01
+        elif kind == "spike":
+            victim["close"] *= 1.5
+            victim["high"] = max(victim["high"], victim["close"])
+        elif kind == "duplicate" and sym in self._previous:
+            out[0] = dict(self._previous[sym])
+        elif kind == "out_of_order":
+            # Hold this bar back and send it after the next one.
+            self._held = out.pop(0)
+            self._faults.insert(0, "_release")
+        elif kind == "_release" and self._held is not None:
+            out.append(self._held)
+            self._held = None
+        self._previous = {r["symbol"]: dict(r) for r in records}
+        return out
+
+    async def inject_fault(self, kind: str) -> None:
+        """Chaos testing: corrupt the next emitted bar (nan, zero, negative,
+        high_low, spike, duplicate, out_of_order). Watch the router fail over."""
+        if kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; use one of {', '.join(FAULTS)}")
+        self._faults.append(kind)
+
+    async def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
+        self._ensure_running()
+        """Bars with ``seq`` greater than the given one, oldest first."""
+        if not self._buffer or self._buffer[-1]["seq"] <= seq:
+            return []
+        first = self._buffer[0]["seq"]
+        start = max(0, seq - first + 1)
+        out = []
+        for i in range(start, min(len(self._buffer), start + limit)):
+            out.append(self._buffer[i])
+        return out
+
+    async def since_with_incarnation(self, seq: int, limit: int = 10_000) -> tuple[list[dict[str, Any]], str]:
+        return await self.since(seq, limit), self.incarnation
+
+    async def pause(self, paused: bool = True) -> None:
+        """Stop emitting without dying (a stall), or resume."""
+        self._paused = paused
+
+    async def health(self) -> dict[str, Any]:
+        self._ensure_running()
+        now = time.time()
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "symbols": self.symbols,
+            "last_seq": self._seq,
+            "emitted": self._emitted,
+            "faults_pending": list(self._faults),
+            "errors": self._errors,
+            "last_error": self._last_error,
+            "seconds_since_last_bar": None if self._last_bar_at is None else now - self._last_bar_at,
+            "exhausted": self._exhausted,
+            "paused": self._paused,
+            "running": self._task is not None and not self._task.done(),
+            "incarnation": self.incarnation,
+        }
+
+
+@ray.remote
+class FeedActor(FeedBase):
+    """A replay or synthetic source. Read with ``since(seq)``; ``health()`` for status."""
+
+    def __init__(self, name: str, kind: str, symbols: list[str], settings: Settings, start: Any = None):
+        self._init_base(name, symbols, settings)
+        self.kind = kind
         if kind == "replay":
             store = BarStore.from_settings(self.settings.store, self.settings.resilience)
             self._source: _Source = _ReplaySource(store, self.symbols, start)
@@ -128,11 +247,6 @@ class FeedActor:
             self._source = _SyntheticSource(self.symbols, self.settings.feeds.seed, start)
         else:
             raise ValueError(f"unknown feed kind {kind!r}; use replay or synthetic (alpaca has its own actor)")
-
-    async def start(self) -> bool:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        return True
 
     async def _run(self) -> None:
         prev_ts: pd.Timestamp | None = None
@@ -156,47 +270,3 @@ class FeedActor:
             pause = self._source.pause_s(self.settings, bars, prev_ts)
             prev_ts = bars["ts"].iloc[0]
             await asyncio.sleep(pause)
-
-    def _emit(self, bars: pd.DataFrame) -> None:
-        bars = normalise(bars, source=self.name)
-        good, rejects = validate_bars(bars, self._last_ts)
-        self._rejected += len(rejects)
-        for rec in bars_to_records(good):
-            self._seq += 1
-            rec["seq"] = self._seq
-            self._buffer.append(rec)
-            self._last_ts[rec["symbol"]] = pd.Timestamp(rec["ts"], tz="UTC")
-        self._emitted += len(good)
-        self._last_bar_at = time.time()
-
-    async def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
-        """Bars with ``seq`` greater than the given one, oldest first."""
-        if not self._buffer or self._buffer[-1]["seq"] <= seq:
-            return []
-        first = self._buffer[0]["seq"]
-        start = max(0, seq - first + 1)
-        out = []
-        for i in range(start, min(len(self._buffer), start + limit)):
-            out.append(self._buffer[i])
-        return out
-
-    async def pause(self, paused: bool = True) -> None:
-        """Stop emitting without dying (a stall), or resume."""
-        self._paused = paused
-
-    async def health(self) -> dict[str, Any]:
-        now = time.time()
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "symbols": self.symbols,
-            "last_seq": self._seq,
-            "emitted": self._emitted,
-            "rejected": self._rejected,
-            "errors": self._errors,
-            "last_error": self._last_error,
-            "seconds_since_last_bar": None if self._last_bar_at is None else now - self._last_bar_at,
-            "exhausted": self._exhausted,
-            "paused": self._paused,
-            "running": self._task is not None and not self._task.done(),
-        }

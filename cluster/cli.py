@@ -51,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the cluster's nodes, resources and raytrade actors")
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
+    fd = sub.add_parser("feeds", help="market data feeds and the router")
+    fd_sub = fd.add_subparsers(dest="feeds_cmd", metavar="ACTION", parser_class=_Parser)
+    fd_sub.add_parser("ls", help="each source's health, the active one, failover events")
+    for action, text in (("kill", "stop a feed actor for good (watch the router fail over)"),
+                         ("pause", "stall a feed without killing it"), ("resume", "resume a paused feed")):
+        a = fd_sub.add_parser(action, help=text)
+        a.add_argument("source", help="e.g. feed:replay (see `raytrade feeds ls`)")
+    fl = fd_sub.add_parser("fault", help="make a feed send one bad bar (chaos testing)")
+    fl.add_argument("source")
+    fl.add_argument("kind", help="nan, zero, negative, high_low, spike, duplicate, out_of_order")
+
     cfg = sub.add_parser("config", help="settings")
     cfg_sub = cfg.add_subparsers(dest="config_cmd", metavar="ACTION", parser_class=_Parser)
     cfg_sub.add_parser("show", help="print the effective settings (secrets redacted)")
@@ -102,6 +113,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _data(args, settings)
     if args.cmd == "status":
         return _status(args, settings)
+    if args.cmd == "feeds":
+        return _feeds(args, settings)
     if args.cmd == "up":
         return _up(args, settings)
     if args.cmd == "down":
@@ -216,6 +229,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_UNAVAILABLE
     st = status(settings)
     if args.json:
+        st["feeds"] = _router_health(settings)
         print(json.dumps(st, indent=2, default=str))
         return 0
     print(f"namespace {st['namespace']}  profile {st['profile']}")
@@ -229,6 +243,73 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     for a in st["actors"]:
         extra = f" waiting for {a['waiting_for']}" if a.get("waiting_for") else ""
         print(f"  {a['name']:<32} {a['state']}{extra}")
+    h = _router_health(settings)
+    if h is not None:
+        _print_feeds(h)
+    return 0
+
+
+def _router_health(settings: Settings) -> dict[str, Any] | None:
+    import ray
+
+    from actors.router import router_actor_name
+
+    try:
+        router = ray.get_actor(router_actor_name("default"), namespace=settings.ray.namespace)
+        return ray.get(router.health.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - no router running
+        return None
+
+
+def _print_feeds(h: dict[str, Any]) -> None:
+    print(f"feeds (router {h['group']}): active {h['active']}, delivered {h['delivered']} bars, "
+          f"{h['failovers']} failover(s), {h['failbacks']} failback(s)")
+    for s in h["sources"]:
+        state = "healthy" if s["healthy"] else f"UNHEALTHY ({s['why_unhealthy']})"
+        mark = "*" if s["name"] == h["active"] else " "
+        print(f"  {mark} {s['name']:<20} {state}; received {s['received']}, rejected {s['rejected']}, "
+              f"quality {s['quality']:.2f}")
+    for e in h["events"][-10:]:
+        print(f"    {e['kind']}: {e['from']} -> {e['to']}: {e['reason']}")
+
+
+def _feeds(args: argparse.Namespace, settings: Settings) -> int:
+    import ray
+
+    from cluster.runtime import ClusterUnavailable, connect
+
+    if args.feeds_cmd is None:
+        raise UserError("raytrade feeds: choose an action: ls, kill, pause, resume, fault")
+    if args.feeds_cmd == "fault":
+        from actors.feeds import FAULTS
+
+        if args.kind not in FAULTS:
+            raise UserError(f"unknown fault {args.kind!r}; use one of {', '.join(FAULTS)}")
+    try:
+        connect(settings, start_local=False)
+    except ClusterUnavailable as e:
+        print(f"raytrade: {_one_line(e)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if args.feeds_cmd == "ls":
+        h = _router_health(settings)
+        if h is None:
+            print("no feed router is running; `raytrade up` starts one")
+            return EXIT_UNAVAILABLE
+        _print_feeds(h)
+        return 0
+    try:
+        actor = ray.get_actor(args.source, namespace=settings.ray.namespace)
+    except ValueError:
+        raise UserError(f"no feed named {args.source!r}; `raytrade feeds ls` lists them") from None
+    if args.feeds_cmd == "kill":
+        ray.kill(actor, no_restart=True)
+        print(f"killed {args.source}; `raytrade status` shows the router's failover")
+    elif args.feeds_cmd in ("pause", "resume"):
+        ray.get(actor.pause.remote(args.feeds_cmd == "pause"), timeout=10)
+        print(f"{args.source} {'paused' if args.feeds_cmd == 'pause' else 'resumed'}")
+    elif args.feeds_cmd == "fault":
+        ray.get(actor.inject_fault.remote(args.kind), timeout=10)
+        print(f"{args.source} will send one {args.kind} bar")
     return 0
 
 

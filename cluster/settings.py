@@ -127,6 +127,10 @@ class AlpacaSettings(_Section):
     data_stream_url: str | None = Field(None, description="override of the market-data websocket URL")
     data_rest_url: str | None = Field(None, description="override of the market-data REST URL")
     trading_url: str | None = Field(None, description="override of the trading REST URL")
+    bar_seconds: int = Field(60, ge=1, description="spacing of the streamed bars (Alpaca streams minute bars)")
+    stream_data_timeout_s: float = Field(
+        120.0, gt=0, description="reconnect when the socket is open but silent this long"
+    )
 
     @property
     def enabled(self) -> bool:

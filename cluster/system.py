@@ -3,14 +3,21 @@
 ``start_system(settings)`` creates raytrade's named actors with their
 resources from the table (``cluster.resources``) and returns a handle that
 the ``up`` command polls for what to show; ``stop_system`` kills every named
-actor in raytrade's namespace. Each later part (router, registry, ensemble,
+actor in raytrade's namespace. Each part (feeds, router, registry, ensemble,
 Serve) is added here, so ``raytrade up`` is always the whole system.
+
+The embedded default runs two sources for the same symbols: ``feed:replay``
+(the store's history, primary) and ``feed:synthetic`` (the synthetic market
+with the seed that wrote that history, so it produces the same bars, and
+carries on when the history ends). ``raytrade feeds kill feed:replay`` shows a
+failover in ``raytrade status``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
 import ray
 
 from cluster.logs import get_logger
@@ -25,53 +32,76 @@ def feed_actor_name(source: str) -> str:
 
 
 class System:
-    def __init__(self, settings: Settings, feeds: dict[str, Any]):
+    def __init__(self, settings: Settings, feeds: dict[str, Any], router: Any):
         self.settings = settings
         self.feeds = feeds
-        self._seq: dict[str, int] = {name: 0 for name in feeds}
+        self.router = router
+        self._seq = 0
+        self._active: str | None = None
+        self._events_seen = 0
 
     def describe(self) -> list[str]:
-        return [f"feed            {name} ({', '.join(self.settings.feeds.symbols)})" for name in self.feeds]
+        lines = [f"feed            {name}" for name in self.feeds]
+        lines.append(f"router          router:default over {', '.join(self.feeds)} ({', '.join(self.settings.feeds.symbols)})")
+        return lines
 
     def poll(self) -> list[str]:
-        """Lines describing what arrived since the last poll (from the primary feed)."""
+        """Lines describing what the router delivered since the last poll, and any failover."""
         lines = []
-        name = next(iter(self.feeds))
         try:
-            bars = ray.get(self.feeds[name].since.remote(self._seq[name]), timeout=10)
-        except Exception as e:  # noqa: BLE001 - shown, not fatal: the feed restarts
-            return [f"feed {name} unavailable: {e.__class__.__name__}"]
+            bars = ray.get(self.router.since.remote(self._seq), timeout=10)
+            health = ray.get(self.router.health.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - shown, not fatal: the router restarts
+            return [f"router unavailable: {e.__class__.__name__}"]
+        events = health["events"]
+        for ev in events[self._events_seen:] if len(events) >= self._events_seen else events:
+            lines.append(f"*** {ev['kind']}: {ev['from']} -> {ev['to']} ({ev['reason']})")
+        self._events_seen = len(events)
         if bars:
-            self._seq[name] = bars[-1]["seq"]
+            self._seq = bars[-1]["seq"]
             by_ts: dict[int, list[dict]] = {}
             for b in bars:
                 by_ts.setdefault(b["ts"], []).append(b)
             for ts, group in list(by_ts.items())[-5:]:
-                import pandas as pd
-
                 quotes = "  ".join(f"{b['symbol']} {b['close']:.2f}" for b in group)
-                lines.append(f"{pd.Timestamp(ts, tz='UTC'):%Y-%m-%d %H:%M} seq {group[-1]['seq']:>6}  {quotes}")
+                lines.append(
+                    f"{pd.Timestamp(ts, tz='UTC'):%Y-%m-%d %H:%M} seq {group[-1]['seq']:>6} "
+                    f"[{group[-1]['source']}]  {quotes}"
+                )
         return lines
 
     def stop(self) -> int:
         return stop_system(self.settings)
 
 
-def start_system(settings: Settings) -> System:
+def start_system(settings: Settings, fresh: bool = True) -> System:
     from actors.feeds import FeedActor
+    from actors.router import FeedRouter, router_actor_name
+    from core.store import BarStore
 
-    feeds: dict[str, Any] = {}
     symbols = settings.feeds.symbols
+    feeds: dict[str, Any] = {}
     for source in settings.feeds.sources:
-        if source == "alpaca":
-            continue  # added with the Alpaca feed actor
         name = feed_actor_name(source)
-        actor = FeedActor.options(**actor_options("feed", settings, name)).remote(name, source, symbols, settings)
+        if source == "alpaca":
+            from actors.alpaca_feed import AlpacaFeedActor
+
+            actor = AlpacaFeedActor.options(**actor_options("feed", settings, name)).remote(name, symbols, settings)
+        else:
+            actor = FeedActor.options(**actor_options("feed", settings, name)).remote(name, source, symbols, settings)
         feeds[name] = actor
-        # Only the primary streams for now; the router takes over failover.
-        break
+    rname = router_actor_name("default")
+    if fresh:
+        # A new `up` starts a new stream; the checkpoint is for a router that crashed.
+        store = BarStore.from_settings(settings.store, settings.resilience)
+        if store.exists(f"router/default.json"):
+            store.fs.delete_file(store.path("router/default.json"))
+    router = FeedRouter.options(**actor_options("feed_router", settings, rname)).remote(
+        "default", list(feeds), symbols, settings
+    )
     ray.get([a.start.remote() for a in feeds.values()], timeout=120)
-    return System(settings, feeds)
+    ray.get(router.start.remote(), timeout=120)
+    return System(settings, feeds, router)
 
 
 def stop_system(settings: Settings) -> int:

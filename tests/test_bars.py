@@ -76,3 +76,18 @@ def test_good_file_round_trips_exactly(tmp_path):
     pd.testing.assert_frame_equal(back, B.normalise(df), check_dtype=False)
     assert (back[["open", "high", "low", "close", "volume"]].to_numpy() == df[["open", "high", "low", "close", "volume"]].to_numpy()).all()
     assert (back["ts"].to_numpy() == df["ts"].to_numpy()).all()
+
+
+def test_scalar_check_agrees_with_validate_bars():
+    from core.bars import bar_problem
+
+    cases = [good("2024-01-01 00:01", c=np.nan), good("2024-01-01 00:01", o=0.0, lo=0.0),
+             good("2024-01-01 00:01", h=10.2), good("2024-01-01 00:01", lo=10.2),
+             good("2024-01-01 00:01", volume=-5.0), good("2024-01-01 00:01", volume=np.inf),
+             good("2024-01-01 00:00"), good("2023-12-31 23:59"), good("2024-01-01 00:01")]
+    for case in cases:
+        df = _bars([good("2024-01-01 00:00"), case])
+        _, rejects = validate_bars(df)
+        want = rejects[0].reason if rejects else None
+        rec = {**df.iloc[1].to_dict(), "ts": int(df["ts"].iloc[1].value)}
+        assert bar_problem(rec, int(df["ts"].iloc[0].value)) == want

@@ -1,0 +1,213 @@
+"""The FeedRouter actor: one per group of symbols, over feed actors in priority order.
+
+It polls every source (``since(cursor)``) every few milliseconds, hands what
+came to ``core.feedrouter.RouterState`` (health, failover, failback, the
+quality gate, gap fill), serves consumers (``since(seq)``, ``window(symbol,
+n)``, ``latest()``) and writes accepted bars to the store in batches.
+
+A source whose actor is gone is marked dead at once (a failed call raises
+``RayActorError``); a source whose actor was restarted (a new incarnation)
+is read again from its beginning, and its old bars are ignored by time.
+
+Restart: the router runs with ``max_restarts=-1``. It checkpoints its sequence
+number, the last delivered time per symbol and the delivered bars not yet in
+the store to ``router/<name>.json`` under the store root on every cycle that
+delivers. A restarted router reloads that checkpoint, writes the pending bars
+to the store, and continues numbering from where it was, so no bar is emitted
+twice and consumers' cursors stay valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from cluster.logs import configure_logging, get_logger
+from cluster.settings import Settings
+from core.feedrouter import RouterConfig, RouterState
+from core.store import BarStore
+
+log = get_logger("router")
+
+SOURCE_CALL_TIMEOUT_S = 2.0
+
+
+def router_actor_name(group: str = "default") -> str:
+    return f"router:{group}"
+
+
+@ray.remote
+class FeedRouter:
+    def __init__(self, group: str, source_names: list[str], symbols: list[str], settings: Settings,
+                 write_store: bool = True):
+        self.settings = settings
+        configure_logging(settings)
+        self.group = group
+        self.source_names = list(source_names)
+        self.symbols = [s.upper() for s in symbols]
+        self.cfg = RouterConfig.from_settings(settings.feeds)
+        self.store = BarStore.from_settings(settings.store, settings.resilience)
+        self.write_store = write_store
+        self._ckpt_path = f"router/{group}.json"
+        ckpt = self._load_checkpoint()
+        self.state = RouterState(
+            self.source_names, self.symbols, self.cfg,
+            start_seq=ckpt.get("seq", 0), last_delivered=ckpt.get("last_delivered"),
+        )
+        self._pending_store: list[dict[str, Any]] = list(ckpt.get("pending", []))
+        if self._pending_store:
+            # Delivered before the crash, maybe not stored: make them readable again and store them.
+            for b in self._pending_store:
+                self.state.delivered.append(b)
+            self._flush_store(force=True)
+        self._warm_from_store()
+        self._cursors: dict[str, int] = {n: 0 for n in self.source_names}
+        self._incarnation: dict[str, str | None] = {n: None for n in self.source_names}
+        self._handles: dict[str, Any] = {}
+        self._task: asyncio.Task | None = None
+        self._last_flush = time.monotonic()
+        self._restarted = bool(ckpt)
+        self.poll_s = min(0.1, max(0.005, self.cfg.interval_s / 20))
+
+    # -- state across restarts ---------------------------------------------------------
+    def _load_checkpoint(self) -> dict[str, Any]:
+        try:
+            if self.store.exists(self._ckpt_path):
+                return json.loads(self.store.get_bytes(self._ckpt_path))
+        except Exception as e:  # noqa: BLE001 - a bad checkpoint must not stop the feed
+            log.warning("router %s: checkpoint unreadable (%s); starting from the store", self.group, e)
+        return {}
+
+    def _checkpoint(self) -> None:
+        data = {
+            "seq": self.state.seq,
+            "last_delivered": self.state.last_delivered,
+            "pending": self._pending_store,
+            "at": time.time(),
+        }
+        self.store.put_bytes(self._ckpt_path, json.dumps(data).encode())
+
+    def _warm_from_store(self) -> None:
+        # The spike filter and the windows need history; the store has it.
+        for sym in self.symbols:
+            last = self.state.last_delivered.get(sym)
+            try:
+                df = self.store.read(sym)
+            except Exception as e:  # noqa: BLE001
+                log.warning("router %s: cannot warm %s from the store: %s", self.group, sym, e)
+                continue
+            if last is not None:
+                df = df[df["ts"].astype("int64") <= last]
+            if len(df) == 0:
+                continue
+            df = df.tail(self.cfg.window)
+            recs = df.assign(ts=df["ts"].astype("int64")).to_dict("records")
+            self.state.seed_history(recs)
+
+    def _flush_store(self, force: bool = False) -> None:
+        if not self.write_store or not self._pending_store:
+            return
+        due = len(self._pending_store) >= self.settings.feeds.store_batch or time.monotonic() - self._last_flush > 10
+        if not (force or due):
+            return
+        import pandas as pd
+
+        df = pd.DataFrame.from_records(self._pending_store)
+        df["ts"] = pd.to_datetime(df["ts"], utc=True)
+        try:
+            self.store.append(df[["symbol", "ts", "open", "high", "low", "close", "volume", "source", "seq"]])
+            self._pending_store = []
+            self._last_flush = time.monotonic()
+        except Exception as e:  # noqa: BLE001 - kept pending, retried next cycle
+            log.warning("router %s: store write failed, will retry: %s", self.group, e)
+
+    # -- the loop -----------------------------------------------------------------------
+    def _handle(self, name: str) -> Any | None:
+        h = self._handles.get(name)
+        if h is None:
+            try:
+                h = ray.get_actor(name, namespace=self.settings.ray.namespace)
+                self._handles[name] = h
+            except ValueError:
+                return None
+        return h
+
+    async def start(self) -> bool:
+        self._ensure_running()
+        return True
+
+    def _ensure_running(self) -> None:
+        # Also called by every read: an actor Ray restarted gets no start()
+        # call, so the first caller after a restart starts its loop again.
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _poll_source(self, name: str) -> None:
+        h = self._handle(name)
+        if h is None:
+            self.state.mark_dead(name, "no such actor")
+            return
+        try:
+            recs, inc = await asyncio.wait_for(h.since_with_incarnation.remote(self._cursors[name]), SOURCE_CALL_TIMEOUT_S)
+        except (RayActorError, ray.exceptions.ActorDiedError) as e:
+            self._handles.pop(name, None)
+            self.state.mark_dead(name, f"actor died ({e.__class__.__name__})")
+            return
+        except (asyncio.TimeoutError, GetTimeoutError):
+            self.state.mark_error(name, "poll timed out")
+            return
+        except Exception as e:  # noqa: BLE001
+            self.state.mark_error(name, f"poll failed: {e}")
+            return
+        if self._incarnation[name] is not None and inc != self._incarnation[name]:
+            log.info("router %s: source %s restarted; reading it from its start", self.group, name)
+            self._cursors[name] = 0
+            recs, inc = await asyncio.wait_for(h.since_with_incarnation.remote(0), SOURCE_CALL_TIMEOUT_S)
+        self._incarnation[name] = inc
+        if recs:
+            self.state.mark_alive(name)
+            self._cursors[name] = recs[-1]["seq"]
+            self.state.ingest(name, recs)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.gather(*(self._poll_source(n) for n in self.source_names))
+            new = self.state.step()
+            if new and self.write_store:
+                self._pending_store.extend(new)
+                self._flush_store()
+                try:
+                    self._checkpoint()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("router %s: checkpoint failed: %s", self.group, e)
+            await asyncio.sleep(self.poll_s)
+
+    # -- consumers ----------------------------------------------------------------------
+    async def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
+        self._ensure_running()
+        return self.state.since(seq, limit)
+
+    async def window(self, symbol: str, n: int = 256) -> list[dict[str, Any]]:
+        return self.state.window(symbol, n)
+
+    async def latest(self) -> dict[str, dict[str, Any]]:
+        return {s: w[-1] for s in self.symbols if (w := self.state.window(s, 1))}
+
+    async def health(self) -> dict[str, Any]:
+        self._ensure_running()
+        h = self.state.health()
+        h["group"] = self.group
+        h["restarted"] = self._restarted
+        h["pending_store"] = len(self._pending_store)
+        return h
+
+    async def flush(self) -> int:
+        n = len(self._pending_store)
+        self._flush_store(force=True)
+        self._checkpoint()
+        return n

@@ -1,0 +1,454 @@
+"""The feed router's logic: source health, failover and failback, the quality gate, gap fill.
+
+This is the Ray-free heart of ``actors.router.FeedRouter``. The actor polls
+its sources and hands what they sent to ``RouterState.ingest``; ``step()``
+decides which source is active and delivers new bars. Time comes from an
+injected clock, so the same code runs live and in tests with simulated time.
+
+The rules, in the order ``step()`` applies them:
+
+* **Health.** A source is *healthy* when it is alive, not stalled (it sent a
+  bar within ``stall_intervals`` bar intervals), its recent quality (the share
+  of its last bars that passed the gate) is at least ``min_quality``, and it has
+  sent no rejected bar within the last ``failback_intervals`` intervals.
+* **Failover.** When the active source is not healthy, the highest-priority
+  healthy source becomes active. Every switch is an event with time, from, to
+  and reason.
+* **Failback.** A higher-priority source that has been healthy for
+  ``failback_intervals`` intervals becomes active again.
+* **Quality gate.** Each bar passes ``core.bars.bar_problem`` (the rules of ``validate_bars``) against that
+  source's previous bars (finite positive prices, high/low consistent, volume,
+  ts increasing, no duplicate). A rejected bar counts against its source; from
+  the active source it also means a bar consumers would miss, so the router
+  fails over at once and takes that bar from the next source.
+* **Spikes.** A delivered bar whose log return exceeds ``spike_sigmas``
+  rolling standard deviations is held until another source confirms it (the
+  same close within ``confirm_tolerance``). Contradicted: the bar is rejected
+  and counts as a fault of its source. Unconfirmed after ``spike_hold_intervals``:
+  it is delivered and flagged.
+* **Delivery and gap fill.** For each symbol the router delivers, from the
+  active source, the bars after the last one delivered, in time order. Each
+  source's recent bars are kept, so after a switch the bars consumers missed
+  come from the new source (a live source backfills its own outages over
+  REST, so its recent bars have no holes). A consumer therefore sees each
+  (symbol, ts) once, in order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from core.bars import bar_problem
+
+RECENT_PER_SYMBOL = 4096
+
+
+@dataclass
+class RouterConfig:
+    interval_s: float = 1.0
+    stall_intervals: float = 2.0
+    failback_intervals: int = 5
+    min_quality: float = 0.9
+    quality_window: int = 50
+    spike_sigmas: float = 8.0
+    spike_min_history: int = 20
+    spike_hold_intervals: float = 1.0
+    confirm_tolerance: float = 1e-4
+    window: int = 512
+    buffer: int = 50_000
+
+    @classmethod
+    def from_settings(cls, feeds: Any) -> "RouterConfig":
+        return cls(
+            interval_s=feeds.bar_interval_s,
+            stall_intervals=feeds.stall_intervals,
+            failback_intervals=feeds.failback_intervals,
+            min_quality=feeds.min_quality,
+            spike_sigmas=feeds.spike_sigmas,
+            window=feeds.window,
+        )
+
+
+@dataclass
+class SourceHealth:
+    name: str
+    priority: int
+    alive: bool = True
+    created_at: float = 0.0
+    last_bar_at: float | None = None
+    received: int = 0
+    rejected: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_reject: str | None = None
+    bad_until: float = -math.inf
+    healthy_since: float | None = None
+    quality_window: deque = field(default_factory=lambda: deque(maxlen=50))
+    transit_s: deque = field(default_factory=lambda: deque(maxlen=200))
+    # symbol -> OrderedDict[ts_ns -> bar record], this source's accepted bars.
+    recent: dict[str, OrderedDict] = field(default_factory=dict)
+    last_ts: dict[str, int] = field(default_factory=dict)  # symbol -> ts ns of its last accepted bar
+
+    def quality(self) -> float:
+        return 1.0 if not self.quality_window else sum(self.quality_window) / len(self.quality_window)
+
+
+@dataclass
+class FailoverEvent:
+    at: float
+    from_source: str | None
+    to_source: str | None
+    reason: str
+    kind: str  # failover | failback | spike_flagged | spike_rejected
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.from_source, "to": self.to_source, "reason": self.reason, "kind": self.kind}
+
+
+class RouterState:
+    """Sources in priority order (index 0 first) for one group of symbols."""
+
+    def __init__(
+        self,
+        sources: list[str],
+        symbols: list[str],
+        config: RouterConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        start_seq: int = 0,
+        last_delivered: dict[str, int] | None = None,
+    ):
+        if not sources:
+            raise ValueError("a feed router needs at least one source")
+        self.cfg = config or RouterConfig()
+        self.clock = clock
+        now = clock()
+        self.symbols = [s.upper() for s in symbols]
+        self.sources: dict[str, SourceHealth] = {}
+        for i, name in enumerate(sources):
+            h = SourceHealth(name, i, created_at=now)
+            h.quality_window = deque(maxlen=self.cfg.quality_window)
+            self.sources[name] = h
+        self.order = list(sources)
+        self.active: str | None = sources[0]
+        self.events: deque[FailoverEvent] = deque(maxlen=1000)
+        self.seq = start_seq
+        self.delivered: deque[dict[str, Any]] = deque(maxlen=self.cfg.buffer)
+        self.windows: dict[str, deque] = {s: deque(maxlen=self.cfg.window) for s in self.symbols}
+        self.last_delivered: dict[str, int] = dict(last_delivered or {})
+        self._returns: dict[str, deque] = {s: deque(maxlen=200) for s in self.symbols}
+        self._last_close: dict[str, float] = {}
+        self._held_since: dict[tuple[str, int], float] = {}
+        self.flagged = 0
+        self.spikes_rejected = 0
+        self.total_delivered = 0
+
+    # -- input --------------------------------------------------------------------
+    def ingest(self, source: str, records: list[dict[str, Any]]) -> int:
+        """Bars as sent by ``source`` (dicts with ts in ns). Returns how many were accepted."""
+        h = self.sources[source]
+        if not records:
+            return 0
+        now = self.clock()
+        h.alive = True
+        h.last_bar_at = now
+        h.received += len(records)
+        first_reason: str | None = None
+        accepted = 0
+        for rec in records:
+            sym = str(rec.get("symbol", "")).upper()
+            problem = bar_problem(rec, h.last_ts.get(sym))
+            h.quality_window.append(problem is None)
+            if problem is not None:
+                h.rejected += 1
+                h.last_reject = problem
+                first_reason = first_reason or problem
+                continue
+            ts = int(rec["ts"])
+            book = h.recent.setdefault(sym, OrderedDict())
+            book[ts] = {**rec, "symbol": sym, "ts": ts, "source": source}
+            while len(book) > RECENT_PER_SYMBOL:
+                book.popitem(last=False)
+            h.last_ts[sym] = ts
+            if rec.get("emitted_at"):
+                h.transit_s.append(max(0.0, time.time() - float(rec["emitted_at"])))
+            accepted += 1
+        if first_reason is not None:
+            h.bad_until = now + self.cfg.failback_intervals * self.cfg.interval_s
+            h.healthy_since = None
+        if first_reason is not None and source == self.active:
+            # A rejected bar is one consumers would miss: take it from the next source now.
+            # With no healthy alternative the source stays active and the bar is dropped.
+            best = self._best_healthy(exclude=source)
+            if best is not None:
+                self._switch(best, f"quality: {first_reason}", "failover")
+        return accepted
+
+    def mark_dead(self, source: str, reason: str) -> None:
+        h = self.sources[source]
+        if h.alive:
+            h.alive = False
+            h.last_error = reason
+            h.errors += 1
+            h.healthy_since = None
+        if source == self.active:
+            self._switch(self._best_healthy(exclude=source), f"dead: {reason}", "failover")
+
+    def mark_error(self, source: str, reason: str) -> None:
+        h = self.sources[source]
+        h.errors += 1
+        h.last_error = reason
+
+    def mark_alive(self, source: str) -> None:
+        self.sources[source].alive = True
+
+    # -- health ---------------------------------------------------------------------
+    def is_stalled(self, h: SourceHealth, now: float) -> bool:
+        since = h.last_bar_at if h.last_bar_at is not None else h.created_at
+        return now - since > self.cfg.stall_intervals * self.cfg.interval_s
+
+    def why_unhealthy(self, name: str, now: float | None = None) -> str | None:
+        now = self.clock() if now is None else now
+        h = self.sources[name]
+        if not h.alive:
+            return f"dead: {h.last_error or 'actor gone'}"
+        if self.is_stalled(h, now):
+            since = h.last_bar_at if h.last_bar_at is not None else h.created_at
+            return f"stalled: no bar for {now - since:.2f}s ({self.cfg.stall_intervals:g} intervals)"
+        if len(h.quality_window) >= 10 and h.quality() < self.cfg.min_quality:
+            return f"quality {h.quality():.2f} below {self.cfg.min_quality:.2f}"
+        if now < h.bad_until:
+            return f"quality: {h.last_reject}"
+        return None
+
+    def _best_healthy(self, exclude: str | None = None) -> str | None:
+        now = self.clock()
+        for name in self.order:
+            if name != exclude and self.why_unhealthy(name, now) is None:
+                return name
+        return None
+
+    def _switch(self, to: str | None, reason: str, kind: str) -> None:
+        if to == self.active:
+            return
+        self.events.append(FailoverEvent(self.clock(), self.active, to, reason, kind))
+        self.active = to
+
+    def _update_health(self) -> None:
+        now = self.clock()
+        for name in self.order:
+            h = self.sources[name]
+            if self.why_unhealthy(name, now) is None:
+                if h.healthy_since is None:
+                    h.healthy_since = now
+            else:
+                h.healthy_since = None
+        if self.active is None or self.why_unhealthy(self.active, now) is not None:
+            reason = "no source" if self.active is None else self.why_unhealthy(self.active, now)
+            best = self._best_healthy()
+            if best is not None and best != self.active:
+                self._switch(best, reason or "unhealthy", "failover")
+            elif best is None and self.active is not None and not self.sources[self.active].alive:
+                self._switch(None, reason or "all sources down", "failover")
+            return
+        # Failback to a higher-priority source that has been well long enough.
+        active_prio = self.sources[self.active].priority
+        for name in self.order[:active_prio]:
+            h = self.sources[name]
+            if h.healthy_since is not None and now - h.healthy_since >= self.cfg.failback_intervals * self.cfg.interval_s:
+                self._switch(name, f"recovered: healthy for {now - h.healthy_since:.2f}s", "failback")
+                break
+
+    # -- delivery ---------------------------------------------------------------------
+    def step(self) -> list[dict[str, Any]]:
+        """Evaluate health, switch if needed, and deliver what is new. Returns the delivered bars."""
+        self._update_health()
+        if self.active is None:
+            return []
+        out: list[dict[str, Any]] = []
+        src = self.sources[self.active]
+        for sym in self.symbols:
+            book = src.recent.get(sym)
+            if not book:
+                continue
+            last = self.last_delivered.get(sym)
+            pending = [ts for ts in book if last is None or ts > last]
+            for ts in sorted(pending):
+                if self.last_delivered.get(sym) is not None and ts <= self.last_delivered[sym]:
+                    continue  # filled from another source meanwhile
+                gap = self._fill_gap(sym, ts, out)
+                if gap == "hold":
+                    break
+                bar = book[ts]
+                verdict = self._spike_check(sym, bar)
+                if verdict == "hold":
+                    break
+                if verdict == "reject":
+                    book.pop(ts, None)
+                    src.bad_until = self.clock() + self.cfg.failback_intervals * self.cfg.interval_s
+                    src.last_reject = "spike not confirmed by another source"
+                    src.quality_window.append(False)
+                    src.rejected += 1
+                    best = self._best_healthy(exclude=self.active)
+                    if best is None:
+                        break
+                    self._switch(best, "quality: spike not confirmed", "failover")
+                    return out + self.step()
+                out.append(self._deliver(sym, bar, flagged=(verdict == "flag")))
+        return out
+
+    def _spacing_ns(self, sym: str) -> float | None:
+        w = self.windows.get(sym)
+        if not w or len(w) < 4:
+            return None
+        ts = [b["ts"] for b in list(w)[-21:]]
+        return float(np.median(np.diff(ts)))
+
+    def _fill_gap(self, sym: str, ts: int, out: list[dict[str, Any]]) -> str:
+        """Before delivering ``ts``, deliver bars the active source skipped, from other sources.
+
+        Returns ``hold`` when another healthy source has not yet reached ``ts``
+        and might still have the missing bars (bounded by the hold time).
+        """
+        last = self.last_delivered.get(sym)
+        spacing = self._spacing_ns(sym)
+        if last is None or spacing is None or ts - last <= 1.5 * spacing:
+            return "ok"
+        missing: dict[int, dict[str, Any]] = {}
+        for name in self.order:
+            if name == self.active or not self.sources[name].alive:
+                continue
+            for t, bar in self.sources[name].recent.get(sym, {}).items():
+                if last < t < ts and t not in missing:
+                    missing[t] = bar
+        for t in sorted(missing):
+            out.append(self._deliver(sym, missing[t]))
+        if missing:
+            return "ok"
+        now = self.clock()
+        key = (sym, ts, "gap")
+        behind = [
+            n for n in self.order
+            if n != self.active and self.why_unhealthy(n, now) is None
+            and self.sources[n].last_ts.get(sym, -1) < ts
+        ]
+        if behind:
+            since = self._held_since.setdefault(key, now)
+            if now - since < self.cfg.spike_hold_intervals * self.cfg.interval_s:
+                return "hold"
+        self._held_since.pop(key, None)
+        return "ok"  # every source skips it: a real gap in the market
+
+    def _spike_check(self, sym: str, bar: dict[str, Any]) -> str:
+        prev = self._last_close.get(sym)
+        rets = self._returns[sym]
+        if prev is None or len(rets) < self.cfg.spike_min_history:
+            return "ok"
+        r = math.log(bar["close"] / prev)
+        sd = float(np.std(rets))
+        if sd <= 0 or abs(r) <= self.cfg.spike_sigmas * sd:
+            return "ok"
+        key = (sym, bar["ts"])
+        # Look for another source's bar at the same (symbol, ts).
+        for name in self.order:
+            if name == self.active:
+                continue
+            other = self.sources[name].recent.get(sym, {}).get(bar["ts"])
+            if other is None:
+                continue
+            if abs(other["close"] / bar["close"] - 1) <= self.cfg.confirm_tolerance:
+                self._held_since.pop(key, None)
+                return "ok"
+            self._held_since.pop(key, None)
+            self.spikes_rejected += 1
+            self.events.append(FailoverEvent(self.clock(), self.active, name, f"spike in {sym} contradicted by {name}", "spike_rejected"))
+            return "reject"
+        now = self.clock()
+        since = self._held_since.setdefault(key, now)
+        if now - since < self.cfg.spike_hold_intervals * self.cfg.interval_s:
+            return "hold"
+        self._held_since.pop(key, None)
+        self.flagged += 1
+        self.events.append(FailoverEvent(now, self.active, None, f"spike in {sym} unconfirmed; delivered flagged", "spike_flagged"))
+        return "flag"
+
+    def _deliver(self, sym: str, bar: dict[str, Any], flagged: bool = False) -> dict[str, Any]:
+        self.seq += 1
+        rec = {k: bar[k] for k in ("symbol", "ts", "open", "high", "low", "close", "volume", "source")}
+        rec["seq"] = self.seq
+        if flagged:
+            rec["flagged"] = True
+        prev = self._last_close.get(sym)
+        if prev is not None and prev > 0:
+            self._returns[sym].append(math.log(rec["close"] / prev))
+        self._last_close[sym] = rec["close"]
+        self.last_delivered[sym] = rec["ts"]
+        self.delivered.append(rec)
+        self.windows.setdefault(sym, deque(maxlen=self.cfg.window)).append(rec)
+        self.total_delivered += 1
+        return rec
+
+    def seed_history(self, bars: list[dict[str, Any]]) -> None:
+        """Warm the spike filter and windows from stored bars (after a restart), delivering nothing."""
+        for b in bars:
+            sym = b["symbol"]
+            prev = self._last_close.get(sym)
+            if prev is not None and prev > 0:
+                self._returns.setdefault(sym, deque(maxlen=200)).append(math.log(b["close"] / prev))
+            self._last_close[sym] = b["close"]
+            self.windows.setdefault(sym, deque(maxlen=self.cfg.window)).append(b)
+
+    # -- reading ----------------------------------------------------------------------
+    def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
+        if not self.delivered or self.delivered[-1]["seq"] <= seq:
+            return []
+        first = self.delivered[0]["seq"]
+        start = max(0, seq - first + 1)
+        end = min(len(self.delivered), start + limit)
+        return [self.delivered[i] for i in range(start, end)]
+
+    def window(self, symbol: str, n: int) -> list[dict[str, Any]]:
+        w = self.windows.get(symbol.upper())
+        if not w:
+            return []
+        return list(w)[-n:]
+
+    def health(self) -> dict[str, Any]:
+        now = self.clock()
+        sources = []
+        for name in self.order:
+            h = self.sources[name]
+            sources.append(
+                {
+                    "name": name,
+                    "priority": h.priority,
+                    "healthy": self.why_unhealthy(name, now) is None,
+                    "why_unhealthy": self.why_unhealthy(name, now),
+                    "alive": h.alive,
+                    "seconds_since_last_bar": None if h.last_bar_at is None else round(now - h.last_bar_at, 3),
+                    "received": h.received,
+                    "rejected": h.rejected,
+                    "quality": round(h.quality(), 4),
+                    "errors": h.errors,
+                    "last_error": h.last_error,
+                    "transit_ms_p50": round(1000 * float(np.median(h.transit_s)), 3) if h.transit_s else None,
+                }
+            )
+        return {
+            "active": self.active,
+            "symbols": self.symbols,
+            "seq": self.seq,
+            "delivered": self.total_delivered,
+            "flagged": self.flagged,
+            "spikes_rejected": self.spikes_rejected,
+            "failovers": sum(1 for e in self.events if e.kind == "failover"),
+            "failbacks": sum(1 for e in self.events if e.kind == "failback"),
+            "sources": sources,
+            "events": [e.as_dict() for e in list(self.events)[-50:]],
+        }
