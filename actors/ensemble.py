@@ -320,10 +320,11 @@ class Ensemble:
         metas: list[dict] = []
         for i, req in enumerate(requests):
             err = None
-            symbol = str(req.get("symbol", "")).upper() if isinstance(req, Mapping) else ""
+            is_map = isinstance(req, dict) or isinstance(req, Mapping)  # dict first: Mapping's check is slow
+            symbol = str(req.get("symbol", "")).upper() if is_map else ""
             bars = None
             try:
-                if not isinstance(req, Mapping) or not symbol:
+                if not symbol:
                     raise RequestError("each request needs a symbol")
                 bars = _read_bars(req.get("bars"))
                 if req.get("features") is not None:
@@ -334,10 +335,8 @@ class Ensemble:
                     f = compute_features(bars)
                 else:
                     raise RequestError("a request needs bars or features")
-                if f.shape[0] < L or not np.all(np.isfinite(f[-L:])):
-                    raise RequestError(
-                        f"need {L} finite feature rows (at least {WARMUP + L} bars); got {f.shape[0]} rows"
-                    )
+                if f.shape[0] < L:
+                    raise RequestError(f"need {L} finite feature rows (at least {WARMUP + L} bars); got {f.shape[0]} rows")
                 feats[i] = f[-L:]
             except (RequestError, ValueError, KeyError, TypeError) as e:
                 err = str(e)
@@ -352,6 +351,10 @@ class Ensemble:
             if isinstance(req, Mapping) and req.get("seq") is not None:
                 meta["seq"] = req["seq"]
             metas.append(meta)
+        finite = np.isfinite(feats).all(axis=(1, 2)).tolist()  # one check for the whole batch
+        for i, ok in enumerate(finite):
+            if not ok and row_errors[i] is None:
+                row_errors[i] = f"need {L} finite feature rows (at least {WARMUP + L} bars); the last {L} are not all finite"
         batch = MemberBatch(feats, tuple(bars_out), tuple(m["symbol"] for m in metas))
         return batch, row_errors, metas
 
@@ -559,9 +562,11 @@ class _Batcher:
         return await fut
 
     async def _drain(self) -> None:
+        # Only the first batch of a burst waits for company; later ones are
+        # whatever queued while the previous batch ran, so a busy replica never sleeps.
+        if len(self._queue) < self.max_batch and self.wait_s > 0:
+            await asyncio.sleep(self.wait_s)
         while self._queue:
-            if len(self._queue) < self.max_batch and self.wait_s > 0:
-                await asyncio.sleep(self.wait_s)
             take, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
             self.batch_sizes.append(len(take))
             self.batch_sizes = self.batch_sizes[-1000:]

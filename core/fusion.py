@@ -182,9 +182,13 @@ def fuse(
     position = np.clip(mean * agreement * tail_factor, -1.0, 1.0)
     confidence = np.clip(coverage * agreement * tail_factor, 0.0, 1.0)
 
+    # Python lists from here on: the per-row loop is the batch's per-request cost.
+    P_l, ok_l, W_l, Wok_l, P0_l = P.tolist(), ok.tolist(), W.tolist(), W_ok.tolist(), P0.tolist()
+    total_l, answered_l = total.tolist(), answered.tolist()
     out = []
     for b in range(B):
-        got = {members[j]: float(P[b, j]) for j in range(M) if ok[b, j]}
+        okb = ok_l[b]
+        got = {members[j]: P_l[b][j] for j in range(M) if okb[j]}
         reason = None
         if not got:
             if M == 0:
@@ -193,11 +197,12 @@ def fuse(
                 reason = "every member has weight 0 in regime " + str(regimes[b])
             else:
                 reason = "every member failed: " + "; ".join(f"{k}: {v}" for k, v in sorted(reasons[b].items()))
-        elif answered[b] == 0:
+        elif answered_l[b] == 0:
             reason = f"every answering member has weight 0 in regime {regimes[b]}"
         flat = reason is not None
-        contrib = {} if flat else {members[j]: float(W_ok[b, j] * P0[b, j] / answered[b]) for j in range(M) if ok[b, j]}
-        norm = {members[j]: float(W[b, j] / total[b]) if total[b] > 0 else 0.0 for j in range(M)}
+        ans, tot = answered_l[b], total_l[b]
+        contrib = {} if flat else {members[j]: Wok_l[b][j] * P0_l[b][j] / ans for j in range(M) if okb[j]}
+        norm = {members[j]: W_l[b][j] / tot if tot > 0 else 0.0 for j in range(M)}
         out.append(
             FusedSignal(
                 position=0.0 if flat else float(position[b]),
