@@ -154,7 +154,11 @@ class Ensemble:
         self.started_at = time.time()
         self._warm_up()
         if use_registry:
-            self._sync_blocking()
+            try:
+                self._sync_blocking()
+            except Exception as e:  # noqa: BLE001 - serve the rule members; the poller retries
+                self.load_errors["registry"] = f"{type(e).__name__}: {e}"
+                log.warning("registry unavailable at start (%s); serving rule and Python members until it answers", e)
 
     def _warm_up(self) -> None:
         """Call each rule and Python member once, so a JIT compile is not taken for a timeout."""
@@ -258,6 +262,7 @@ class Ensemble:
             loop = asyncio.get_running_loop()
             learned = await loop.run_in_executor(None, self._build_learned, production)
             self._install(learned, production["generation"])
+            self.load_errors.pop("registry", None)
             log.info("serving generation %d: %s", self.generation, self.model_versions())
             return self.generation
 

@@ -237,7 +237,14 @@ class EnsembleSettings(_Section):
     python_members: list[PythonMemberSettings] = Field(default_factory=list)
     weights: dict[str, float] = Field(default_factory=dict, description="base weight per learned member (default 1)")
     regime_weights: dict[str, dict[str, float]] = Field(
-        default_factory=dict, description="regime -> member -> multiplier of its base weight"
+        # Trend followers lead in a trend, the reverter in a range; in a volatile
+        # market only the breakout keeps its full say. Learned members default to 1.
+        default_factory=lambda: {
+            "trending": {"sma_cross": 1.5, "atr_breakout": 1.5, "rsi_reversion": 0.5},
+            "ranging": {"sma_cross": 0.5, "atr_breakout": 0.5, "rsi_reversion": 1.5},
+            "volatile": {"sma_cross": 0.5, "atr_breakout": 1.0, "rsi_reversion": 0.5},
+        },
+        description="regime -> member -> multiplier of its base weight",
     )
     member_timeout_s: float = Field(0.25, gt=0, description="a member slower than this is left out of the call")
     max_versions_per_model: int = Field(3, ge=1, description="versions of one model kept loaded")

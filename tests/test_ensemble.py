@@ -319,3 +319,50 @@ def test_serve_deployment_batches_and_reconfigures(ray_session, make_settings, s
         assert a["members"]["mlp"]["weight"] == 0.0 and a["position"] == pytest.approx(0.5)
     finally:
         serve.shutdown()
+
+
+def test_default_settings_weigh_rule_members_by_regime(make_settings):
+    from core.fusion import RegimeWeights
+
+    w = RegimeWeights(regime_multipliers=make_settings().ensemble.regime_weights)
+    assert w.weight("trending", "sma_cross") > w.weight("trending", "rsi_reversion")
+    assert w.weight("ranging", "rsi_reversion") > w.weight("ranging", "sma_cross")
+    assert w.weight("unknown", "sma_cross") == w.weight("unknown", "rsi_reversion") == 1.0
+
+
+def test_without_a_registry_the_rule_members_still_serve(ray_session, make_settings, spy):
+    settings = make_settings(ensemble={"rules": [], "python_members": python_members("always_half_long")})
+    settings.ray.namespace = "test-no-registry"
+    ens = Ensemble(settings, profile="cpu")  # no registry actor exists in this namespace
+    assert "registry" in ens.load_errors and "model-registry" in ens.load_errors["registry"]
+    (a,) = run(ens.predict([request(spy, 400)]))
+    assert not a["hold"] and a["model_versions"] == {"always_half_long": "python"}
+
+
+@pytest.mark.gpu
+def test_ensemble_replica_holding_a_gpu_uses_cuda_with_its_share(ray_session, make_settings, spy):
+    import ray
+
+    if not torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("no CUDA GPU: torch.cuda.is_available() is False or Ray sees no GPU on this machine")
+    settings = make_settings(ensemble={"rules": []})
+    settings.ray.namespace = "test-ensemble-gpu"
+    reg = get_or_create_registry(settings)
+    m = random_model("lstm", seed=7)
+    ray.get(reg.register.remote("lstm", export_onnx(m, m.window, F), "forecasting", {"window": m.window}), timeout=60)
+    ray.get(reg.promote.remote("lstm", 1), timeout=60)
+    ens = get_or_create_ensemble(settings)
+    try:
+        status = ray.get(ens.status.remote(), timeout=120)
+        snap = ray.get(ens.memory_snapshot.remote(), timeout=60)
+        a = ray.get(ens.predict_one.remote(request(spy, 500)), timeout=60)
+    finally:
+        ray.kill(ens, no_restart=True)
+        ray.kill(reg, no_restart=True)
+    total = torch.cuda.get_device_properties(0).total_memory
+    share = 0.25  # the gpu profile's ensemble role
+    assert status["device"]["cuda"] and status["providers"]["lstm"][0] == "CUDAExecutionProvider"
+    assert status["device"]["gpu_mem_limit"] == int(total * share)
+    assert snap["gpu"]["gpu_mem_limit"] == int(total * share) and snap["gpu"]["used_bytes"] > 0
+    assert not a["hold"] and "lstm" in a["members"]
+    print(f"replica on CUDA: providers {status['providers']['lstm']}, gpu_mem_limit {status['device']['gpu_mem_limit']}")

@@ -250,3 +250,39 @@ def test_models_cli_without_a_cluster(make_settings, blobs, tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "not a valid ONNX model" in err and "mine has no version 9" in err
     assert ModelRegistry(settings).get("mine", stage="production")["version"] == 1
+
+
+def test_train_baseline_registers_a_checked_model(make_settings, tmp_path, capsys, monkeypatch):
+    from cluster.cli import main
+    from core.store import BarStore
+    from core.synthetic import generate_bars
+
+    settings = make_settings()
+    BarStore.from_settings(settings.store).append(generate_bars(["SPY"], 500, seed=9))
+    cfg = tmp_path / "raytrade.toml"
+    cfg.write_text(f'[store]\nuri = "{settings.store.uri}"\n')
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("cluster.runtime.UP_STATE", tmp_path / "state" / "up.json")
+    args = ["--config", str(cfg), "models", "train-baseline", "--symbols", "SPY", "--kind", "mlp", "--epochs", "1"]
+    assert main([*args, "--promote"]) == 0
+    assert "baseline_mlp v1 is production" in capsys.readouterr().out
+    rec = ModelRegistry(settings).get("baseline_mlp", stage="production")
+    assert rec["task"] == "classification" and rec["metadata"]["onnx_torch_max_abs_diff"] < 1e-5
+    assert rec["metadata"]["training_data"][0]["symbol"] == "SPY" and 0 <= rec["metrics"]["hit_rate"] <= 1
+    assert main(["--config", str(cfg), "models", "train-baseline", "--symbols", "NOPE"]) == 2
+    assert "no bars for NOPE" in capsys.readouterr().err
+
+
+def test_import_from_s3(make_settings, s3_server, blobs, capsys):
+    import io
+
+    from minio import Minio
+
+    from cluster.models_cli import read_source
+
+    settings = _s3_settings(make_settings, s3_server, "imports")
+    mc = Minio(s3_server["endpoint"].split("://")[1], s3_server["access_key"], s3_server["secret_key"], secure=False)
+    mc.put_object("imports", "incoming/mine.onnx", io.BytesIO(blobs[2]), len(blobs[2]))
+    assert read_source("s3://imports/incoming/mine.onnx", settings) == blobs[2]
+    with pytest.raises(FileNotFoundError, match="NoSuchKey"):
+        read_source("s3://imports/incoming/absent.onnx", settings)
