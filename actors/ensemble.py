@@ -81,7 +81,6 @@ class _Slot:
     """A member with what the ensemble needs to call it."""
 
     member: Member
-    weight: float
     timeout_s: float
     kind: str  # "onnx" | "rule" | "python"
 
@@ -128,16 +127,18 @@ class Ensemble:
         self._use_registry = use_registry
         self._feature_hash = feature_spec_hash()
         self.weights = RegimeWeights(
-            base={},
+            # Learned members not named in ensemble.weights weigh 1.
+            base={**{r.name: r.weight for r in cfg.rules}, **{p.name: p.weight for p in cfg.python_members},
+                  **cfg.weights},
             regime_multipliers={r: dict(m) for r, m in cfg.regime_weights.items()},
             adaptive=MultiplicativeWeights(cfg.adapt_eta),
         )
         self.member_timeout_s = cfg.member_timeout_s
         self._static: list[_Slot] = []
         for r in cfg.rules:
-            self._static.append(_Slot(RuleMember(r.name, r.strategy, r.params), r.weight, r.timeout_s or cfg.member_timeout_s, "rule"))
+            self._static.append(_Slot(RuleMember(r.name, r.strategy, r.params), r.timeout_s or cfg.member_timeout_s, "rule"))
         for p in cfg.python_members:
-            self._static.append(_Slot(PythonMember(p.name, p.import_path), p.weight, p.timeout_s or cfg.member_timeout_s, "python"))
+            self._static.append(_Slot(PythonMember(p.name, p.import_path), p.timeout_s or cfg.member_timeout_s, "python"))
         self._learned: dict[str, _Slot] = {}
         self._slots: tuple[_Slot, ...] = tuple(self._static)
         self._pools: dict[str, ThreadPoolExecutor] = {}
@@ -225,9 +226,7 @@ class Ensemble:
                         f"{self._feature_hash[:12]}...; retrain it or pin an older build"
                     )
                 model = self.cache.get(name, version, lambda r=rec: self._artefacts().load_verified(r))
-                out[name] = _Slot(
-                    OnnxMember(name, version, model), self.cfg.weights.get(name, 1.0), self.member_timeout_s, "onnx"
-                )
+                out[name] = _Slot(OnnxMember(name, version, model), self.member_timeout_s, "onnx")
                 self.load_errors.pop(name, None)
             except Exception as e:  # noqa: BLE001 - one bad model must not stop the others
                 self.load_errors[name] = f"{type(e).__name__}: {e}"
@@ -394,7 +393,6 @@ class Ensemble:
         names = [s.member.name for s in slots]
         failures: list[dict[str, str]] = [{} for _ in range(B)]
         positions = np.full((B, M), np.nan)
-        good_rows = [i for i in range(B) if row_errors[i] is None]
         results = await asyncio.gather(*(self._call_member(s, batch) for s in slots), return_exceptions=True)
         for j, (slot, res) in enumerate(zip(slots, results)):
             if isinstance(res, BaseException):
@@ -416,7 +414,6 @@ class Ensemble:
         for i, sig in enumerate(signals):
             self._learn(metas[i], requests[i], sig, slots)
             out.append(_answer(sig, metas[i], versions, row_errors[i], self.generation))
-        del good_rows
         return out
 
     async def predict_one(self, request: Mapping[str, Any]) -> dict[str, Any]:

@@ -222,15 +222,18 @@ class ModelCache:
             with self._lock:
                 if key in self._entries:
                     return self.get(name, version, fetch)
-            data = fetch()
-            size = len(data)
-            self._plan(key, size)  # refuse before paying for a session
-            model = self._build(name, int(version), data)
-            with self._lock:
-                for victim in self._plan(key, size):
-                    self._evict(victim)
-                self._entries[key] = _Entry(model, size)
-                self._loading.pop(key, None)
+            try:
+                data = fetch()
+                size = len(data)
+                self._plan(key, size)  # refuse before paying for a session
+                model = self._build(name, int(version), data)
+                with self._lock:
+                    for victim in self._plan(key, size):
+                        self._evict(victim)
+                    self._entries[key] = _Entry(model, size)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
             log.info("loaded %s v%d (%d bytes); cache %d/%d bytes", name, version, size, self.used_bytes, self.budget_bytes)
             return model
 

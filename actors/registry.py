@@ -321,7 +321,7 @@ class ModelRegistry:
             raise RegistryError(f"{name} has no production version to roll back")
         earlier = [v for v in m["history"][:-1] if v != cur]
         if not earlier:
-            raise RegistryError(f"{name} v{cur} is the only version ever in production; nothing to roll back to")
+            raise RegistryError(f"{name} v{cur} has no earlier production version; nothing to roll back to")
         target = earlier[-1]
         index = json.loads(json.dumps(self._index))
         mi = index["models"][name]

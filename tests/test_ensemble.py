@@ -104,6 +104,16 @@ def test_failing_members_are_left_out_and_confidence_says_so(make_settings, spy)
         assert a["failed"]["too_slow"] == "timeout: no answer within 0.2s"
 
 
+def test_member_weights_from_settings(make_settings, spy):
+    members = python_members("always_long", "always_short")
+    members[0]["weight"] = 3.0
+    settings = make_settings(ensemble={"rules": [], "python_members": members, "max_tail_risk": 1.0})
+    (a,) = run(Ensemble(settings, use_registry=False, profile="cpu").predict([request(spy, 400)]))
+    # Weights 3:1 on +1 and -1: mean 0.5, weighted variance 0.75 (as in test_fusion).
+    assert a["members"]["always_long"]["weight"] == pytest.approx(0.75)
+    assert a["position"] == pytest.approx(0.5 * (1 - math.sqrt(0.75)))
+
+
 def test_every_member_failing_is_hold_with_the_reasons(make_settings, spy):
     settings = make_settings(ensemble={"rules": [], "python_members": python_members("raises", "returns_nan")})
     (a,) = run(Ensemble(settings, use_registry=False, profile="cpu").predict([request(spy, 400)]))
