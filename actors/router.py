@@ -35,6 +35,8 @@ from core.store import BarStore
 log = get_logger("router")
 
 SOURCE_CALL_TIMEOUT_S = 2.0
+# A source that does not answer a poll within this is failed over from.
+UNRESPONSIVE_S = 0.2
 
 
 def router_actor_name(group: str = "default") -> str:
@@ -72,7 +74,8 @@ class FeedRouter:
         self._task: asyncio.Task | None = None
         self._last_flush = time.monotonic()
         self._restarted = bool(ckpt)
-        self.poll_s = min(0.1, max(0.005, self.cfg.interval_s / 20))
+        self.poll_s = min(0.1, max(0.002, self.cfg.interval_s / 50))
+        self.unresponsive_s = UNRESPONSIVE_S
 
     # -- state across restarts ---------------------------------------------------------
     def _load_checkpoint(self) -> dict[str, Any]:
@@ -151,41 +154,56 @@ class FeedRouter:
         h = self._handle(name)
         if h is None:
             self.state.mark_dead(name, "no such actor")
+            await asyncio.sleep(self.unresponsive_s)
             return
         try:
-            recs, inc = await asyncio.wait_for(h.since_with_incarnation.remote(self._cursors[name]), SOURCE_CALL_TIMEOUT_S)
+            recs, inc = await asyncio.wait_for(h.since_with_incarnation.remote(self._cursors[name]), self.unresponsive_s)
         except (RayActorError, ray.exceptions.ActorDiedError) as e:
             self._handles.pop(name, None)
             self.state.mark_dead(name, f"actor died ({e.__class__.__name__})")
+            await asyncio.sleep(self.unresponsive_s)
             return
         except (asyncio.TimeoutError, GetTimeoutError):
-            self.state.mark_error(name, "poll timed out")
+            # A killed actor's calls hang until Ray notices it is gone (about a
+            # second); an answer this late is treated as death, undone by the next answer.
+            self.state.mark_dead(name, f"no answer within {self.unresponsive_s * 1000:.0f} ms")
             return
         except Exception as e:  # noqa: BLE001
             self.state.mark_error(name, f"poll failed: {e}")
+            await asyncio.sleep(self.unresponsive_s)
             return
         if self._incarnation[name] is not None and inc != self._incarnation[name]:
             log.info("router %s: source %s restarted; reading it from its start", self.group, name)
             self._cursors[name] = 0
             recs, inc = await asyncio.wait_for(h.since_with_incarnation.remote(0), SOURCE_CALL_TIMEOUT_S)
         self._incarnation[name] = inc
+        self.state.mark_alive(name)
         if recs:
-            self.state.mark_alive(name)
             self._cursors[name] = recs[-1]["seq"]
             self.state.ingest(name, recs)
 
-    async def _run(self) -> None:
+    async def _poll_forever(self, name: str) -> None:
+        # One loop per source: a slow or dead source never delays the others.
         while True:
-            await asyncio.gather(*(self._poll_source(n) for n in self.source_names))
-            new = self.state.step()
-            if new and self.write_store:
-                self._pending_store.extend(new)
-                self._flush_store()
-                try:
-                    self._checkpoint()
-                except Exception as e:  # noqa: BLE001
-                    log.warning("router %s: checkpoint failed: %s", self.group, e)
+            await self._poll_source(name)
             await asyncio.sleep(self.poll_s)
+
+    async def _run(self) -> None:
+        pollers = [asyncio.get_running_loop().create_task(self._poll_forever(n)) for n in self.source_names]
+        try:
+            while True:
+                new = self.state.step()
+                if new and self.write_store:
+                    self._pending_store.extend(new)
+                    self._flush_store()
+                    try:
+                        self._checkpoint()
+                    except Exception as e:  # noqa: BLE001
+                        log.warning("router %s: checkpoint failed: %s", self.group, e)
+                await asyncio.sleep(self.poll_s)
+        finally:
+            for p in pollers:
+                p.cancel()
 
     # -- consumers ----------------------------------------------------------------------
     async def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:

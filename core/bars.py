@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from math import isfinite as _isfinite
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -148,34 +150,33 @@ def bar_problem(rec: dict, prev_ts_ns: int | None = None) -> str | None:
     The same rules, in the same order, as ``validate_bars``; this scalar form is
     for the feed router's hot path, where bars arrive a few at a time.
     """
-    import math
-
     if not rec.get("symbol"):
         return MISSING_SYMBOL
     ts = rec.get("ts")
     if ts is None:
         return MISSING_TS
     try:
-        o, h, lo, c = (float(rec[k]) for k in PRICE_COLUMNS)
+        o, h, lo, c = float(rec["open"]), float(rec["high"]), float(rec["low"]), float(rec["close"])
         v = float(rec["volume"])
     except (KeyError, TypeError, ValueError):
         return NON_FINITE_PRICE
-    if not all(math.isfinite(x) for x in (o, h, lo, c)):
+    if not (_isfinite(o) and _isfinite(h) and _isfinite(lo) and _isfinite(c)):
         return NON_FINITE_PRICE
-    if min(o, h, lo, c) <= 0:
+    if o <= 0 or h <= 0 or lo <= 0 or c <= 0:
         return NON_POSITIVE_PRICE
-    if h < max(o, c):
+    if h < o or h < c:
         return HIGH_BELOW
-    if lo > min(o, c):
+    if lo > o or lo > c:
         return LOW_ABOVE
-    if not math.isfinite(v):
+    if not _isfinite(v):
         return NON_FINITE_VOLUME
     if v < 0:
         return NEGATIVE_VOLUME
     if prev_ts_ns is not None:
-        if int(ts) == prev_ts_ns:
+        t = int(ts)
+        if t == prev_ts_ns:
             return DUPLICATE_TS
-        if int(ts) < prev_ts_ns:
+        if t < prev_ts_ns:
             return TS_NOT_INCREASING
     return None
 

@@ -23,7 +23,9 @@ produce). The rules, which the tests pin down to the cent:
   units, equity marked at the unadjusted price, scaled by ``1 - 2**-52`` so
   rounding never buys more than the cash allows (backtesting.py's rule) and
   floored to whole units unless ``whole_units=False``. A same-side change of
-  size trades only the difference.
+  size trades only the difference, and only if the position lies outside
+  the sizes computed at the buying and at the selling price (with slippage
+  the two differ; inside that band it is already on target).
 - **Marks.** Equity after bar ``t`` is cash plus units times ``close[t]``.
   If it reaches zero or below, the position is closed at that close and the
   account stops trading (equity 0 from then on).
@@ -38,9 +40,18 @@ produce). The rules, which the tests pin down to the cent:
 
 Fills use only ``open`` and ``close``: there are no stop or limit orders, so
 ``high`` and ``low`` are not needed. The inner loop is compiled with numba
-(``cache=True``) and runs parameter sets in parallel. ``simulate_paths`` runs
-the same loop over Monte Carlo price paths, and ``simulate_paths_torch`` does
-it in torch for large batches on a GPU.
+(``cache=True``) and runs parameter sets in parallel; each set's metrics
+(``core.metrics.summary_row``) are computed in the same loop, while its
+curve is still in cache. ``simulate_paths`` runs the same loop over Monte
+Carlo price paths, and ``simulate_paths_torch`` runs the same rules in torch
+for large batches on a GPU (tested equal to the compiled loop).
+
+With its defaults the engine reproduces backtesting.py (0.6) running an
+always-in-the-market strategy with ``buy()``/``sell()`` after
+``position.close()``: the same fills, sizes, commissions and equity, to
+1e-6 (tests/test_engine_peer.py). backtesting.py's ``finalize_trades=True``
+closes the last trade at the last bar's *open*; ``close_at_end`` here closes
+at the last close.
 
 What this module is not: it does not decide targets (``core.strategies``,
 the ensemble), validate bars, or apply risk limits (the risk manager does,
@@ -57,6 +68,7 @@ import pandas as pd
 from numba import njit, prange
 
 from core import metrics as _metrics
+from core.metrics import summary_row
 from core.features import price_arrays
 
 # Columns of the raw trade array [P, K, N_TRADE_FIELDS].
@@ -98,7 +110,7 @@ def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades
         state[_EP_OUT_UNITS] += qty
         state[_EP_OUT_VALUE] += qty * fill_price
     state[_UNITS] = after
-    if after == 0.0:
+    if after == 0.0 and n_trades < trades.shape[0]:  # a zero-row table records nothing (Monte Carlo)
         sign = state[_EP_SIGN]
         row = trades[n_trades]
         row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
@@ -109,6 +121,7 @@ def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades
         row[PNL] = sign * (state[_EP_OUT_VALUE] - state[_EP_IN_VALUE]) - state[_EP_COMM]
         row[COMMISSION] = state[_EP_COMM]
         row[IS_OPEN] = 0.0
+    if after == 0.0:
         n_trades += 1
     return n_trades
 
@@ -138,20 +151,34 @@ def _target_units(equity, target, price, commission, slippage, whole_units, curr
     return current
 
 
+@njit(cache=True, inline="always")
+def _rebalance(state, target, price, bar, commission, slippage, whole_units, trades, n_trades):
+    """Turn a new target into fills at ``price``; returns the new trade count."""
+    units = state[_UNITS]
+    if units != 0.0 and (target == 0.0 or (target > 0) != (units > 0)):
+        n_trades = _fill(state, -units, price, bar, commission, slippage, trades, n_trades)
+    if target != 0.0:
+        units = state[_UNITS]
+        equity = state[_CASH] + units * price
+        if equity > 0:
+            goal = _target_units(equity, target, price, commission, slippage, whole_units, units)
+            n_trades = _fill(state, goal - units, price, bar, commission, slippage, trades, n_trades)
+    return n_trades
+
+
 @njit(cache=True)
-def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
+def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash0, close_at_end,
              equity_out, units_out, trades):
     T = close.shape[0]
     state = np.zeros(9)
-    state[_CASH] = cash
+    # Cash and units live in locals on the hot path (most bars trade nothing)
+    # and in ``state`` only around fills.
+    cash = cash0
+    units = 0.0
     acted = 0.0  # the last target turned into an order
     n_trades = 0
-    ruined = False
-    for t in range(T):
-        if ruined:
-            equity_out[t] = 0.0
-            units_out[t] = 0.0
-            continue
+    t = 0
+    while t < T:
         if fill_on_close:
             target = targets[t]
             price = close[t]
@@ -161,56 +188,81 @@ def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_u
             price = open_[t]
             pending = t > 0 and target != acted
         if pending:
+            if not (-1.0 <= target <= 1.0):  # NaN fails too; only a change needs checking
+                return -1
+            state[_CASH] = cash
+            state[_UNITS] = units
+            n_trades = _rebalance(state, target, price, t, commission, slippage, whole_units, trades, n_trades)
+            cash = state[_CASH]
             units = state[_UNITS]
-            if units != 0.0 and (target == 0.0 or (target > 0) != (units > 0)):
-                n_trades = _fill(state, -units, price, t, commission, slippage, trades, n_trades)
-            if target != 0.0:
-                units = state[_UNITS]
-                equity = state[_CASH] + units * price
-                if equity > 0:
-                    goal = _target_units(equity, target, price, commission, slippage, whole_units, units)
-                    n_trades = _fill(state, goal - units, price, t, commission, slippage, trades, n_trades)
             acted = target
-        equity = state[_CASH] + state[_UNITS] * close[t]
+        equity = cash + units * close[t]
         if equity <= 0.0:
             # Out of money: liquidate at this close and stop, as a broker would.
-            n_trades = _fill(state, -state[_UNITS], close[t], t, commission, slippage, trades, n_trades)
-            ruined = True
-            equity = 0.0
-            state[_CASH] = 0.0
+            state[_CASH] = cash
+            state[_UNITS] = units
+            n_trades = _fill(state, -units, close[t], t, commission, slippage, trades, n_trades)
+            cash = 0.0
+            units = 0.0
+            equity_out[t:] = 0.0
+            units_out[t:] = 0.0
+            break
         equity_out[t] = equity
-        units_out[t] = state[_UNITS]
-    if state[_UNITS] != 0.0:
+        units_out[t] = units
+        t += 1
+    state[_CASH] = cash
+    state[_UNITS] = units
+    if units != 0.0:
         if close_at_end:
-            n_trades = _fill(state, -state[_UNITS], close[T - 1], T - 1, commission, slippage, trades, n_trades)
+            n_trades = _fill(state, -units, close[T - 1], T - 1, commission, slippage, trades, n_trades)
             equity_out[T - 1] = state[_CASH]
             units_out[T - 1] = 0.0
         else:
-            sign = state[_EP_SIGN]
-            held = abs(state[_UNITS])
-            row = trades[n_trades]
-            row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
-            row[EXIT_BAR] = -1.0
-            row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
-            row[EXIT_PRICE] = close[T - 1]
-            row[SIZE] = sign * state[_EP_IN_UNITS]
-            # Unrealised: what closing at the last close would give, before exit commission.
-            row[PNL] = sign * (state[_EP_OUT_VALUE] + held * close[T - 1] - state[_EP_IN_VALUE]) - state[_EP_COMM]
-            row[COMMISSION] = state[_EP_COMM]
-            row[IS_OPEN] = 1.0
+            if n_trades < trades.shape[0]:
+                sign = state[_EP_SIGN]
+                held = abs(units)
+                row = trades[n_trades]
+                row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
+                row[EXIT_BAR] = -1.0
+                row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
+                row[EXIT_PRICE] = close[T - 1]
+                row[SIZE] = sign * state[_EP_IN_UNITS]
+                # Unrealised: what closing at the last close would give, before exit commission.
+                row[PNL] = (sign * (state[_EP_OUT_VALUE] + held * close[T - 1] - state[_EP_IN_VALUE])
+                            - state[_EP_COMM])
+                row[COMMISSION] = state[_EP_COMM]
+                row[IS_OPEN] = 1.0
             n_trades += 1
     return n_trades
 
 
 @njit(cache=True, parallel=True)
 def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
-               equity_out, units_out, trades, n_trades):
-    P = targets.shape[0]
+               keep_curves, equity_out, units_out, trades, trade_offsets, n_trades,
+               compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, metrics_out):
+    P, T = targets.shape
     last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
     for p in prange(P):
         row = min(np.int64(p), last_row)
-        n_trades[p] = _run_one(open_[row], close[row], targets[p], fill_on_close, commission, slippage,
-                               whole_units, cash, close_at_end, equity_out[p], units_out[p], trades[p])
+        if keep_curves:
+            equity = equity_out[p]
+            units = units_out[p]
+        else:
+            # A sweep that wants only metrics keeps one row at a time, in cache.
+            equity = np.empty(T)
+            units = np.empty(T)
+        mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
+        n = _run_one(open_[row], close[row], targets[p], fill_on_close, commission, slippage,
+                     whole_units, cash, close_at_end, equity, units, mine)
+        n_trades[p] = n
+        if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
+            recorded = min(n, mine.shape[0])
+            pnl = np.full(recorded, np.nan)
+            for k in range(recorded):
+                if mine[k, IS_OPEN] == 0.0:
+                    pnl[k] = mine[k, PNL]
+            summary_row(equity, cash, units, pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z,
+                        metrics_out[p])
 
 
 @dataclass
@@ -235,20 +287,23 @@ class BacktestResult:
 class BatchResult:
     """Backtests of P parameter sets over the same bars (or P price paths).
 
-    Arrays are ``[P, T]``; ``trade_array`` is ``[P, K, N_TRADE_FIELDS]`` with
-    ``n_trades[p]`` rows filled for set ``p``; ``metrics`` maps names to ``[P]``.
+    Arrays are ``[P, T]`` (``None`` when run with ``keep_curves=False``);
+    ``trade_array`` is ``[sum of K_p, N_TRADE_FIELDS]``: set ``p`` owns rows
+    ``trade_offsets[p]`` to ``trade_offsets[p + 1]``, of which the first
+    ``n_trades[p]`` are filled; ``metrics`` maps names to ``[P]``.
     """
 
-    equity: np.ndarray
-    units: np.ndarray
+    equity: np.ndarray | None
+    units: np.ndarray | None
     trade_array: np.ndarray
+    trade_offsets: np.ndarray
     n_trades: np.ndarray
     cash: float
     metrics: dict[str, np.ndarray] = field(default_factory=dict)
     times: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return self.equity.shape[0]
+        return self.n_trades.shape[0]
 
     @property
     def returns(self) -> np.ndarray:
@@ -256,15 +311,19 @@ class BatchResult:
 
     def closed_trade_pnl(self) -> np.ndarray:
         """[P, K] P&L of closed trades, NaN-padded (what win rate and profit factor count)."""
-        pnl = self.trade_array[:, :, PNL].copy()
-        k = np.arange(pnl.shape[1])
-        valid = (k[None, :] < self.n_trades[:, None]) & (self.trade_array[:, :, IS_OPEN] == 0)
-        pnl[~valid] = np.nan
+        counts = np.minimum(self.n_trades, np.diff(self.trade_offsets))
+        pnl = np.full((len(self), int(counts.max(initial=0))), np.nan)
+        for p, n in enumerate(counts):
+            rows = self.trade_array[self.trade_offsets[p]: self.trade_offsets[p] + n]
+            pnl[p, :n] = np.where(rows[:, IS_OPEN] == 0, rows[:, PNL], np.nan)
         return pnl
 
     def trades(self, p: int) -> pd.DataFrame:
         """Trade list of parameter set ``p``: entry/exit bar and time, prices, size, P&L, commission."""
-        rows = self.trade_array[p, : self.n_trades[p]]
+        start = self.trade_offsets[p]
+        if self.n_trades[p] > self.trade_offsets[p + 1] - start:
+            raise ValueError("trades were not recorded (record_trades=False)")
+        rows = self.trade_array[start: start + self.n_trades[p]]
         entry_bar = rows[:, ENTRY_BAR].astype(np.int64)
         exit_bar = rows[:, EXIT_BAR].astype(np.int64)
         frame = pd.DataFrame(
@@ -288,6 +347,8 @@ class BatchResult:
         return frame
 
     def __getitem__(self, p: int) -> BacktestResult:
+        if self.equity is None:
+            raise ValueError("curves were not kept (keep_curves=False); rerun this parameter set with backtest()")
         return BacktestResult(
             equity=self.equity[p],
             returns=_metrics.returns_from_equity(self.equity[p], self.cash),
@@ -298,11 +359,43 @@ class BatchResult:
         )
 
 
-def _check_targets(targets: np.ndarray) -> None:
-    if not np.all(np.isfinite(targets)):
-        raise ValueError("target positions must be finite (NaN is not 'hold'; use the previous target)")
-    if np.any(np.abs(targets) > 1.0):
-        raise ValueError("target positions must lie in [-1, 1]")
+@njit(cache=True, parallel=True)
+def _scan_targets(targets, changes):
+    """Count each row's target changes (a bound on its trades); return how many rows hold a bad value."""
+    P, T = targets.shape
+    bad = 0
+    for p in prange(P):
+        prev = 0.0
+        n = 0
+        ok = True
+        for t in range(T):
+            x = targets[p, t]
+            if not (-1.0 <= x <= 1.0):  # NaN fails this too
+                ok = False
+            if x != prev:
+                n += 1
+            prev = x
+        changes[p] = n
+        if not ok:
+            bad += 1
+    return bad
+
+
+@njit(cache=True)
+def _all_positive_finite(a):
+    for x in a.ravel():
+        if not (0.0 < x < np.inf):
+            return False
+    return True
+
+
+def _check_targets(targets: np.ndarray) -> np.ndarray:
+    """Refuse NaN or out-of-range targets; return the number of target changes per row."""
+    changes = np.empty(targets.shape[0], dtype=np.int64)
+    if _scan_targets(targets, changes):
+        raise ValueError("target positions must be finite and lie in [-1, 1] (NaN is not 'hold': repeat the "
+                         "previous target)")
+    return changes
 
 
 def _bar_times(bars: Any) -> np.ndarray | None:
@@ -326,6 +419,8 @@ def run_batch(
     whole_units: bool = True,
     close_at_end: bool = False,
     compute_metrics: bool = True,
+    keep_curves: bool = True,
+    record_trades: bool = True,
     periods_per_year: float = _metrics.TRADING_DAYS_PER_YEAR,
     alpha: float = 0.05,
     times: np.ndarray | None = None,
@@ -335,6 +430,14 @@ def run_batch(
     ``open_`` and ``close`` are ``[T]`` (one market shared by every parameter
     set) or ``[P, T]`` (one price path per row, for Monte Carlo); ``targets``
     is ``[P, T]``. See the module docstring for the fill rules.
+
+    Metrics (``core.metrics.summary``'s table, VaR/CVaR at ``alpha``) are
+    computed inside the compiled loop. ``keep_curves=False`` drops the
+    ``[P, T]`` equity and unit curves, for sweeps that only rank parameter
+    sets: it saves the memory traffic, which costs more than the simulation.
+    ``record_trades=False`` skips the trade list (``n_trades`` still counts
+    trades, the open one included), for Monte Carlo runs that want only the
+    distribution of outcomes; win rate and profit factor are then absent.
     """
     if fill not in ("open", "close"):
         raise ValueError(f"fill must be 'open' or 'close', got {fill!r}")
@@ -351,26 +454,40 @@ def run_batch(
     P, T = targets.shape
     if close.shape != open_.shape or close.shape[1] != T or close.shape[0] not in (1, P):
         raise ValueError(f"prices {close.shape} do not match targets {targets.shape}")
-    if not (np.all(np.isfinite(close)) and np.all(close > 0) and np.all(np.isfinite(open_)) and np.all(open_ > 0)):
+    if not (_all_positive_finite(close) and (open_ is close or _all_positive_finite(open_))):
         raise ValueError("open and close prices must be finite and positive")
-    _check_targets(targets)
-    # Each change of target opens at most one trade, so this bounds the trade list.
-    changes = np.count_nonzero(np.diff(targets, axis=1, prepend=0.0), axis=1)
-    max_trades = int(changes.max()) + 1 if P else 1
-    equity = np.empty((P, T))
-    units = np.empty((P, T))
-    trades = np.zeros((P, max_trades, N_TRADE_FIELDS))
+    if record_trades:
+        # Each change of target opens at most one trade, so this bounds the trade list.
+        changes = _check_targets(targets)
+    else:
+        # The compiled loop checks every target it acts on; next-open fills
+        # never act on the last bar's, so check that one here.
+        _check_targets(np.ascontiguousarray(targets[:, -1:]))
+        changes = np.zeros(P, dtype=np.int64)
+    curve_shape = (P, T) if keep_curves else (0, 0)
+    equity = np.empty(curve_shape)
+    units = np.empty(curve_shape)
+    # One flat table, each set getting as many rows as it can possibly fill:
+    # sized per set, it is a few MB where a [P, max K] block would be tens.
+    # Rows past n_trades[p] are never read, so it need not be zeroed.
+    room = changes + 1 if record_trades else changes
+    trade_offsets = np.concatenate(([0], np.cumsum(room))).astype(np.int64)
+    trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
     n_trades = np.zeros(P, dtype=np.int64)
+    table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0, 0.0)
     _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
-               float(cash), bool(close_at_end), equity, units, trades, n_trades)
-    result = BatchResult(equity=equity, units=units, trade_array=trades, n_trades=n_trades, cash=float(cash),
-                         times=times)
-    if compute_metrics:
-        result.metrics = _metrics.summary(
-            equity, np.float64(cash), positions=units, trade_pnl=result.closed_trade_pnl(),
-            periods_per_year=periods_per_year, alpha=alpha,
-        )
-    return result
+               float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets, n_trades,
+               bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]),
+               float(tail[3]), table)
+    if np.any(n_trades < 0):
+        _check_targets(targets)  # raises, naming the problem
+    metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
+    if compute_metrics and not record_trades:
+        for name in ("n_trades", "win_rate", "profit_factor"):
+            del metrics[name]
+    return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
+                       trade_array=trades, trade_offsets=trade_offsets, n_trades=n_trades, cash=float(cash), metrics=metrics, times=times)
 
 
 def backtest_batch(bars: Any, targets: np.ndarray, **kwargs) -> BatchResult:
@@ -405,7 +522,7 @@ def simulate_paths(
     ``targets`` is ``[N, T]`` or a rule mapping the close paths to it (e.g.
     ``lambda c: sma_crossover({"close": ...})``). Without ``open_`` paths,
     orders fill at the close. Units are fractional by default: a simulated
-    path has no lot size.
+    path has no lot size. No trade list is kept unless ``record_trades=True``.
     """
     close = np.asarray(close, dtype=np.float64)
     if callable(targets):
@@ -413,6 +530,7 @@ def simulate_paths(
     fill = fill or ("close" if open_ is None else "open")
     open_ = close if open_ is None else open_
     kwargs.setdefault("compute_metrics", False)
+    kwargs.setdefault("record_trades", False)
     return run_batch(open_, close, targets, fill=fill, whole_units=whole_units, **kwargs)
 
 

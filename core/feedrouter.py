@@ -50,6 +50,35 @@ from core.bars import bar_problem
 RECENT_PER_SYMBOL = 4096
 
 
+class _RollingStats:
+    """Mean and standard deviation over the last ``n`` values, O(1) per value."""
+
+    def __init__(self, n: int):
+        self.values: deque[float] = deque(maxlen=n)
+        self.total = 0.0
+        self.total_sq = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    def push(self, x: float) -> None:
+        if len(self.values) == self.values.maxlen:
+            old = self.values[0]
+            self.total -= old
+            self.total_sq -= old * old
+        self.values.append(x)
+        self.total += x
+        self.total_sq += x * x
+
+    def std(self) -> float:
+        n = len(self.values)
+        if n < 2:
+            return 0.0
+        mean = self.total / n
+        return math.sqrt(max(0.0, self.total_sq / n - mean * mean))
+
+
 @dataclass
 class RouterConfig:
     interval_s: float = 1.0
@@ -107,9 +136,11 @@ class FailoverEvent:
     to_source: str | None
     reason: str
     kind: str  # failover | failback | spike_flagged | spike_rejected
+    wall: float = field(default_factory=time.time)  # epoch seconds, for people and other processes
 
     def as_dict(self) -> dict[str, Any]:
-        return {"at": self.at, "from": self.from_source, "to": self.to_source, "reason": self.reason, "kind": self.kind}
+        return {"at": self.at, "wall": self.wall, "from": self.from_source, "to": self.to_source,
+                "reason": self.reason, "kind": self.kind}
 
 
 class RouterState:
@@ -142,9 +173,13 @@ class RouterState:
         self.delivered: deque[dict[str, Any]] = deque(maxlen=self.cfg.buffer)
         self.windows: dict[str, deque] = {s: deque(maxlen=self.cfg.window) for s in self.symbols}
         self.last_delivered: dict[str, int] = dict(last_delivered or {})
-        self._returns: dict[str, deque] = {s: deque(maxlen=200) for s in self.symbols}
+        self._returns: dict[str, _RollingStats] = {s: _RollingStats(200) for s in self.symbols}
+        self._diffs: dict[str, deque] = {s: deque(maxlen=20) for s in self.symbols}
+        self._spacing: dict[str, float] = {}
         self._last_close: dict[str, float] = {}
-        self._held_since: dict[tuple[str, int], float] = {}
+        self._held_since: dict[tuple, float] = {}
+        self._prev_ts: dict[str, int] = {}
+
         self.flagged = 0
         self.spikes_rejected = 0
         self.total_delivered = 0
@@ -171,14 +206,19 @@ class RouterState:
                 first_reason = first_reason or problem
                 continue
             ts = int(rec["ts"])
-            book = h.recent.setdefault(sym, OrderedDict())
-            book[ts] = {**rec, "symbol": sym, "ts": ts, "source": source}
-            while len(book) > RECENT_PER_SYMBOL:
+            book = h.recent.get(sym)
+            if book is None:
+                book = h.recent[sym] = OrderedDict()
+            # Records arrive freshly deserialised: label them in place, no copy.
+            rec["symbol"], rec["ts"], rec["source"] = sym, ts, source
+            book[ts] = rec
+            if len(book) > RECENT_PER_SYMBOL:
                 book.popitem(last=False)
             h.last_ts[sym] = ts
-            if rec.get("emitted_at"):
-                h.transit_s.append(max(0.0, time.time() - float(rec["emitted_at"])))
             accepted += 1
+        emitted_at = records[-1].get("emitted_at")
+        if emitted_at:
+            h.transit_s.append(max(0.0, time.time() - float(emitted_at)))
         if first_reason is not None:
             h.bad_until = now + self.cfg.failback_intervals * self.cfg.interval_s
             h.healthy_since = None
@@ -206,7 +246,10 @@ class RouterState:
         h.last_error = reason
 
     def mark_alive(self, source: str) -> None:
-        self.sources[source].alive = True
+        h = self.sources[source]
+        if not h.alive:
+            h.alive = True
+            h.last_error = None
 
     # -- health ---------------------------------------------------------------------
     def is_stalled(self, h: SourceHealth, now: float) -> bool:
@@ -278,8 +321,14 @@ class RouterState:
             if not book:
                 continue
             last = self.last_delivered.get(sym)
-            pending = [ts for ts in book if last is None or ts > last]
-            for ts in sorted(pending):
+            # Books are in time order (the gate refuses anything else): walk back to the last delivered bar.
+            pending = []
+            for ts in reversed(book):
+                if last is not None and ts <= last:
+                    break
+                pending.append(ts)
+            pending.reverse()
+            for ts in pending:
                 if self.last_delivered.get(sym) is not None and ts <= self.last_delivered[sym]:
                     continue  # filled from another source meanwhile
                 gap = self._fill_gap(sym, ts, out)
@@ -303,12 +352,18 @@ class RouterState:
                 out.append(self._deliver(sym, bar, flagged=(verdict == "flag")))
         return out
 
+    def _note_spacing(self, sym: str, ts: int) -> None:
+        prev = self._prev_ts.get(sym)
+        self._prev_ts[sym] = ts
+        if prev is None or ts <= prev:
+            return
+        d = self._diffs.setdefault(sym, deque(maxlen=20))
+        d.append(ts - prev)
+        if len(d) >= 3:
+            self._spacing[sym] = float(sorted(d)[len(d) // 2])
+
     def _spacing_ns(self, sym: str) -> float | None:
-        w = self.windows.get(sym)
-        if not w or len(w) < 4:
-            return None
-        ts = [b["ts"] for b in list(w)[-21:]]
-        return float(np.median(np.diff(ts)))
+        return self._spacing.get(sym)
 
     def _fill_gap(self, sym: str, ts: int, out: list[dict[str, Any]]) -> str:
         """Before delivering ``ts``, deliver bars the active source skipped, from other sources.
@@ -347,11 +402,11 @@ class RouterState:
 
     def _spike_check(self, sym: str, bar: dict[str, Any]) -> str:
         prev = self._last_close.get(sym)
-        rets = self._returns[sym]
-        if prev is None or len(rets) < self.cfg.spike_min_history:
+        stats = self._returns[sym]
+        if prev is None or stats.n < self.cfg.spike_min_history or not bar["close"] > 0:
             return "ok"
         r = math.log(bar["close"] / prev)
-        sd = float(np.std(rets))
+        sd = stats.std()
         if sd <= 0 or abs(r) <= self.cfg.spike_sigmas * sd:
             return "ok"
         key = (sym, bar["ts"])
@@ -386,8 +441,9 @@ class RouterState:
             rec["flagged"] = True
         prev = self._last_close.get(sym)
         if prev is not None and prev > 0:
-            self._returns[sym].append(math.log(rec["close"] / prev))
+            self._returns.setdefault(sym, _RollingStats(200)).push(math.log(rec["close"] / prev))
         self._last_close[sym] = rec["close"]
+        self._note_spacing(sym, rec["ts"])
         self.last_delivered[sym] = rec["ts"]
         self.delivered.append(rec)
         self.windows.setdefault(sym, deque(maxlen=self.cfg.window)).append(rec)
@@ -400,8 +456,10 @@ class RouterState:
             sym = b["symbol"]
             prev = self._last_close.get(sym)
             if prev is not None and prev > 0:
-                self._returns.setdefault(sym, deque(maxlen=200)).append(math.log(b["close"] / prev))
+                self._returns.setdefault(sym, _RollingStats(200)).push(math.log(b["close"] / prev))
             self._last_close[sym] = b["close"]
+            self._note_spacing(sym, int(b["ts"]))
+
             self.windows.setdefault(sym, deque(maxlen=self.cfg.window)).append(b)
 
     # -- reading ----------------------------------------------------------------------

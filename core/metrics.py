@@ -23,7 +23,10 @@ decide which metric a search optimises (that is ``tune/``).
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
+from numba import njit, prange
 
 TRADING_DAYS_PER_YEAR = 252
 
@@ -209,9 +212,129 @@ def cvar(returns, alpha: float = 0.05) -> np.ndarray:
     return tail / m
 
 
+@njit(cache=True)
+def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, out):
+    """``summary`` for one series, compiled, writing ``out[i]`` for ``SUMMARY_NAMES[i]``.
+
+    ``tail_k``, ``tail_frac``, ``tail_mass`` and ``tail_z`` come from ``tail_weights``.
+    The backtest engine calls this inside its own compiled loop, right after
+    simulating a row, so a sweep never has to keep every equity curve.
+    """
+    T = equity.shape[0]
+    root = np.sqrt(periods_per_year)
+    r = np.empty(T)
+    prev = initial
+    total = 0.0
+    peak = initial
+    floor_ratio = 1.0  # lowest equity / running peak so far
+    for t in range(T):
+        e = equity[t]
+        r[t] = e / prev - 1.0 if prev != 0.0 else 0.0
+        prev = e
+        total += r[t]
+        if e > peak:
+            peak = e
+        elif e < peak * floor_ratio:
+            # Divide only when a deeper drawdown is certain.
+            floor_ratio = e / peak
+    worst = 1.0 - floor_ratio if peak > 0.0 else 0.0
+    mean = total / T
+    sq = 0.0
+    down = 0.0
+    for t in range(T):
+        x = r[t]
+        d = x - mean
+        sq += d * d
+        if x < 0.0:
+            down += x * x
+    std = np.sqrt(sq / (T - 1)) if T > 1 else np.nan
+    downside = np.sqrt(down / T)
+    # Compounded growth is the ratio of last to first equity; the product of
+    # (1 + r) is the same number with T roundings more.
+    growth = equity[T - 1] / initial
+    cagr_ = growth ** (periods_per_year / T) - 1.0 if growth > 0.0 else -1.0
+    out[0] = equity[T - 1]
+    out[1] = growth - 1.0
+    out[2] = cagr_
+    out[3] = std * root
+    out[4] = mean / std * root if std > 0.0 else np.nan
+    out[5] = mean / downside * root if downside > 0.0 else np.nan
+    out[6] = worst
+    out[7] = cagr_ / worst if worst > 0.0 else np.nan
+    # VaR and CVaR need the ceil(n alpha) smallest returns (see cvar() for the
+    # weighting). Select, don't sort: first keep the returns below a guess at
+    # the tail's edge (twice the tail mass under a normal fit), then select
+    # among those few; if fat tails or flat stretches leave too few below the
+    # guess, select among all returns.
+    need = tail_k + 1 if tail_frac > 0.0 else tail_k
+    edge = mean + tail_z * (std if std == std else 0.0)
+    kept = np.empty(T)
+    n_kept = 0
+    for t in range(T):
+        if r[t] <= edge:
+            kept[n_kept] = r[t]
+            n_kept += 1
+    pool = kept[:n_kept] if n_kept >= need else r
+    if need < pool.shape[0]:
+        pool = np.partition(pool, need - 1)
+    tail = 0.0
+    var = -np.inf  # the ceil(n alpha)-th smallest return: the largest of the tail
+    for i in range(need):
+        tail += pool[i]
+        if pool[i] > var:
+            var = pool[i]
+    if tail_frac > 0.0:
+        tail -= (1.0 - tail_frac) * var
+    out[8] = var
+    out[9] = tail / tail_mass
+    held = 0
+    for t in range(units.shape[0]):
+        if units[t] != 0.0:
+            held += 1
+    out[10] = held / T
+    n = 0
+    wins = 0
+    gains = 0.0
+    losses = 0.0
+    for k in range(trade_pnl.shape[0]):
+        x = trade_pnl[k]
+        if x == x:
+            n += 1
+            if x > 0.0:
+                wins += 1
+                gains += x
+            elif x < 0.0:
+                losses -= x
+    out[11] = n
+    out[12] = wins / n if n > 0 else np.nan
+    out[13] = gains / losses if losses > 0.0 else (np.inf if gains > 0.0 else np.nan)
+
+
+@njit(cache=True, parallel=True)
+def _summary_rows(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, out):
+    for p in prange(equity.shape[0]):
+        summary_row(equity[p], initial, units[p], trade_pnl[p], periods_per_year, tail_k, tail_frac, tail_mass,
+                    tail_z, out[p])
+
+
+def tail_weights(n: int, alpha: float) -> tuple[int, float, float, float]:
+    """For ``summary_row``: (whole returns in the alpha tail, weight of the boundary
+    return, tail mass n * alpha, normal z-score of twice the tail mass)."""
+    mass = _tail_mass(n, alpha)
+    k = int(np.floor(mass))
+    z = NormalDist().inv_cdf(min(0.5, 2.0 * alpha))
+    return k, mass - k, mass, z
+
+
+SUMMARY_NAMES = (
+    "final_equity", "total_return", "cagr", "volatility", "sharpe", "sortino", "max_drawdown", "calmar",
+    "var", "cvar", "exposure", "n_trades", "win_rate", "profit_factor",
+)
+
+
 def summary(
     equity,
-    initial_cash,
+    initial_cash: float,
     positions=None,
     trade_pnl=None,
     periods_per_year: float = TRADING_DAYS_PER_YEAR,
@@ -220,31 +343,33 @@ def summary(
     """Every metric above for equity curves ``[..., T]`` that started at ``initial_cash``.
 
     Returns are measured from ``initial_cash``, so a loss on the first bar
-    counts. Trade statistics need ``trade_pnl`` (closed trades, NaN-padded),
-    exposure needs ``positions``.
+    counts; the drawdown includes the starting cash as the first peak. Trade
+    statistics need ``trade_pnl`` (closed trades, NaN-padded), exposure needs
+    ``positions``; without them those entries are absent.
+
+    This runs on every backtest of a parameter sweep, so it is one compiled
+    pass per series rather than a dozen numpy passes; the tests hold it equal
+    to the one-metric functions above, which remain the definitions.
     """
     equity = _as_float(equity)
-    r = returns_from_equity(equity, initial_cash)
-    curve = np.concatenate(
-        [np.broadcast_to(_as_float(initial_cash)[..., None], equity.shape[:-1] + (1,)), equity], axis=-1
-    )
-    out = {
-        "final_equity": equity[..., -1],
-        "total_return": total_return(r),
-        "cagr": cagr(r, periods_per_year),
-        "volatility": volatility(r, periods_per_year),
-        "sharpe": sharpe(r, periods_per_year),
-        "sortino": sortino(r, periods_per_year),
-        "max_drawdown": max_drawdown(curve),
-        "calmar": calmar(r, periods_per_year),
-        "var": value_at_risk(r, alpha),
-        "cvar": cvar(r, alpha),
-    }
-    if positions is not None:
-        out["exposure"] = exposure(positions)
-    if trade_pnl is not None:
-        pnl = _as_float(trade_pnl)
-        out["n_trades"] = np.sum(~np.isnan(pnl), axis=-1)
-        out["win_rate"] = win_rate(pnl)
-        out["profit_factor"] = profit_factor(pnl)
-    return out
+    lead = equity.shape[:-1]
+    T = equity.shape[-1]
+    if T == 0:
+        raise ValueError("need at least one bar of equity")
+    if not np.all(np.isfinite(equity)):
+        raise ValueError("equity must be finite")
+    table = np.require(equity.reshape(-1, T), requirements=("C", "W"))
+    P = table.shape[0]
+    units = (np.require(_as_float(positions).reshape(P, T), requirements=("C", "W"))
+             if positions is not None else np.zeros((P, 0)))
+    pnl = (np.require(_as_float(trade_pnl).reshape(P, -1), requirements=("C", "W"))
+           if trade_pnl is not None else np.full((P, 0), np.nan))
+    out = np.empty((P, len(SUMMARY_NAMES)))
+    _summary_rows(table, float(initial_cash), units, pnl, float(periods_per_year), *tail_weights(T, alpha), out)
+    result = {name: out[:, i].reshape(lead) for i, name in enumerate(SUMMARY_NAMES)}
+    if positions is None:
+        del result["exposure"]
+    if trade_pnl is None:
+        for name in ("n_trades", "win_rate", "profit_factor"):
+            del result[name]
+    return result

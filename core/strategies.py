@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from core.features import atr, price_arrays, rsi, sma
+from core.features import atr, price_arrays, rsi, sma, sma_table
 
 
 def _broadcast_params(*params) -> tuple[bool, list[np.ndarray]]:
@@ -92,6 +92,9 @@ def sma_crossover(
     moves from strictly below to strictly above slow, to -1 on the opposite
     crossing, and is held in between; flat until the first crossing. A touch
     (fast == slow on a bar) is not a crossing, also as in backtesting.py.
+    One difference from that example: if fast dips below slow through a touch
+    and then crosses up again, SmaCross closes and reopens its long (paying
+    commission twice); here the target is +1 throughout, so nothing trades.
     ``mode="state"`` holds sign(fast - slow) on every bar from the end of the
     warm-up. ``sma_method`` is passed to :func:`core.features.sma` ("window"
     or backtesting.py's "rolling"). With ``allow_short=False`` the short side
@@ -103,9 +106,9 @@ def sma_crossover(
     if np.any(fast_a < 1) or np.any(slow_a < 1):
         raise ValueError("SMA windows must be >= 1")
     close = price_arrays(bars, ("close",))["close"]
-    table, rows = _indicator_table(
-        np.concatenate([fast_a, slow_a]), lambda n: sma(close, int(n), method=sma_method)
-    )
+    windows, rows = np.unique(np.concatenate([fast_a, slow_a]), return_inverse=True)
+    table = sma_table(close, windows, sma_method)
+    rows = rows.astype(np.int64)
     P = fast_a.shape[0]
     out = np.empty((P, close.shape[0]))
     _crossover_targets(table, rows[:P], rows[P:], mode == "cross", allow_short, out)

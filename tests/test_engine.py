@@ -240,3 +240,42 @@ def test_torch_paths_on_cuda_match_cpu():
     cpu, _ = simulate_paths_torch(close, targets, open_=open_, commission=0.001, device="cpu")
     gpu, _ = simulate_paths_torch(close, targets, open_=open_, commission=0.001, device="cuda")
     np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), rtol=1e-9)
+
+
+def test_a_metrics_only_sweep_gives_the_same_metrics():
+    open_, close = _gbm_paths(1, 300, seed=1)
+    targets = _momentum_targets(np.repeat(close, 6, axis=0) * np.linspace(0.9, 1.1, 6)[:, None])
+    full = run_batch(open_[0], close[0], targets, commission=0.001)
+    lean = run_batch(open_[0], close[0], targets, commission=0.001, keep_curves=False)
+    assert lean.equity is None
+    for name, value in full.metrics.items():
+        np.testing.assert_array_equal(lean.metrics[name], value, err_msg=name)
+    np.testing.assert_array_equal(full.metrics["final_equity"], full.equity[:, -1])
+    with pytest.raises(ValueError, match="keep_curves"):
+        lean[0]
+
+
+def test_monte_carlo_without_a_trade_list_counts_the_same_trades():
+    open_, close = _gbm_paths(8, 200, seed=5)
+    targets = _momentum_targets(close)
+    lean = simulate_paths(close, targets, open_=open_, commission=0.001)
+    full = simulate_paths(close, targets, open_=open_, commission=0.001, record_trades=True)
+    np.testing.assert_array_equal(lean.equity, full.equity)
+    np.testing.assert_array_equal(lean.n_trades, full.n_trades)
+    assert full.n_trades.min() > 10
+    # The last trade row of each path is the open one, if a position is held at the end.
+    assert all(full.trades(p).is_open.iloc[-1] == (full.units[p, -1] != 0) for p in range(8))
+    with pytest.raises(ValueError, match="record_trades"):
+        lean.trades(0)
+
+
+@pytest.mark.parametrize("bad_value, where", [(np.nan, 5), (1.5, 7), (-2.0, 19)])
+def test_monte_carlo_refuses_bad_targets_too(bad_value, where):
+    # Without a trade list the compiled loop itself checks the targets it acts on.
+    _, close = _gbm_paths(3, 20, seed=2)
+    targets = np.ones_like(close)
+    targets[1, where] = bad_value
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        simulate_paths(close, targets, compute_metrics=True)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        simulate_paths(close, targets, open_=close * 1.001, fill="open")

@@ -112,3 +112,23 @@ def test_the_peer_comparison_can_fail():
     stats = run_peer(10, 20, 0.002)
     ours = backtest(GOOG, sma_crossover(GOOG, 10, 20, sma_method="rolling"), cash=10_000, commission=0.001)
     assert abs(ours.equity[-1] - stats["Equity Final [$]"]) > 1.0
+
+
+def test_finalize_trades_differs_only_in_the_last_exit_price():
+    # backtesting.py's finalize_trades=True re-runs its broker on the last bar
+    # and so closes the last trade at that bar's *open*; close_at_end closes at
+    # the last close. Everything before is the same; the final equity differs
+    # by exactly the price difference on that trade, net of commission.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = Backtest(GOOG, SmaCross, cash=10_000, commission=0.002, finalize_trades=True).run()
+    ours = backtest(GOOG, sma_crossover(GOOG, 10, 20, sma_method="rolling"), cash=10_000, commission=0.002,
+                    close_at_end=True)
+    theirs = stats._trades
+    assert_same_closed_trades(ours.trades.iloc[:-1], theirs.iloc[:-1])
+    last_open, last_close = GOOG.Open.iloc[-1], GOOG.Close.iloc[-1]
+    assert theirs.ExitPrice.iloc[-1] == last_open and ours.trades.exit_price.iloc[-1] == last_close
+    size = ours.trades["size"].iloc[-1]
+    assert size == theirs.Size.iloc[-1]
+    expected_gap = (last_close - last_open) * (size - 0.002 * abs(size))
+    assert abs((ours.equity[-1] - stats["Equity Final [$]"]) - expected_gap) <= 1e-6

@@ -125,3 +125,39 @@ def test_tail_measures_refuse_nan_and_bad_alpha():
         m.cvar([0.1, -0.2], 0.0)
     with pytest.raises(ValueError):
         m.value_at_risk([0.1, -0.2], 1.5)
+
+
+def test_compiled_summary_equals_the_one_metric_functions():
+    rng = np.random.default_rng(9)
+    P, T = 5, 301
+    equity = 1000 * np.cumprod(1 + rng.normal(0.0004, 0.012, size=(P, T)), axis=1)
+    equity[2, 150:] = 0.0  # a ruined account
+    equity[3] = 1000.0  # mostly flat: the tail is an atom of zero returns...
+    equity[3, 100:103] = [990.0, 1010.0, 980.0]  # ...and three real moves
+    equity[4, ::2] *= 1.05  # a sawtooth: half the returns sit far below the mean
+    positions = rng.integers(-1, 2, size=(P, T)).astype(float)
+    pnl = np.where(rng.random((P, 12)) < 0.8, rng.normal(0, 10, (P, 12)), np.nan)
+    for alpha in (0.05, 0.1, 43 / 301, 301 / 301):  # fractional boundary weights, then whole ones
+        s = m.summary(equity, 1000.0, positions=positions, trade_pnl=pnl, periods_per_year=252, alpha=alpha)
+        r = m.returns_from_equity(equity, 1000.0)
+        curve = np.concatenate([np.full((P, 1), 1000.0), equity], axis=1)
+        expected = {
+            "final_equity": equity[:, -1],
+            "total_return": m.total_return(r),
+            "cagr": m.cagr(r),
+            "volatility": m.volatility(r),
+            "sharpe": m.sharpe(r),
+            "sortino": m.sortino(r),
+            "max_drawdown": m.max_drawdown(curve),
+            "calmar": m.calmar(r),
+            "var": m.value_at_risk(r, alpha),
+            "cvar": m.cvar(r, alpha),
+            "exposure": m.exposure(positions),
+            "n_trades": np.sum(~np.isnan(pnl), axis=1),
+            "win_rate": m.win_rate(pnl),
+            "profit_factor": m.profit_factor(pnl),
+        }
+        assert set(s) == set(expected)
+        for name, value in expected.items():
+            np.testing.assert_allclose(s[name], value, rtol=1e-9, atol=1e-14, err_msg=name)
+    assert m.summary(equity[0], 1000.0)["sharpe"].shape == ()

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.features import sma
+from core.features import sma, sma_table
 from core.strategies import atr_breakout, pair_grid, rsi_reversion, sma_crossover
 
 
@@ -117,3 +117,20 @@ def test_pair_grid_keeps_fast_below_slow():
     assert np.all(fast < slow)
     # fast 2..5 x slow 4..6 minus pairs with fast >= slow: (4,4), (5,4), (5,5).
     assert len(fast) == 4 * 3 - 3
+
+
+def test_compiled_rolling_sma_is_bit_identical_to_pandas(goog):
+    rng = np.random.default_rng(4)
+    series = {
+        "goog": goog.Close.to_numpy(float),
+        "random walk": 100 + np.cumsum(rng.normal(0, 1, 3000)),
+        "crosses zero": np.cumsum(rng.normal(0, 1, 800)),  # pandas' sign rules
+        "flat stretches": np.repeat(rng.normal(50, 5, 60), rng.integers(1, 40, 60)),  # same-value rule
+        "tiny and huge": np.concatenate([rng.normal(0, 1e-9, 300), rng.normal(1e9, 1, 300)]),
+    }
+    windows = np.array([1, 2, 3, 7, 10, 20, 33, 50, 100, 250])
+    for name, x in series.items():
+        table = sma_table(x, windows, "rolling")
+        for row, n in zip(table, windows):
+            expected = pd.Series(x).rolling(int(n)).mean().to_numpy()
+            np.testing.assert_array_equal(row, expected, err_msg=f"{name}, window {n}")
