@@ -204,8 +204,8 @@ def main() -> None:
     t0 = time.time()
     print(f"cpus {os.cpu_count()}, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
     member_latency(args.quick)
-    end_to_end(args.quick)
     batching(args.quick)
+    end_to_end(args.quick)
     print(f"\ntook {time.time() - t0:.0f}s")
 
 
