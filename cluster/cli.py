@@ -6,6 +6,7 @@
     raytrade config show                    effective settings, secrets as ***
     raytrade data generate|import|ls        history in the store
     raytrade workflows ls|run|cancel        the workflow scheduler's queue
+    raytrade models ls|show|promote|rollback|import|train-baseline   the model registry
 
 A user's mistake (a bad flag, a bad setting, a bad file) ends with one line on
 stderr and exit code 2, never a traceback; a cluster that cannot be reached
@@ -96,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     wrun.add_argument("--wait", type=float, default=None, metavar="S", help="wait up to S seconds for the outcome")
     wcan = wf_sub.add_parser("cancel", help="cancel a queued or running workflow")
     wcan.add_argument("id")
+    _models_parser(sub)
     return p
 
 
@@ -138,7 +140,39 @@ def _main(argv: Sequence[str] | None) -> int:
         return _down(settings)
     if args.cmd == "workflows":
         return _workflows(args, settings)
+    if args.cmd == "models":
+        from cluster.models_cli import run_models
+
+        return run_models(args, settings, UserError)
     raise UserError(f"unknown command {args.cmd}")
+
+
+def _models_parser(sub: Any) -> None:
+    m = sub.add_parser("models", help="the model registry: versions, stages, metrics")
+    ms = m.add_subparsers(dest="models_cmd", metavar="ACTION", parser_class=_Parser)
+    ls = ms.add_parser("ls", help="models and their versions")
+    ls.add_argument("name", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    show = ms.add_parser("show", help="one version's record and tracked metrics")
+    show.add_argument("name")
+    show.add_argument("--version", type=int, default=None, help="default: production, else the latest")
+    pr = ms.add_parser("promote", help="make a version production (the ensemble follows)")
+    pr.add_argument("name")
+    pr.add_argument("version", type=int)
+    rb = ms.add_parser("rollback", help="put back the previous production version")
+    rb.add_argument("name")
+    imp = ms.add_parser("import", help="register your own ONNX file (local path or s3://bucket/key)")
+    imp.add_argument("source")
+    imp.add_argument("--name", required=True)
+    imp.add_argument("--task", default="forecasting")
+    imp.add_argument("--tag", action="append", default=[])
+    imp.add_argument("--promote", action="store_true", help="make it production at once")
+    tb = ms.add_parser("train-baseline", help="train the MLP/LSTM baselines on the store's history and register them")
+    tb.add_argument("--symbols", nargs="+", default=None, help="default: feeds.symbols")
+    tb.add_argument("--kind", choices=["mlp", "lstm", "both"], default="both")
+    tb.add_argument("--epochs", type=int, default=5)
+    tb.add_argument("--max-samples", type=int, default=200_000)
+    tb.add_argument("--promote", action="store_true", help="make the new versions production")
 
 
 # -- data ---------------------------------------------------------------------------

@@ -272,6 +272,86 @@ class LogSettings(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class RuleMemberSettings(_Section):
+    """A rule member: one of core's strategies with its parameters."""
+
+    name: str = Field(description="member name, unique in the ensemble")
+    strategy: Literal["sma_crossover", "atr_breakout", "rsi_reversion"]
+    params: dict[str, int | float | bool | str] = Field(default_factory=dict, description="keyword arguments of the core strategy")
+    weight: float = Field(1.0, ge=0)
+    timeout_s: float | None = Field(None, gt=0, description="default: ensemble.member_timeout_s")
+
+
+class PythonMemberSettings(_Section):
+    """A user's member: a function ``fn(batch: core.members.MemberBatch) -> positions[B]``."""
+
+    name: str
+    import_path: str = Field(description="module:function, importable on every node")
+    weight: float = Field(1.0, ge=0)
+    timeout_s: float | None = Field(None, gt=0)
+
+    @field_validator("import_path")
+    @classmethod
+    def _path_ok(cls, v: str) -> str:
+        mod, _, fn = v.partition(":")
+        if not mod or not fn or not all(p.isidentifier() for p in mod.split(".")) or not fn.isidentifier():
+            raise ValueError("must be package.module:function")
+        return v
+
+
+def _default_rules() -> list[RuleMemberSettings]:
+    return [
+        RuleMemberSettings(name="sma_cross", strategy="sma_crossover", params={"fast": 10, "slow": 50}),
+        RuleMemberSettings(name="atr_breakout", strategy="atr_breakout", params={"window": 20, "multiplier": 2.0}),
+        RuleMemberSettings(name="rsi_reversion", strategy="rsi_reversion", params={"window": 14, "lower": 30, "upper": 70}),
+    ]
+
+
+class EnsembleSettings(_Section):
+    """The model ensemble, its model cache and the registry's feedback loop."""
+
+    models: list[str] = Field(
+        default_factory=list, description="registry models used as members; empty: every production model of `tasks`"
+    )
+    tasks: list[str] = Field(default_factory=lambda: ["forecasting", "classification"])
+    rules: list[RuleMemberSettings] = Field(default_factory=_default_rules)
+    python_members: list[PythonMemberSettings] = Field(default_factory=list)
+    weights: dict[str, float] = Field(default_factory=dict, description="base weight per learned member (default 1)")
+    regime_weights: dict[str, dict[str, float]] = Field(
+        # Trend followers lead in a trend, the reverter in a range; in a volatile
+        # market only the breakout keeps its full say. Learned members default to 1.
+        default_factory=lambda: {
+            "trending": {"sma_cross": 1.5, "atr_breakout": 1.5, "rsi_reversion": 0.5},
+            "ranging": {"sma_cross": 0.5, "atr_breakout": 0.5, "rsi_reversion": 1.5},
+            "volatile": {"sma_cross": 0.5, "atr_breakout": 1.0, "rsi_reversion": 0.5},
+        },
+        description="regime -> member -> multiplier of its base weight",
+    )
+    member_timeout_s: float = Field(0.25, gt=0, description="a member slower than this is left out of the call")
+    max_versions_per_model: int = Field(3, ge=1, description="versions of one model kept loaded")
+    cache_budget_bytes: int | None = Field(
+        None, gt=0, description="model cache budget; default: cache_budget_fraction of the ensemble role's memory"
+    )
+    cache_budget_fraction: float = Field(0.5, gt=0, le=1)
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per session; default: role CPUs")
+    max_batch_size: int = Field(256, ge=1)
+    batch_wait_s: float = Field(0.002, ge=0, description="how long a batch waits for more requests")
+    reload_poll_s: float = Field(2.0, gt=0, description="how often replicas ask the registry for production versions")
+    adapt_eta: float = Field(0.05, ge=0, description="learning rate of the multiplicative weights")
+    max_tail_risk: float = Field(0.02, gt=0, description="predicted one-bar CVaR (95 %) above which positions shrink")
+    accuracy_window: int = Field(500, ge=10, description="outcomes in a member's rolling accuracy")
+    degradation_threshold: float = Field(0.45, ge=0, le=1, description="rolling hit rate that flags a production member")
+    degradation_min_samples: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "EnsembleSettings":
+        names = [r.name for r in self.rules] + [p.name for p in self.python_members]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"member names must be unique; repeated: {', '.join(sorted(dup))}")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything raytrade can be told. One object, validated once, passed down."""
 
@@ -293,6 +373,7 @@ class Settings(BaseSettings):
     ray: RaySettings = Field(default_factory=RaySettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    ensemble: EnsembleSettings = Field(default_factory=EnsembleSettings)
 
     @model_validator(mode="after")
     def _alpaca_keys_paired(self) -> "Settings":
