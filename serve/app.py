@@ -469,16 +469,19 @@ class Ingress:
                             key=("feed", e.get("wall"), e["kind"]))
         try:
             st = await asyncio.wait_for(self.ensemble.status.remote(), 5)
-            failing = st.get("failing_members") or {}
-            out["ensemble"] = {"status": "degraded" if failing else "ok", **{k: st[k] for k in st if k != "failing_members"},
-                               "failing_members": failing}
+            failing = st.get("load_errors") or {}
+            out["ensemble"] = {"status": "degraded" if failing else "ok", **st}
             for m, why in failing.items():
                 self._alert("ensemble", f"member {m} failing: {why}", key=("member", m, why))
         except Exception as e:  # noqa: BLE001
             out["ensemble"] = {"status": "down", "detail": e.__class__.__name__}
-        reg = self._actor("registry")
-        rs = await _safe(reg.health.remote()) if reg else None
-        out["registry"] = {"status": "ok" if rs and "error" not in rs else "down", **(rs or {})}
+        reg = self._actor("model-registry")
+        models = await _safe(reg.list.remote()) if reg else None
+        if isinstance(models, list):
+            out["registry"] = {"status": "ok", "models": sorted({m.get("name") for m in models if isinstance(m, dict)}),
+                               "versions": len(models)}
+        else:
+            out["registry"] = {"status": "down", "detail": (models or {}).get("error", "not running")}
         learner = self._actor("learner")
         out["learner"] = {"status": "ok" if learner else "idle"}
         for acct in account_names(self.settings):
@@ -577,12 +580,15 @@ def _atr(bars: list[dict[str, Any]], n: int = 14) -> float:
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Any:
     """The Serve application: ``Ingress`` over the ``Ensemble`` deployment."""
+    a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
+    return build_app_from_settings(load_settings(a.config))
+
+
+def build_app_from_settings(settings: Settings) -> Any:
     from actors.ensemble import ensemble_deployment
     from cluster.resources import ray_options
     from cluster.runtime import current_profile
 
-    a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
-    settings = load_settings(a.config)
     profile = current_profile(settings)
     ingress_opts = ray_options("ingress", profile, settings.ray.resource_overrides)
     ens = ensemble_deployment(settings, profile).bind(settings)
