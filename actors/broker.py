@@ -413,15 +413,17 @@ class AlpacaAccount(_BrokerBase):
         return _order_dict(o, local.get("members"))
 
     def orders(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The ledger's orders, each refreshed from Alpaca while it is not final."""
+        """The ledger's orders (entries; legs inside them), refreshed from Alpaca while they or a leg are open."""
+        rows = self.ledger.orders(max(limit * 3, limit))
+        stale = {o["parent"] or o["client_order_id"] for o in rows if o["status"] not in _FINAL}
         out = []
-        for o in self.ledger.orders(limit):
-            if o["status"] not in _FINAL and o["parent"] is None:
-                fresh = self.order(o["client_order_id"])
-                if fresh is not None:
-                    out.append(fresh)
-                    continue
-            out.append(o)
+        for o in rows:
+            if o["parent"] is not None:
+                continue
+            fresh = self.order(o["client_order_id"]) if o["client_order_id"] in stale else None
+            out.append(fresh or o)
+            if len(out) >= limit:
+                break
         return out
 
     def positions(self) -> list[dict[str, Any]]:
