@@ -53,6 +53,10 @@ class RiskLimits(_Section):
     max_daily_loss_pct: float = Field(0.02, gt=0, le=1, description="loss in a day that halts new entries")
     max_drawdown_pct: float = Field(0.05, gt=0, le=1, description="drawdown from peak that trips the kill switch")
     production: bool = Field(False, description="trade a live account; off means paper only")
+    atr_stop_multiple: float = Field(
+        2.0, gt=0, le=50, description="stop distance in ATRs when an order names no stop-loss"
+    )
+    whole_shares: bool = Field(True, description="size orders in whole shares (off: fractional, 6 decimals)")
 
     @field_validator("allowed_symbols")
     @classmethod
@@ -267,6 +271,43 @@ class SchedulerSettings(_Section):
         return merged
 
 
+class BrokerSettings(_Section):
+    """The paper broker's costs and the ledgers every broker keeps (see docs/risk.md)."""
+
+    starting_cash: float = Field(100_000.0, gt=0, description="a new paper account's cash")
+    slippage_bps: float = Field(5.0, ge=0, le=1000, description="paper fills: basis points against the taker")
+    commission_per_share: float = Field(0.005, ge=0, description="paper fills: commission per share")
+    commission_min: float = Field(1.0, ge=0, description="paper fills: minimum commission per fill")
+    ledger_dir: str = Field("var/ledger", description="one folder per account: ledger.sqlite and risk.sqlite")
+    http_timeout_s: float = Field(10.0, gt=0, le=300, description="Alpaca trading REST timeout per request")
+    signing_key: SecretStr | None = Field(
+        None, description="HMAC key of the risk manager's verdict tokens; empty: a random key per start"
+    )
+    token_ttl_s: float = Field(30.0, gt=0, le=3600, description="how long a verdict token may be presented")
+
+
+class AccountSettings(_Section):
+    """One trading account: its broker, and risk limits that override ``risk`` field by field."""
+
+    kind: Literal["paper", "alpaca"] = "paper"
+    risk: dict[str, Any] = Field(default_factory=dict, description="overrides of the top-level risk limits")
+    starting_cash: float | None = Field(None, gt=0, description="paper: overrides broker.starting_cash")
+    api_key: SecretStr | None = Field(None, description="alpaca: this account's key (default alpaca.api_key)")
+    secret_key: SecretStr | None = Field(None, description="alpaca: this account's secret (default alpaca.secret_key)")
+
+    @field_validator("risk")
+    @classmethod
+    def _known_limits(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(RiskLimits.model_fields))
+        if unknown:
+            raise ValueError(f"unknown risk limit(s) {', '.join(unknown)}; valid: {', '.join(RiskLimits.model_fields)}")
+        return v
+
+
+def _default_accounts() -> dict[str, AccountSettings]:
+    return {"default": AccountSettings()}
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -374,6 +415,8 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     ensemble: EnsembleSettings = Field(default_factory=EnsembleSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    accounts: dict[str, AccountSettings] = Field(default_factory=_default_accounts, min_length=1)
 
     @model_validator(mode="after")
     def _alpaca_keys_paired(self) -> "Settings":
@@ -383,6 +426,31 @@ class Settings(BaseSettings):
         if "alpaca" in self.feeds.sources and not a.enabled:
             raise ValueError("feeds.sources lists alpaca but alpaca.api_key/secret_key are not set")
         return self
+
+    @model_validator(mode="after")
+    def _accounts_valid(self) -> "Settings":
+        for name, acc in self.accounts.items():
+            if not name or not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"account name {name!r}: use letters, digits, - and _")
+            try:
+                self.risk_limits_for(name)
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise ValueError(f"accounts.{name}.risk.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            if acc.kind == "alpaca" and (acc.api_key or self.alpaca.api_key) is None:
+                raise ValueError(f"account {name!r} is an alpaca account but no api_key/secret_key is set")
+            if (acc.api_key is None) != (acc.secret_key is None):
+                raise ValueError(f"accounts.{name}.api_key and secret_key must be given together")
+        return self
+
+    def risk_limits_for(self, account: str) -> RiskLimits:
+        """The top-level risk limits with the account's overrides on top."""
+        acc = self.accounts.get(account)
+        if acc is None:
+            raise KeyError(f"unknown account {account!r}; accounts are {', '.join(self.accounts)}")
+        if not acc.risk:
+            return self.risk
+        return RiskLimits(**{**self.risk.model_dump(), **acc.risk})
 
     @classmethod
     def settings_customise_sources(
