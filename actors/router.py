@@ -35,8 +35,9 @@ from core.store import BarStore
 log = get_logger("router")
 
 SOURCE_CALL_TIMEOUT_S = 2.0
-# A source that does not answer a poll within this is failed over from.
-UNRESPONSIVE_S = 0.2
+# A source that does not answer a poll within this (or one bar interval, up
+# to 1 s) is failed over from.
+UNRESPONSIVE_S = 0.25
 
 
 def router_actor_name(group: str = "default") -> str:
@@ -61,6 +62,7 @@ class FeedRouter:
             self.source_names, self.symbols, self.cfg,
             start_seq=ckpt.get("seq", 0), last_delivered=ckpt.get("last_delivered"),
         )
+        self._last_flush = time.monotonic()
         self._pending_store: list[dict[str, Any]] = list(ckpt.get("pending", []))
         if self._pending_store:
             # Delivered before the crash, maybe not stored: make them readable again and store them.
@@ -72,10 +74,11 @@ class FeedRouter:
         self._incarnation: dict[str, str | None] = {n: None for n in self.source_names}
         self._handles: dict[str, Any] = {}
         self._task: asyncio.Task | None = None
-        self._last_flush = time.monotonic()
         self._restarted = bool(ckpt)
         self.poll_s = min(0.1, max(0.002, self.cfg.interval_s / 50))
-        self.unresponsive_s = UNRESPONSIVE_S
+        # A dead actor's call fails fast (RayActorError); this deadline only
+        # catches one that hangs, so keep it well above a loaded machine's jitter.
+        self.unresponsive_s = max(UNRESPONSIVE_S, min(1.0, self.cfg.interval_s))
 
     # -- state across restarts ---------------------------------------------------------
     def _load_checkpoint(self) -> dict[str, Any]:
@@ -96,9 +99,13 @@ class FeedRouter:
         self.store.put_bytes(self._ckpt_path, json.dumps(data).encode())
 
     def _warm_from_store(self) -> None:
-        # The spike filter and the windows need history; the store has it.
+        # After a restart the spike filter and the windows need the history up
+        # to the last delivered bar; the store has it. A fresh router has no
+        # such point (a replay may start anywhere in the stored history).
         for sym in self.symbols:
             last = self.state.last_delivered.get(sym)
+            if last is None:
+                continue
             try:
                 df = self.store.read(sym)
             except Exception as e:  # noqa: BLE001

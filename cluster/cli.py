@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     dec = sub.add_parser("decide", help="ask the running endpoint for a decision")
     dec.add_argument("symbol")
     dec.add_argument("--execute", action="store_true", help="trade it (needs a trade key)")
-    dec.add_argument("--account", default="paper")
+    dec.add_argument("--account", default="default")
     dec.add_argument("--key", default=None, help="API key (default: $RAYTRADE_API_KEY)")
     dec.add_argument("--url", default=None, help="default: http://serve.host:serve.port")
 

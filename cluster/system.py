@@ -119,7 +119,7 @@ def ensure_baselines(settings: Settings, progress: Any = print) -> list[str]:
     from core.store import BarStore
 
     reg = get_or_create_registry(settings)
-    if ray.get(reg.production.remote(), timeout=120):
+    if ray.get(reg.production.remote(), timeout=120)["models"]:
         return []
     store = BarStore.from_settings(settings.store, settings.resilience)
     bars = {s: store.read(s) for s in settings.feeds.symbols}

@@ -238,7 +238,9 @@ class RouterState:
             h.errors += 1
             h.healthy_since = None
         if source == self.active:
-            self._switch(self._best_healthy(exclude=source), f"dead: {reason}", "failover")
+            best = self._best_healthy(exclude=source)
+            if best is not None:  # with nowhere to go, stay: a source that answers again resumes at once
+                self._switch(best, f"dead: {reason}", "failover")
 
     def mark_error(self, source: str, reason: str) -> None:
         h = self.sources[source]
@@ -297,8 +299,6 @@ class RouterState:
             best = self._best_healthy()
             if best is not None and best != self.active:
                 self._switch(best, reason or "unhealthy", "failover")
-            elif best is None and self.active is not None and not self.sources[self.active].alive:
-                self._switch(None, reason or "all sources down", "failover")
             return
         # Failback to a higher-priority source that has been well long enough.
         active_prio = self.sources[self.active].priority

@@ -26,7 +26,6 @@ Not here: the risk rules (``core.risk``/``actors.risk``), fusion
 (``actors.ensemble``), brokers (``actors.broker``).
 """
 
-from __future__ import annotations
 
 import asyncio
 import json
@@ -57,6 +56,7 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 WINDOW_BARS = 256
 # A target this close to the current position is not worth an order.
 MIN_POSITION_CHANGE = 0.05
+POSITION_TTL_S = 0.5
 
 
 class AppArgs(BaseModel):
@@ -137,6 +137,54 @@ def _percentile(values: deque, q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+class _Metrics:
+    """Prometheus metrics through Ray's metrics agent."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.requests = metrics.Counter("raytrade_requests", "HTTP requests", tag_keys=("route", "status"))
+        self.latency = metrics.Histogram("raytrade_request_latency_ms", "request latency (ms)",
+                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], tag_keys=("route",))
+        self.decisions = metrics.Counter("raytrade_decisions", "decisions by action", tag_keys=("action",))
+        self.rejections = metrics.Counter("raytrade_risk_rejections", "orders the risk manager refused",
+                                          tag_keys=("account",))
+
+
+async def _safe(ref: Any, timeout: float = 5.0) -> Any:
+    try:
+        return await asyncio.wait_for(ref, timeout)
+    except Exception as e:  # noqa: BLE001 - health shows it, never raises
+        return {"error": e.__class__.__name__}
+
+
+def _ns(t: Any) -> int:
+    import pandas as pd
+
+    ts = pd.Timestamp(t)
+    return int((ts.tz_localize("UTC") if ts.tz is None else ts.tz_convert("UTC")).value)
+
+
+def account_names(settings: Settings) -> list[str]:
+    return list(settings.accounts)
+
+
+def _ts(ns: Any) -> Any:
+    import pandas as pd
+
+    return pd.Timestamp(int(ns), tz="UTC").to_pydatetime()
+
+
+def _atr(bars: list[dict[str, Any]], n: int = 14) -> float:
+    if len(bars) < 2:
+        return float(bars[-1]["high"] - bars[-1]["low"]) if bars else 0.0
+    trs = []
+    for prev, b in zip(bars[-n - 1:-1], bars[-n:]):
+        trs.append(max(b["high"] - b["low"], abs(b["high"] - prev["close"]), abs(b["low"] - prev["close"])))
+    return float(sum(trs) / len(trs))
+
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(fastapi_app)
 class Ingress:
@@ -158,6 +206,7 @@ class Ingress:
         self._seen_events: set[tuple] = set()
         self._feed_task: asyncio.Task | None = None
         self._metrics = _Metrics()
+        self._positions: dict[str, dict[str, Any]] = {}
 
     # -- plumbing -------------------------------------------------------------------------
     def _auth(self, request: Request, need: str) -> str:
@@ -196,20 +245,53 @@ class Ingress:
             if bars and self.last_seq and bars[0]["seq"] > self.last_seq + 1 and not self.windows:
                 pass
             for b in bars:
-                self.windows.setdefault(b["symbol"], deque(maxlen=WINDOW_BARS)).append(b)
+                w = self.windows.get(b["symbol"])
+                if w is None:
+                    # A symbol's first live bar: start its window with the stored bars before it.
+                    w = self.windows[b["symbol"]] = deque(await self._history_before(b["symbol"], b["ts"]),
+                                                          maxlen=WINDOW_BARS)
+                w.append(b)
             if bars:
                 self.last_seq = bars[-1]["seq"]
-            if not self.windows and self.last_seq == 0:
-                # First start: fill windows from the router's own windows.
-                for sym in self.settings.feeds.symbols:
-                    try:
-                        w = await router.window.remote(sym, WINDOW_BARS)
-                    except Exception:  # noqa: BLE001
-                        w = []
-                    if w:
-                        self.windows[sym] = deque(w, maxlen=WINDOW_BARS)
-                        self.last_seq = max(self.last_seq, w[-1]["seq"])
             await asyncio.sleep(0.05)
+
+    async def _history_before(self, sym: str, ts_ns: int) -> list[dict[str, Any]]:
+        import pandas as pd
+
+        from core.store import BarStore
+
+        def read() -> list[dict[str, Any]]:
+            store = BarStore.from_settings(self.settings.store, self.settings.resilience)
+            df = store.read(sym, end=pd.Timestamp(ts_ns - 1, tz="UTC")).tail(WINDOW_BARS - 1)
+            recs = df.assign(ts=df["ts"].astype("int64"), seq=None).to_dict("records")
+            return recs
+
+        try:
+            return await asyncio.to_thread(read)
+        except Exception as e:  # noqa: BLE001 - live bars alone will fill the window
+            log.warning("ingress: no stored history for %s: %s", sym, e)
+            return []
+
+    async def _current_position(self, account: str, sym: str, price: float) -> float:
+        """The account's position in ``sym`` in target units (1 = the symbol's position limit).
+
+        From a snapshot at most ``POSITION_TTL_S`` old, so a decision costs no
+        extra call; an order is checked by the risk manager against the live
+        position anyway.
+        """
+        snap = self._positions.get(account)
+        if snap is None or time.monotonic() - snap["at"] > POSITION_TTL_S:
+            risk = self._actor(f"risk:{account}")
+            try:
+                positions, summary = await asyncio.gather(risk.positions.remote(), risk.account_summary.remote())
+                snap = {"at": time.monotonic(), "equity": float(summary["equity"]),
+                        "qty": {p["symbol"]: float(p["qty"]) for p in positions}}
+                self._positions[account] = snap
+            except Exception:  # noqa: BLE001 - unknown: decide from flat; the risk manager checks again
+                return 0.0
+        qty = snap["qty"].get(sym, 0.0)
+        cap = snap["equity"] * self.settings.risk_limits_for(account).max_position_for(sym)
+        return max(-1.0, min(1.0, qty * price / cap)) if cap > 0 else 0.0
 
     def _known_symbols(self) -> set[str]:
         return set(self.settings.risk.allowed_symbols) | set(self.settings.feeds.symbols) | set(self.windows)
@@ -256,11 +338,7 @@ class Ingress:
         if risk is None:
             raise ApiError(422, "unknown account", f"no account named {req.account!r}; accounts: "
                            f"{', '.join(account_names(self.settings))}", ["account"])
-        current = 0.0
-        try:
-            current = float(await risk.position_fraction.remote(sym, last["close"]))
-        except Exception:  # noqa: BLE001 - unknown position: decide from flat, the risk manager checks again
-            pass
+        current = await self._current_position(req.account, sym, float(last["close"]))
         delta = target - current
         if sig.get("hold") or abs(delta) < MIN_POSITION_CHANGE:
             action = "HOLD"
@@ -284,6 +362,7 @@ class Ingress:
             res = await risk.submit.remote(order_req)
             verdict, order = res["verdict"], res.get("order")
             executed = order is not None
+            self._positions.pop(req.account, None)
         else:
             verdict = await risk.evaluate.remote(order_req)
         if action != "HOLD" and not verdict.get("approved"):
@@ -319,7 +398,7 @@ class Ingress:
         return await self._timed("decisions", self._decide(body, execute=body.execute))
 
     @fastapi_app.get("/v1/signal/{symbol}", response_model=Decision)
-    async def signal(self, symbol: str, request: Request, account: str = "paper") -> Decision:
+    async def signal(self, symbol: str, request: Request, account: str = "default") -> Decision:
         self._auth(request, "read")
         try:
             req = DecisionRequest(symbol=symbol, account=account)
@@ -339,18 +418,19 @@ class Ingress:
                 "expires_in_s": body.ttl_s}
 
     @fastapi_app.get("/v1/positions")
-    async def positions(self, request: Request, account: str = "paper") -> dict[str, Any]:
+    async def positions(self, request: Request, account: str = "default") -> dict[str, Any]:
         self._auth(request, "read")
-        broker = self._account_actor("broker", account)
-        return {"account": account, "positions": await broker.positions.remote(), "account_state": await broker.account.remote()}
+        risk = self._account_actor("risk", account)
+        return {"account": account, "positions": await risk.positions.remote(),
+                "account_state": await risk.account_summary.remote()}
 
     @fastapi_app.get("/v1/orders")
-    async def orders(self, request: Request, account: str = "paper", limit: int = 100) -> dict[str, Any]:
+    async def orders(self, request: Request, account: str = "default", limit: int = 100) -> dict[str, Any]:
         self._auth(request, "read")
         if not 1 <= limit <= 1000:
             raise ApiError(422, "invalid request", "limit must be between 1 and 1000", ["limit"])
-        broker = self._account_actor("broker", account)
-        return {"account": account, "orders": await broker.orders.remote(limit)}
+        risk = self._account_actor("risk", account)
+        return {"account": account, "orders": await risk.orders.remote(limit)}
 
     @fastapi_app.post("/v1/orders")
     async def place_order(self, body: OrderRequest, request: Request) -> dict[str, Any]:
@@ -369,8 +449,10 @@ class Ingress:
             "decision_id": body.client_order_id or uuid.uuid4().hex, "manual": True,
         }
         res = await risk.submit.remote(order_req)
+        self._positions.pop(body.account, None)
         if not res["verdict"].get("approved"):
             self.risk_rejections += 1
+            self._metrics.rejections.inc(tags={"account": body.account})
             raise ApiError(422, "rejected by risk", "; ".join(res["verdict"].get("reasons") or ["rejected"]))
         return res
 
@@ -393,11 +475,11 @@ class Ingress:
         return {"resumed": out}
 
     @fastapi_app.get("/v1/analytics")
-    async def analytics(self, request: Request, account: str = "paper", days: int = 30) -> dict[str, Any]:
+    async def analytics(self, request: Request, account: str = "default", days: int = 30) -> dict[str, Any]:
         self._auth(request, "read")
         if not 1 <= days <= 3650:
             raise ApiError(422, "invalid request", "days must be between 1 and 3650", ["days"])
-        return await self._account_actor("broker", account).analytics.remote(days)
+        return await self._account_actor("risk", account).analytics.remote(days)
 
     @fastapi_app.get("/v1/status")
     async def status(self, request: Request) -> dict[str, Any]:
@@ -407,9 +489,8 @@ class Ingress:
         pnl = {}
         for acct in account_names(self.settings):
             r = self._actor(f"risk:{acct}")
-            b = self._actor(f"broker:{acct}")
             risk[acct] = await _safe(r.state.remote()) if r else None
-            pnl[acct] = await _safe(b.account.remote()) if b else None
+            pnl[acct] = await _safe(r.account_summary.remote()) if r else None
         return {
             "uptime_s": round(time.time() - self.started, 1),
             "decisions": dict(self.decisions), "risk_rejections": self.risk_rejections,
@@ -486,15 +567,19 @@ class Ingress:
         out["learner"] = {"status": "ok" if learner else "idle"}
         for acct in account_names(self.settings):
             r = self._actor(f"risk:{acct}")
-            b = self._actor(f"broker:{acct}")
             rs = await _safe(r.state.remote()) if r else None
-            bs = await _safe(b.account.remote()) if b else None
-            halted = bool(rs and (rs.get("halted") or rs.get("kill_switch")))
-            out[f"risk:{acct}"] = {"status": "down" if rs is None else ("degraded" if halted else "ok"), **(rs or {})}
-            out[f"broker:{acct}"] = {"status": "down" if bs is None else "ok", **(bs or {})}
+            bs = await _safe(r.broker_health.remote()) if r else None
+            ok_rs = isinstance(rs, dict) and "error" not in rs
+            halted = bool(ok_rs and (rs.get("halted") or rs.get("kill_switch") or rs.get("daily_halt")))
+            out[f"risk:{acct}"] = {"status": "down" if not ok_rs else ("degraded" if halted else "ok"), **(rs or {})}
+            out[f"broker:{acct}"] = {"status": "down" if not isinstance(bs, dict) or "error" in bs else "ok", **(bs or {})}
             if halted:
-                self._alert("risk", f"{acct}: trading halted ({rs.get('halt_reason')})",
-                            key=("halt", acct, rs.get("halt_reason"), rs.get("halted_at")))
+                why = "; ".join(rs.get("reasons") or []) or "halted"
+                self._alert("risk", f"{acct}: {why}", key=("halt", acct, why))
+            for ev in (rs or {}).get("events", []) if ok_rs else []:
+                if isinstance(ev, dict) and ev.get("kind") in ("kill_switch", "daily_halt", "broker_error"):
+                    self._alert("risk", f"{acct}: {ev.get('kind')}: {ev.get('reason') or ev.get('error') or ''}",
+                                ev.get("at"), key=("riskev", acct, ev.get("kind"), ev.get("at")))
         try:
             from core.store import BarStore
 
@@ -526,56 +611,6 @@ class Ingress:
         finally:
             self._metrics.requests.inc(tags={"route": route, "status": str(status)})
             self._metrics.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
-
-
-class _Metrics:
-    """Prometheus metrics through Ray's metrics agent."""
-
-    def __init__(self) -> None:
-        from ray.util import metrics
-
-        self.requests = metrics.Counter("raytrade_requests", "HTTP requests", tag_keys=("route", "status"))
-        self.latency = metrics.Histogram("raytrade_request_latency_ms", "request latency (ms)",
-                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], tag_keys=("route",))
-        self.decisions = metrics.Counter("raytrade_decisions", "decisions by action", tag_keys=("action",))
-        self.rejections = metrics.Counter("raytrade_risk_rejections", "orders the risk manager refused",
-                                          tag_keys=("account",))
-
-
-async def _safe(ref: Any, timeout: float = 5.0) -> Any:
-    try:
-        return await asyncio.wait_for(ref, timeout)
-    except Exception as e:  # noqa: BLE001 - health shows it, never raises
-        return {"error": e.__class__.__name__}
-
-
-def _ns(t: Any) -> int:
-    import pandas as pd
-
-    ts = pd.Timestamp(t)
-    return int((ts.tz_localize("UTC") if ts.tz is None else ts.tz_convert("UTC")).value)
-
-
-def account_names(settings: Settings) -> list[str]:
-    accounts = getattr(settings, "accounts", None)
-    if accounts:
-        return list(accounts) if isinstance(accounts, dict) else [a.name for a in accounts]
-    return ["paper"]
-
-
-def _ts(ns: Any) -> Any:
-    import pandas as pd
-
-    return pd.Timestamp(int(ns), tz="UTC").to_pydatetime()
-
-
-def _atr(bars: list[dict[str, Any]], n: int = 14) -> float:
-    if len(bars) < 2:
-        return float(bars[-1]["high"] - bars[-1]["low"]) if bars else 0.0
-    trs = []
-    for prev, b in zip(bars[-n - 1:-1], bars[-n:]):
-        trs.append(max(b["high"] - b["low"], abs(b["high"] - prev["close"]), abs(b["low"] - prev["close"])))
-    return float(sum(trs) / len(trs))
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Any:

@@ -46,7 +46,7 @@ class DecisionRequest(_Body):
         description="bars to decide on, oldest first; omit to use the feed router's latest window",
     )
     execute: bool = Field(False, description="send the order through the risk manager to the broker")
-    account: str = Field("paper", pattern=r"^[a-z0-9_\-]{1,32}$")
+    account: str = Field("default", pattern=r"^[a-z0-9_\-]{1,32}$")
     decision_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_\-]{8,64}$",
         description="idempotency key: the same id executes at most one order",
@@ -129,7 +129,7 @@ class OrderRequest(_Body):
     symbol: str = Field(pattern=SYMBOL_PATTERN)
     side: Literal["BUY", "SELL"]
     quantity: float = Field(gt=0, le=1e9)
-    account: str = Field("paper", pattern=r"^[a-z0-9_\-]{1,32}$")
+    account: str = Field("default", pattern=r"^[a-z0-9_\-]{1,32}$")
     client_order_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_\-]{8,64}$")
     confidence: float = Field(1.0, ge=0, le=1)
     stop_loss: float | None = Field(None, gt=0)
