@@ -91,7 +91,10 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
             )
             started = False
         else:
+            # "local", not None: with None, Ray joins whatever instance another
+            # process on this machine recorded in /tmp/ray/ray_current_cluster.
             ray.init(
+                address="local",
                 namespace=ns,
                 num_cpus=num_cpus or settings.ray.num_cpus or max(2, os.cpu_count() or 2),
                 include_dashboard=settings.ray.include_dashboard,
