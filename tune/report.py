@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +264,145 @@ def write_report(out_dir: str | Path, *, title: str = "raytrade backtest report"
             parts.append(f"<p class='note'>{html.escape(m)} skipped: {html.escape(why)}</p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+    path = out / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+# -- live (paper) against backtest ---------------------------------------------------------
+# The paper broker (issue 6) does not exist yet; the comparison reads a plain fills file
+# (ts, symbol, side, qty, price), which is what that broker's ledger will export.
+FILL_COLUMNS = ("ts", "symbol", "side", "qty", "price")
+TIMING_WINDOW = 3  # bars within which a same-direction fill counts as the same order, early or late
+
+
+def read_fills(path: str | Path, symbol: str) -> pd.DataFrame:
+    """A fills file (CSV or Parquet) -> ts (UTC), signed qty (+ buy), price, for ``symbol`` only."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError("no such file")
+    df = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in FILL_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"missing column(s) {', '.join(missing)}; a fills file has {', '.join(FILL_COLUMNS)}")
+    df = df[df["symbol"].astype(str).str.upper() == symbol.upper()].copy()
+    if df.empty:
+        raise ValueError(f"no fills of {symbol}")
+    side = df["side"].astype(str).str.lower()
+    bad = ~side.isin(["buy", "sell"]) | ~(pd.to_numeric(df["qty"], errors="coerce") > 0) | ~(
+        pd.to_numeric(df["price"], errors="coerce") > 0)
+    if bad.any():
+        raise ValueError(f"rows {', '.join(str(i + 2) for i in np.flatnonzero(bad.to_numpy())[:5])}: side must be "
+                         "buy or sell, qty and price positive")
+    ts = pd.to_datetime(df["ts"], utc=True)
+    qty = pd.to_numeric(df["qty"]).to_numpy(dtype=np.float64) * np.where(side == "buy", 1.0, -1.0)
+    return pd.DataFrame({"ts": ts.to_numpy(), "qty": qty, "price": pd.to_numeric(df["price"]).to_numpy(dtype=np.float64)}
+                        ).sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class FillComparison:
+    differences: pd.DataFrame  # one row per bar where the fills differ, with why
+    positions: pd.DataFrame  # per bar of the window: paper and backtest position
+    paper_position: float
+    backtest_position: float
+    paper_pnl: float
+    backtest_pnl: float
+
+
+def compare_fills(bars: pd.DataFrame, result, fills: pd.DataFrame, costs) -> FillComparison:
+    """Where a paper account's fills differ from the backtest's over the bars it traded, and why.
+
+    Fills map to the bar whose time span holds them. Per bar, both sides' fills
+    are netted (a reversal is one net quantity) at their volume-weighted price.
+    Reasons: ``size`` (same direction, other quantity: sizing or equity
+    differs), ``slippage`` (same bar, other price; in basis points),
+    ``direction``, ``timing`` (the same direction filled up to 3 bars earlier
+    or later: a late signal or a missed bar), ``paper only`` and ``backtest
+    only``. P&L is gross of commission on both sides (fills files carry none),
+    marked at the window's last close; the paper account is taken to start flat.
+    """
+    ts = pd.to_datetime(bars["ts"], utc=True).to_numpy()
+    bar = np.searchsorted(ts, pd.to_datetime(fills["ts"], utc=True).to_numpy(), side="right") - 1
+    if (bar < 0).any():
+        raise ValueError("fills before the first bar: load bars from before the first fill (--start)")
+    lo, hi = int(bar.min()), int(bar.max())
+    f = fills.assign(bar=bar)
+    f["value"] = f["qty"].abs() * f["price"]
+    paper = f.groupby("bar").agg(qty=("qty", "sum"), gross=("qty", lambda q: q.abs().sum()), value=("value", "sum"))
+    paper["price"] = paper["value"] / paper["gross"]
+    units = np.asarray(result.units, dtype=np.float64)
+    delta = np.diff(np.concatenate([[0.0], units]))
+    ref = bars["open" if costs.fill == "open" else "close"].to_numpy(dtype=np.float64)
+    bt_bars = [t for t in np.flatnonzero(delta != 0) if lo <= t <= hi]
+    bt = pd.DataFrame({"qty": delta[bt_bars],
+                       "price": ref[bt_bars] * np.where(delta[bt_bars] > 0, 1 + costs.slippage, 1 - costs.slippage)},
+                      index=pd.Index(bt_bars, name="bar"))
+    rows, used_p, used_b = [], set(), set()
+    for t in sorted(set(paper.index) & set(bt.index)):
+        p, b = paper.loc[t], bt.loc[t]
+        why = []
+        if np.sign(p.qty) != np.sign(b.qty):
+            why.append("direction")
+        elif not np.isclose(p.qty, b.qty, rtol=1e-9, atol=1e-9):
+            why.append("size")
+        if not np.isclose(p.price, b.price, rtol=1e-9):
+            why.append(f"slippage {1e4 * (p.price / b.price - 1) * np.sign(b.qty):+.1f} bps")
+        used_p.add(t), used_b.add(t)
+        if why:
+            rows.append((t, p.qty, b.qty, p.price, b.price, "; ".join(why)))
+    for t in sorted(set(bt.index) - used_b):
+        b = bt.loc[t]
+        near = [u for u in paper.index if u not in used_p and 0 < abs(u - t) <= TIMING_WINDOW
+                and np.sign(paper.loc[u].qty) == np.sign(b.qty)]
+        if near:
+            u = min(near, key=lambda u: abs(u - t))
+            used_p.add(u)
+            lag = u - t
+            rows.append((t, paper.loc[u].qty, b.qty, paper.loc[u].price, b.price,
+                         f"timing: paper filled {abs(lag)} bar(s) {'later' if lag > 0 else 'earlier'}"
+                         + (" (a missed or late bar)" if lag > 0 else "")))
+        else:
+            rows.append((t, 0.0, b.qty, np.nan, b.price, "backtest only: the paper account did not trade"))
+    for t in sorted(set(paper.index) - used_p):
+        p = paper.loc[t]
+        rows.append((t, p.qty, 0.0, p.price, np.nan, "paper only: the backtest did not trade"))
+    diff = pd.DataFrame(rows, columns=["bar", "paper_qty", "backtest_qty", "paper_price", "backtest_price", "why"])
+    diff = diff.sort_values("bar", kind="stable").reset_index(drop=True)
+    diff.insert(1, "bar_ts", pd.to_datetime(ts[diff["bar"].to_numpy()]) if len(diff) else [])
+    window = np.arange(lo, hi + 1)
+    paper_pos = np.cumsum(paper["qty"].reindex(window, fill_value=0.0).to_numpy())
+    close = bars["close"].to_numpy(dtype=np.float64)
+    last = close[hi]
+    before = units[lo - 1] if lo > 0 else 0.0
+    close_before = close[lo - 1] if lo > 0 else ref[lo]
+    paper_pnl = float((f["qty"] * (last - f["price"])).sum())
+    bt_pnl = float((bt["qty"] * (last - bt["price"])).sum() + before * (last - close_before))
+    positions = pd.DataFrame({"bar": window, "ts": pd.to_datetime(ts[window]), "paper": paper_pos,
+                              "backtest": units[window]})
+    return FillComparison(diff, positions, float(paper_pos[-1]), float(units[hi]), paper_pnl, bt_pnl)
+
+
+def write_compare_report(out_dir: str | Path, title: str, diff: FillComparison) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.step(diff.positions["ts"], diff.positions["paper"], where="post", label="paper", lw=1.4)
+    ax.step(diff.positions["ts"], diff.positions["backtest"], where="post", label="backtest", lw=1.0, ls="--")
+    ax.set_ylabel("position (units)")
+    ax.set_title("Position: paper account against backtest")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "positions.png", dpi=_DPI)
+    plt.close(fig)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Final position: paper {_fmt(diff.paper_position)}, backtest {_fmt(diff.backtest_position)}. "
+            f"Gross P&amp;L over the window: paper {_fmt(diff.paper_pnl)}, backtest {_fmt(diff.backtest_pnl)}.</p>"
+            f"<p><img src='positions.png' alt='positions'></p><h2>Where the fills differ</h2>"
+            f"{_table(diff.differences) if len(diff.differences) else '<p>nowhere</p>'}</body></html>")
     path = out / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
