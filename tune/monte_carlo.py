@@ -272,7 +272,8 @@ def _inputs(bars: pd.DataFrame, strategy: Strategy, params: Mapping[str, Any], c
     H = int(horizon or len(bars))
     sig = float(np.std(log_r, ddof=1)) if sigma is None else float(sigma)
     inputs = {
-        "trade_returns": trade_returns, "n_trades": len(trade_returns),
+        # As many trades per path as the backtest made in ``horizon`` bars, so every method spans the same time.
+        "trade_returns": trade_returns, "n_trades": max(1, round(len(trade_returns) * H / len(bars))),
         "bar_returns": base.returns, "horizon": H, "block": int(block),
         "strategy": strategy, "params": dict(params), "costs": costs, "generator": generator,
         "s0": float(close[0]), "mu": float(np.mean(log_r) + 0.5 * sig**2) if mu is None else float(mu), "sigma": sig,
@@ -343,7 +344,7 @@ def monte_carlo(
     if not run:
         raise ValueError("no Monte Carlo method can run: " + "; ".join(skipped.values()))
     years = len(bars) / ppy
-    periods = {"trades": max(inputs["n_trades"], 1) / years, "blocks": ppy, "synthetic": ppy}
+    periods = {"trades": max(len(inputs["trade_returns"]), 1) / years, "blocks": ppy, "synthetic": ppy}
     n_chunks = max(1, math.ceil(n_paths / paths_per_trial))
     edges = np.linspace(0, n_paths, n_chunks + 1).astype(int)
     chunks = [(int(edges[i]), int(edges[i + 1])) for i in range(n_chunks)]

@@ -154,9 +154,9 @@ def plot_hist(mc, path: Path) -> Path:
                 ax.hist(v, bins=40, alpha=0.45, color=_COLORS.get(m.method), label=m.method)
         if key in mc.base_metrics:
             base = mc.base_metrics[key]
-            ax.axvline(base, color="black", lw=1, ls="--", label="backtest")
+            ax.axvline(base, color="black", lw=1, ls="--", label="backtest (whole history)")
         elif key == "terminal_wealth":
-            ax.axvline(1 + mc.base_metrics["total_return"], color="black", lw=1, ls="--", label="backtest")
+            ax.axvline(1 + mc.base_metrics["total_return"], color="black", lw=1, ls="--", label="backtest (whole history)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
