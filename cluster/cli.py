@@ -7,6 +7,7 @@
     raytrade data generate|import|ls        history in the store
     raytrade workflows ls|run|cancel        the workflow scheduler's queue
     raytrade models ls|show|promote|rollback|import|train-baseline   the model registry
+    raytrade backtest run|walk-forward|monte-carlo|compare   backtests, on Ray Tune where it pays
 
 A user's mistake (a bad flag, a bad setting, a bad file) ends with one line on
 stderr and exit code 2, never a traceback; a cluster that cannot be reached
@@ -106,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     wcan = wf_sub.add_parser("cancel", help="cancel a queued or running workflow")
     wcan.add_argument("id")
     _models_parser(sub)
+    _backtest_parser(sub)
     return p
 
 
@@ -154,6 +156,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from cluster.models_cli import run_models
 
         return run_models(args, settings, UserError)
+    if args.cmd == "backtest":
+        from cluster.cli_backtest import run_backtest_command
+
+        return run_backtest_command(args, settings, UserError)
     raise UserError(f"unknown command {args.cmd}")
 
 
@@ -183,6 +189,52 @@ def _models_parser(sub: Any) -> None:
     tb.add_argument("--epochs", type=int, default=5)
     tb.add_argument("--max-samples", type=int, default=200_000)
     tb.add_argument("--promote", action="store_true", help="make the new versions production")
+
+
+def _backtest_parser(sub) -> None:
+    bt = sub.add_parser("backtest", help="backtests: one run, walk-forward and Monte Carlo on Ray Tune, live vs backtest")
+    bt_sub = bt.add_subparsers(dest="backtest_cmd", metavar="ACTION", parser_class=_Parser)
+    texts = {
+        "run": "backtest one parameter set on a symbol's stored bars",
+        "walk-forward": "walk-forward optimisation as a Tune experiment",
+        "monte-carlo": "Monte Carlo robustness as a Tune experiment",
+        "compare": "backtest the bars a paper account traded and list where its fills differ, and why",
+    }
+    for action, text in texts.items():
+        a = bt_sub.add_parser(action, help=text)
+        a.add_argument("--symbol", required=True)
+        a.add_argument("--strategy", required=True, help="sma_crossover, atr_breakout, rsi_reversion, or model:NAME@VERSION")
+        a.add_argument("--params", nargs="+", default=None, metavar="NAME=VALUES",
+                       help="fast=10 slow=50 (walk-forward: fast=5,10,20 or fast=5:50:5, stop included)")
+        a.add_argument("--start", default=None, help="first bar's time (UTC)")
+        a.add_argument("--end", default=None, help="last bar's time (UTC)")
+        a.add_argument("--cash", type=float, default=10_000.0)
+        a.add_argument("--commission", type=float, default=0.0, help="fraction of traded value, e.g. 0.001")
+        a.add_argument("--slippage", type=float, default=0.0, help="fraction of the price, e.g. 0.0005")
+        a.add_argument("--fill", choices=("open", "close"), default="open", help="next bar's open or this bar's close")
+        a.add_argument("--whole-units", action="store_true", help="trade whole units only")
+        a.add_argument("--out", default=None, help="report directory (default reports/<symbol>-<strategy>-<action>)")
+        a.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+        if action in ("walk-forward", "monte-carlo"):
+            a.add_argument("--storage", default=None, help="Tune storage: a directory or s3://bucket/prefix (default var/tune)")
+        if action == "walk-forward":
+            a.add_argument("--train", type=int, required=True, help="in-sample bars per fold")
+            a.add_argument("--test", type=int, required=True, help="out-of-sample bars per fold")
+            a.add_argument("--step", type=int, default=None, help="bars between folds (default: --test)")
+            a.add_argument("--anchored", action="store_true", help="every train window starts at the first bar")
+            a.add_argument("--objective", default="sharpe", help="sharpe or cvar_ratio")
+            a.add_argument("--search", choices=("grid", "random"), default="grid")
+            a.add_argument("--samples", type=int, default=200, help="parameter sets drawn by --search random")
+        if action == "monte-carlo":
+            a.add_argument("--paths", type=int, default=1000, help="paths per method")
+            a.add_argument("--methods", default="trades,blocks,synthetic")
+            a.add_argument("--block", type=int, default=20, help="block length of the bar bootstrap")
+            a.add_argument("--horizon", type=int, default=None, help="bars per path (default: as many as the data)")
+            a.add_argument("--generator", choices=("regimes", "gbm"), default="regimes")
+            a.add_argument("--ruin", type=float, default=0.5, help="equity fraction that counts as ruin")
+            a.add_argument("--seed", type=int, default=0)
+        if action == "compare":
+            a.add_argument("--fills", required=True, help="CSV or Parquet of the account's fills: ts, symbol, side, qty, price")
 
 
 # -- data ---------------------------------------------------------------------------

@@ -1,0 +1,206 @@
+"""``raytrade backtest run|walk-forward|monte-carlo|compare``: the CLI's backtest group.
+
+Kept beside ``cluster/cli.py`` (which only declares the flags and dispatches
+here) so the heavy imports (numba, Ray Tune, matplotlib) load only when a
+backtest is asked for. Bars come from the store in settings; each action
+prints progress on stderr, a summary table and the report's path on stdout
+(``--json``: one JSON object instead). Bad input is a ``UserError``: one
+line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _number(text: str) -> int | float:
+    return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+
+
+def parse_params(items: list[str] | None, *, many: bool, user_error) -> dict[str, Any]:
+    """``["fast=10", "slow=50"]`` -> {fast: 10, slow: 50}; with ``many``, ``fast=5,10`` and ``fast=5:50:5``
+    (stop included) give lists."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        if not sep or not name.isidentifier() or not text:
+            raise user_error(f"--params {item!r}: write NAME=VALUE, e.g. fast=10")
+        try:
+            if ":" in text:
+                a, b, *c = text.split(":")
+                lo, hi, step = _number(a), _number(b), _number(c[0]) if c else 1
+                if step <= 0 or hi < lo:
+                    raise ValueError
+                values = list(np.arange(lo, hi + step / 2, step).round(10))
+                values = [int(v) if float(v).is_integer() and isinstance(step, int) else float(v) for v in values]
+            else:
+                values = [_number(v) for v in text.split(",")]
+        except (ValueError, IndexError):
+            raise user_error(f"--params {item!r}: values must be numbers, a,b,c or start:stop:step") from None
+        if not many and len(values) != 1:
+            raise user_error(f"--params {item!r}: this action takes one value per parameter")
+        out[name] = values if many else values[0]
+    return out
+
+
+def _costs(args):
+    from tune.walk_forward import Costs
+
+    if args.cash <= 0 or args.commission < 0 or not 0 <= args.slippage < 1:
+        raise ValueError("--cash must be positive, --commission >= 0 and --slippage in [0, 1)")
+    return Costs(cash=args.cash, commission=args.commission, slippage=args.slippage, fill=args.fill,
+                 whole_units=args.whole_units)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "n/a" if not np.isfinite(v) else f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def run_backtest_command(args, settings, user_error) -> int:
+    if args.backtest_cmd is None:
+        raise user_error("raytrade backtest: choose an action: run, walk-forward, monte-carlo, compare")
+    from core.store import BarStore
+    from tune.walk_forward import get_strategy
+
+    try:
+        strategy = get_strategy(args.strategy)
+    except KeyError as e:
+        raise user_error(str(e.args[0])) from None
+    symbol = args.symbol.strip().upper()
+    many = args.backtest_cmd == "walk-forward"
+    params = parse_params(args.params, many=many, user_error=user_error)
+    unknown = sorted(set(params) - set(strategy.grid)) if strategy.grid else []
+    if unknown:
+        raise user_error(f"--params: {strategy.name} has no parameter {', '.join(unknown)}; "
+                         f"it takes {', '.join(strategy.grid)}")
+    try:
+        costs = _costs(args)
+    except ValueError as e:
+        raise user_error(str(e)) from None
+    store = BarStore.from_settings(settings.store, settings.resilience)
+    bars = store.read(symbol, args.start, args.end)
+    if len(bars) < 3:
+        raise user_error(f"the store at {store.uri} has {len(bars)} bars of {symbol} in that range; "
+                         "`raytrade data generate` or `raytrade data import` first")
+    action = args.backtest_cmd.replace("-", "_")
+    out = Path(args.out or f"reports/{symbol}-{strategy.name.replace(':', '_')}-{args.backtest_cmd}")
+    t0 = time.perf_counter()
+    try:
+        if action == "run":
+            summary = _run(bars, strategy, params, costs, out, symbol)
+        elif action == "walk_forward":
+            summary = _walk_forward(args, bars, strategy, params, costs, out, symbol, settings)
+        elif action == "monte_carlo":
+            summary = _monte_carlo(args, bars, strategy, params, costs, out, symbol, settings)
+        else:
+            summary = _compare(args, bars, strategy, params, costs, out, symbol)
+    except ValueError as e:  # the library's own checks of what the user asked for
+        raise user_error(str(e)) from None
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    if args.json:
+        print(json.dumps(summary, default=str, allow_nan=False))
+    else:
+        print(summary.pop("_text"))
+        print(f"report: {summary['report']}")
+    summary.pop("_text", None)
+    return 0
+
+
+def _single(strategy, params):
+    full = {k: v[0] for k, v in strategy.grid.items()}
+    full.update(params)
+    return full
+
+
+def _run(bars, strategy, params, costs, out, symbol):
+    from core.engine import backtest
+    from tune.report import write_report
+    from tune.walk_forward import _json_float, infer_periods_per_year
+
+    params = _single(strategy, params)
+    targets = strategy.targets(bars, {k: np.array([v]) for k, v in params.items()})[0]
+    r = backtest(bars, targets, periods_per_year=infer_periods_per_year(bars), **costs.kwargs())
+    path = write_report(out, title=f"{symbol} {strategy.name} {params}", backtest=r)
+    rows = [{"metric": k, "value": float(v)} for k, v in r.metrics.items()]
+    return {"action": "run", "symbol": symbol, "strategy": strategy.name, "params": params, "bars": len(bars),
+            "metrics": {k: _json_float(v) for k, v in r.metrics.items()}, "report": str(path),
+            "_text": _table(rows, ["metric", "value"])}
+
+
+def _walk_forward(args, bars, strategy, params, costs, out, symbol, settings):
+    from tune.report import write_report
+    from tune.walk_forward import walk_forward
+
+    wf = walk_forward(bars, strategy, train=args.train, test=args.test, step=args.step, anchored=args.anchored,
+                      params=params or None, search=args.search, num_samples=args.samples, objective=args.objective,
+                      costs=costs, storage_path=args.storage, settings=settings, progress=_progress)
+    path = write_report(out, title=f"{symbol} {strategy.name} walk-forward", walk_forward=wf)
+    cols = ["fold", *[c for c in wf.folds.columns if c.startswith("param_")], "is_objective", "oos_total_return",
+            "oos_sharpe", "efficiency"]
+    text = _table(wf.folds.to_dict("records"), cols) + (
+        f"\nwalk-forward efficiency {wf.efficiency:.3g}; stitched out-of-sample return "
+        f"{wf.oos_metrics['total_return']:.2%}, Sharpe {wf.oos_metrics['sharpe']:.3g}; "
+        f"{wf.n_trials} trials, {wf.work_s:.1f} s of backtests in {wf.wall_s:.1f} s")
+    return {"action": "walk-forward", "symbol": symbol, **wf.to_dict(), "report": str(path), "_text": text}
+
+
+def _monte_carlo(args, bars, strategy, params, costs, out, symbol, settings):
+    from tune.monte_carlo import monte_carlo
+    from tune.report import write_report
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    mc = monte_carlo(bars, strategy, _single(strategy, params), methods=methods, n_paths=args.paths, block=args.block,
+                     horizon=args.horizon, generator=args.generator, ruin=args.ruin, seed=args.seed, costs=costs,
+                     storage_path=args.storage, settings=settings, progress=_progress)
+    path = write_report(out, title=f"{symbol} {strategy.name} Monte Carlo", monte_carlo=mc)
+    table = mc.table()
+    text = _table(table.to_dict("records"), ["method", "paths", "wealth_p5", "wealth_p50", "wealth_p95",
+                                             "sharpe_p50", "max_dd_p95", "prob_loss", "prob_ruin"])
+    for m, why in mc.skipped.items():
+        text += f"\n{m} skipped: {why}"
+    return {"action": "monte-carlo", "symbol": symbol, **mc.to_dict(), "report": str(path), "_text": text}
+
+
+def _compare(args, bars, strategy, params, costs, out, symbol):
+    from core.engine import backtest
+    from tune.report import compare_fills, read_fills, write_compare_report
+
+    try:
+        fills = read_fills(args.fills, symbol)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--fills {args.fills}: {e}") from None
+    params = _single(strategy, params)
+    targets = strategy.targets(bars, {k: np.array([v]) for k, v in params.items()})[0]
+    r = backtest(bars, targets, **costs.kwargs())
+    diff = compare_fills(bars, r, fills, costs)
+    path = write_compare_report(out, f"{symbol} {strategy.name} {params}: paper fills vs backtest", diff)
+    counts = diff.differences["why"].value_counts().to_dict() if len(diff.differences) else {}
+    text = (_table(diff.differences.head(30).to_dict("records"),
+                   ["bar_ts", "paper_qty", "backtest_qty", "paper_price", "backtest_price", "why"])
+            if len(diff.differences) else "paper fills and backtest agree on every bar")
+    text += (f"\n{len(diff.differences)} difference(s): {counts}; final position paper {diff.paper_position:g} vs "
+             f"backtest {diff.backtest_position:g}; P&L paper {diff.paper_pnl:.2f} vs backtest {diff.backtest_pnl:.2f}")
+    return {"action": "compare", "symbol": symbol, "params": params, "differences": len(diff.differences),
+            "by_reason": counts, "paper_pnl": diff.paper_pnl, "backtest_pnl": diff.backtest_pnl,
+            "paper_position": diff.paper_position, "backtest_position": diff.backtest_position,
+            "report": str(path), "_text": text}
