@@ -91,7 +91,11 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
             )
             started = False
         else:
+            # "local": a new Ray of our own. Without it ray.init() joins whatever
+            # cluster /tmp/ray/ray_current_cluster names (any `ray start` on this
+            # machine) and then refuses num_cpus.
             ray.init(
+                address="local",
                 namespace=ns,
                 num_cpus=num_cpus or settings.ray.num_cpus or max(2, os.cpu_count() or 2),
                 include_dashboard=settings.ray.include_dashboard,
