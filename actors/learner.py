@@ -301,12 +301,15 @@ def evaluate(onnx_bytes: bytes, data: list[SymbolData], ls: LearnerSettings, alp
         equity = np.concatenate(([EVAL_CASH], res.equity))
         ends = np.arange(0, len(equity), L)
         ep = np.log(equity[ends[1:]] / equity[ends[:-1]]) if len(ends) > 1 else np.empty(0)
+        sharpe = float(res.metrics["sharpe"])
+        if not math.isfinite(sharpe) and not np.any(res.returns):
+            sharpe = 0.0  # never in the market and nothing paid: a Sharpe of 0, not 0/0
         per[d.symbol] = {
             "bars": len(bars),
             "first": str(bars["ts"].iloc[0]),
             "last": str(bars["ts"].iloc[-1]),
             "mean": float(np.mean(res.returns)),
-            "sharpe": float(res.metrics["sharpe"]),
+            "sharpe": sharpe,
             "cvar": float(res.metrics["cvar"]),
             "max_drawdown": float(res.metrics["max_drawdown"]),
             "total_return": float(res.metrics["total_return"]),
@@ -524,7 +527,8 @@ def run_training(settings: Settings, store: BarStore, request: RunRequest, *, de
         "tags": ["cvar-ppo", "baseline" if ppo.alpha == 1.0 and ppo.lambda_init == 0 and ppo.lambda_lr == 0 else "risk-averse"],
     }
     agg = evaluation["aggregate"]
-    metrics = {"sharpe": agg["sharpe"], "max_drawdown": agg["max_drawdown"], "cvar": agg["cvar"]}
+    # The registry refuses a non-finite metric; one that could not be measured is left out, not faked.
+    metrics = {k: agg[k] for k in ("sharpe", "max_drawdown", "cvar") if math.isfinite(agg[k])}
     report({"phase": "registering", "global_step": global_step, "total_timesteps": ppo.total_timesteps})
     record = register_candidate(store, ls.model_name, request.run_id, member, _json_safe(metadata), metrics)
 

@@ -496,6 +496,11 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _num(x: float | None, width: int, fmt: str) -> str:
+    # Results come back as JSON, where a metric that could not be measured is null.
+    return f"{'n/a':>{width}}" if x is None else f"{x:>{width}{fmt}}"
+
+
 def _print_train_table(results: list[tuple[str, dict[str, Any]]], settings: Settings, alpha: float) -> None:
     ls = settings.learner
     first = results[0][1]["evaluation"]
@@ -508,8 +513,8 @@ def _print_train_table(results: list[tuple[str, dict[str, Any]]], settings: Sett
     for label, r in results:
         a = r["evaluation"]["aggregate"]
         lam = r["history"][-1].get("lambda_", 0.0) if r["history"] else 0.0
-        print(f"{label:<34} {a['mean']:>11.6f} {a['sharpe']:>8.3f} {a['cvar']:>11.6f} {a['max_drawdown']:>8.2%} "
-              f"{a['exposure']:>9.2f} {lam or 0.0:>7.3f}")
+        print(f"{label:<34} {_num(a['mean'], 11, '.6f')} {_num(a['sharpe'], 8, '.3f')} {_num(a['cvar'], 11, '.6f')} "
+              f"{_num(a['max_drawdown'], 8, '.2%')} {_num(a['exposure'], 9, '.2f')} {_num(lam or 0.0, 7, '.3f')}")
     print("over symbols: mean of mean and Sharpe, worst CVaR and drawdown. Candidates:")
     for label, r in results:
         c = r["candidate"]

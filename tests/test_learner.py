@@ -166,6 +166,20 @@ def test_heldout_decisions_use_rows_up_to_t_and_are_backtested_by_the_engine(sto
     assert ev["aggregate"]["sharpe"] == pytest.approx(np.mean([m["sharpe"] for m in per]))
 
 
+def test_a_member_that_stays_flat_earns_nothing_and_its_sharpe_is_zero_not_nan(store_with_bars):
+    settings, store, _ = store_with_bars
+    data = load_data(store, SYMS, settings.learner)
+    flat = sign_policy(0)
+    with torch.no_grad():
+        flat.actor[4].weight.zero_()
+        flat.actor[4].bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    member, _ = export_member_onnx(flat, W, F, data[0].heldout_windows(W))
+    ev = evaluate(member, data, settings.learner, alpha=0.1)
+    assert ev["aggregate"] == {"mean": 0.0, "sharpe": 0.0, "cvar": 0.0, "max_drawdown": 0.0, "total_return": 0.0,
+                               "exposure": 0.0}
+    assert all(m["n_trades"] == 0 for m in ev["symbols"].values())
+
+
 def test_training_envs_never_hold_a_heldout_bar(store_with_bars):
     settings, store, _ = store_with_bars
     data = load_data(store, SYMS, settings.learner)
