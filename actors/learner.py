@@ -39,7 +39,7 @@ checkpoint in the store continues from it (same settings and data required, else
 refuses); on a finished run it returns the stored result without training again.
 
 GPU. When Ray gives the actor a GPU, the env and policy run on CUDA and torch's
-per-process memory fraction is set to the learner's share (``cluster.resources.gpu_share``).
+per-process memory fraction is set to the learner's share (``cluster.resources.limit_torch_gpu_memory``).
 
 Not here: the PPO maths (``core.rl``), the registry's own bookkeeping (``actors.registry``
 on the ensemble branch; see ``register_candidate``), serving the member (the ensemble).
@@ -374,14 +374,15 @@ def _json_safe(x: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- device
-def select_device(gpu_share: float) -> tuple[str, float | None]:
-    """("cuda", fraction) when this process sees a GPU and the role holds a share of one,
-    with torch's per-process memory fraction set to that share (capped at 1); else ("cpu", None).
-    A share of 0 means the resource table gave the role no GPU: stay off it even if one is visible."""
-    if gpu_share > 0 and torch.cuda.is_available():
-        fraction = min(1.0, float(gpu_share))
-        torch.cuda.set_per_process_memory_fraction(fraction, 0)
-        return "cuda", fraction
+def select_device(profile: str, overrides: dict | None = None) -> tuple[str, float | None]:
+    """("cuda", fraction) when the ``learner`` role holds a GPU share in ``profile`` and this
+    process sees a GPU, with torch's per-process memory fraction set to that share
+    (``cluster.resources.limit_torch_gpu_memory``); else ("cpu", None). A role the table
+    gives no GPU stays off the GPU even where one is visible."""
+    from cluster.resources import gpu_share, limit_torch_gpu_memory
+
+    if gpu_share("learner", profile, overrides) > 0 and torch.cuda.is_available():
+        return "cuda", limit_torch_gpu_memory("learner", profile, 0, overrides).torch_fraction
     return "cpu", None
 
 
@@ -571,12 +572,15 @@ class Learner:
     Settings arrive pickled (secrets intact, in memory only).
     """
 
-    def __init__(self, settings: Settings, gpu_share: float = 0.0, num_cpus: float = 1.0) -> None:
+    def __init__(self, settings: Settings, profile: str = "cpu") -> None:
+        from cluster.resources import resolve
+
         self.settings = settings
         configure_logging(settings)
+        overrides = settings.ray.resource_overrides
         # Torch would otherwise start a thread per core, on cores that belong to other actors.
-        torch.set_num_threads(max(1, int(num_cpus)))
-        self.device, self.memory_fraction = select_device(gpu_share)
+        torch.set_num_threads(max(1, int(resolve("learner", profile, overrides).num_cpus)))
+        self.device, self.memory_fraction = select_device(profile, overrides)
         self.store = BarStore.from_settings(settings.store, settings.resilience)
         self._lock = threading.Lock()
         self._job: _Job | None = None
@@ -643,11 +647,7 @@ LearnerActor = ray.remote(Learner)
 def get_or_create_learner(settings: Settings, name: str = LEARNER_ACTOR, *, detached: bool = True) -> Any:
     """The named learner actor with the ``learner`` role's resources (a GPU share when the
     cluster has GPUs), created if absent; restarted by Ray when its process dies."""
-    from cluster.resources import gpu_share, resolve
     from cluster.runtime import actor_options, current_profile
 
-    profile = current_profile(settings)
-    share = gpu_share("learner", profile, settings.ray.resource_overrides)
-    cpus = resolve("learner", profile, settings.ray.resource_overrides).num_cpus
     opts = actor_options("learner", settings, name, detached=detached, max_concurrency=4)
-    return LearnerActor.options(**opts).remote(settings, share, cpus)
+    return LearnerActor.options(**opts).remote(settings, current_profile(settings))

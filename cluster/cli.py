@@ -6,6 +6,7 @@
     raytrade config show                    effective settings, secrets as ***
     raytrade data generate|import|ls        history in the store
     raytrade train --symbols ... --alpha A  CVaR-PPO against the risk-neutral baseline, out of sample
+    raytrade workflows ls|run|cancel        the workflow scheduler's queue
 
 A user's mistake (a bad flag, a bad setting, a bad file) ends with one line on
 stderr and exit code 2, never a traceback; a cluster that cannot be reached
@@ -90,6 +91,24 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--soft-risk", type=float, default=0.2, help="share of training over which alpha anneals from 1")
     tr.add_argument("--seed", type=int, default=1)
     tr.add_argument("--run", default=None, help="run id; giving an interrupted run's id resumes it (default: a new one)")
+
+    wf = sub.add_parser("workflows", help="the workflow scheduler: priority workflows holding resource locks")
+    wf_sub = wf.add_subparsers(dest="wf_cmd", metavar="ACTION", parser_class=_Parser)
+    wls = wf_sub.add_parser("ls", help="running (with the locks they hold), queued, and recent history")
+    wls.add_argument("--json", action="store_true", help="machine-readable output")
+    wls.add_argument("--history", type=int, default=20, help="finished workflows to show")
+    wls.add_argument("--defined", action="store_true", help="list the workflows settings define instead")
+    wrun = wf_sub.add_parser("run", help="queue a workflow")
+    wrun.add_argument("workflow", help="a name from scheduler.workflows (`raytrade workflows ls --defined`)")
+    wrun.add_argument("--args", default="[]", help="positional arguments, a JSON list")
+    wrun.add_argument("--kwargs", default="{}", help="keyword arguments, a JSON object")
+    wrun.add_argument("--id", default=None, help="job id; running the same id again returns the same job")
+    wrun.add_argument("--target", default=None, help="override the callable, 'package.module:function'")
+    wrun.add_argument("--priority", type=int, default=None, help="override the priority (lower runs first)")
+    wrun.add_argument("--timeout", type=float, default=None, help="seconds per attempt")
+    wrun.add_argument("--wait", type=float, default=None, metavar="S", help="wait up to S seconds for the outcome")
+    wcan = wf_sub.add_parser("cancel", help="cancel a queued or running workflow")
+    wcan.add_argument("id")
     return p
 
 
@@ -132,6 +151,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _down(settings)
     if args.cmd == "train":
         return _train(args, settings)
+    if args.cmd == "workflows":
+        return _workflows(args, settings)
     raise UserError(f"unknown command {args.cmd}")
 
 
@@ -209,6 +230,9 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"raytrade: {_one_line(e)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     st = status(settings)
+    from cluster.scheduler import scheduler_summary
+
+    st["scheduler"] = scheduler_summary(settings)
     if args.json:
         st["feeds"] = _router_health(settings)
         print(json.dumps(st, indent=2, default=str))
@@ -227,6 +251,14 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     h = _router_health(settings)
     if h is not None:
         _print_feeds(h)
+    sch = st["scheduler"]
+    if sch is None:
+        print("scheduler: not running")
+    elif "error" in sch:
+        print(f"scheduler: {sch['error']}")
+    else:
+        held = "; ".join(f"{j['id']} holds {','.join(j['locks_held'])}" for j in sch["running"]) or "nothing running"
+        print(f"scheduler: {len(sch['running'])} running, {sch['queued']} queued ({held})")
     return 0
 
 
@@ -294,6 +326,83 @@ def _feeds(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _workflows(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.runtime import ClusterUnavailable, connect
+    from cluster.scheduler import FINAL, get_scheduler, start_scheduler
+
+    if args.wf_cmd is None:
+        raise UserError("raytrade workflows: choose an action: ls, run, cancel")
+    if args.wf_cmd == "ls" and args.defined:
+        for name, spec in sorted(settings.scheduler.workflows.items(), key=lambda kv: (kv[1].priority, kv[0])):
+            print(f"{spec.priority:>4}  {name:<26} locks {','.join(spec.locks) or '-':<40} {spec.target or '(no target set)'}")
+        return 0
+    if args.wf_cmd == "run":
+        try:
+            wf_args, wf_kwargs = json.loads(args.args), json.loads(args.kwargs)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--args/--kwargs must be JSON: {e}") from None
+        if not isinstance(wf_args, list) or not isinstance(wf_kwargs, dict):
+            raise UserError("--args must be a JSON list and --kwargs a JSON object")
+    try:
+        connect(settings, start_local=False)
+    except ClusterUnavailable as e:
+        print(f"raytrade: {_one_line(e)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    import ray
+
+    try:
+        if args.wf_cmd == "run":
+            sched = start_scheduler(settings)  # the running one, or a new one
+            options = {k: v for k, v in (("job_id", args.id), ("target", args.target), ("priority", args.priority),
+                                         ("timeout_s", args.timeout)) if v is not None}
+            job = ray.get(sched.submit.remote(args.workflow, wf_args, wf_kwargs, **options), timeout=60)
+            print(f"queued {job['id']} ({job['workflow']}, priority {job['priority']}, locks {','.join(job['locks']) or '-'})")
+            if args.wait is None:
+                return 0
+            deadline = time.time() + args.wait
+            while time.time() < deadline and job["state"] not in FINAL:
+                time.sleep(0.2)
+                job = ray.get(sched.job.remote(job["id"]), timeout=60)
+            print(f"{job['id']} {job['state']}" + (f": {job['error'].strip().splitlines()[-1]}" if job.get("error") else ""))
+            return 0 if job["state"] == "succeeded" else EXIT_UNAVAILABLE
+        try:
+            sched = get_scheduler(settings)
+        except LookupError:
+            if args.wf_cmd == "cancel":
+                raise UserError(f"no job {args.id!r}: the scheduler is not running") from None
+            print("the scheduler is not running; `raytrade workflows run NAME` starts it")
+            return 0
+        if args.wf_cmd == "cancel":
+            job = ray.get(sched.cancel.remote(args.id), timeout=60)
+            print(f"{job['id']} {job['state']}" + (" (killing the running attempt)" if job["state"] == "stopping" else ""))
+            return 0
+        st = ray.get(sched.status.remote(args.history), timeout=60)
+    except ray.exceptions.RayTaskError as e:
+        from cluster.scheduler import WorkflowError
+
+        if isinstance(e.cause, WorkflowError):
+            raise UserError(str(e.cause)) from None
+        raise
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    print(f"running ({len(st['running'])}):")
+    for j in st["running"]:
+        print(f"  {j['id']:<40} {j['workflow']:<24} {j['state']:<10} attempt {j['attempts']}/{j['max_attempts']}"
+              f"  holds {','.join(j['locks_held']) or '-'}")
+    print(f"queued ({len(st['queued'])}):")
+    for j in st["queued"]:
+        why = f"waiting for {','.join(j['waiting_for'])}" if j["waiting_for"] else ""
+        if "retry_in_s" in j:
+            why = f"retry in {j['retry_in_s']:.1f}s"
+        print(f"  {j['id']:<40} {j['workflow']:<24} priority {j['priority']} (now {j['effective_priority']:g}) {why}")
+    print(f"history ({len(st['history'])}):")
+    for j in st["history"]:
+        err = f"  {j['error']}" if j.get("error") else ""
+        print(f"  {j['id']:<40} {j['workflow']:<24} {j['state']:<10} attempts {j['attempts']}{err}")
+    return 0
+
+
 def _fmt_res(k: str, v: float) -> str:
     if "memory" in k:
         return f"{v / 1024**3:.1f}GiB"
@@ -312,20 +421,19 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         print(f"store {store.uri} has no history for {', '.join(missing)}: writing {args.history_bars} synthetic bars each")
         store.append(SyntheticMarket(missing, seed=settings.feeds.seed).generate(args.history_bars))
 
-    started_head = False
+    head_pgid = None
     try:
         if args.detach:
             import os
 
             if not os.environ.get("RAY_ADDRESS") and not settings.ray.address:
-                address = start_head(settings)
-                started_head = True
+                address, head_pgid = start_head(settings)
                 os.environ["RAY_ADDRESS"] = address
         info = connect(settings)
     except ClusterUnavailable as e:
         print(f"raytrade: {_one_line(e)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    record_up(info.address, started_head or info.started_locally)
+    record_up(info.address, head_pgid is not None, head_pgid)
 
     from cluster.system import start_system
 
@@ -386,8 +494,8 @@ def _down(settings: Settings) -> int:
     import ray
 
     ray.shutdown()
-    if rec and rec.get("started_head"):
-        stop_head()
+    if rec and rec.get("head_pgid"):
+        stop_head(int(rec["head_pgid"]))
     UP_STATE.unlink(missing_ok=True)
     print(f"stopped {n} raytrade actor(s)" + (" and the local Ray head" if rec and rec.get("started_head") else ""))
     return 0

@@ -36,6 +36,7 @@ ROLES = (
     "broker",
     "scheduler",
     "backtest_trial",
+    "workflow",
 )
 
 
@@ -67,6 +68,8 @@ CPU_PROFILE: dict[str, RoleResources] = {
     "broker": RoleResources(0.05, 0, 256 * MiB),
     "scheduler": RoleResources(0.05, 0, 256 * MiB),
     "backtest_trial": RoleResources(1.0, 0, 1 * GiB),
+    # One attempt of a scheduled workflow; heavy work it starts (training) asks for its own.
+    "workflow": RoleResources(0.1, 0, 256 * MiB),
 }
 
 GPU_PROFILE: dict[str, RoleResources] = {
@@ -106,9 +109,20 @@ def resolve(role: str, profile: str = "cpu", overrides: dict[str, dict[str, floa
     return table(profile, overrides)[role]
 
 
-def ray_options(role: str, profile: str = "cpu", overrides: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``ActorClass.options(...)`` / ``ray_actor_options``."""
+def ray_options(
+    role: str,
+    profile: str = "cpu",
+    overrides: dict[str, dict[str, float]] | None = None,
+    cluster_resources: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``ActorClass.options(...)`` / ``ray_actor_options``.
+
+    With ``cluster_resources`` (``ray.cluster_resources()``), the role is also
+    pinned by the custom resources in ``PINS`` that the cluster advertises.
+    """
     r = resolve(role, profile, overrides)
+    if cluster_resources is not None:
+        r = pinned(r, role, cluster_resources)
     opts: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "memory": r.memory}
     if r.custom:
         opts["resources"] = dict(r.custom)
@@ -133,3 +147,87 @@ def fits(r: RoleResources, node: dict[str, float]) -> bool:
     if r.num_cpus > node.get("CPU", 0) or r.num_gpus > node.get("GPU", 0) or r.memory > node.get("memory", 0):
         return False
     return all(node.get(k, 0) >= v for k, v in r.custom)
+
+
+# -- pinning roles to node types ------------------------------------------------------
+# Custom resources a role asks for so that it lands on a node type of
+# ray-cluster.yaml: feeds on the nodes near the data, which advertise ``feed``.
+# A pin applies only where the cluster advertises the resource, so the embedded
+# default (one node, no custom resources) still runs every role.
+PINS: dict[str, dict[str, float]] = {
+    "feed": {"feed": 0.01},
+}
+
+
+def pinned(r: RoleResources, role: str, cluster_resources: dict[str, float]) -> RoleResources:
+    """``r`` plus the role's pins that ``cluster_resources`` advertises."""
+    extra = {k: v for k, v in PINS.get(role, {}).items() if cluster_resources.get(k, 0) > 0}
+    if not extra:
+        return r
+    return replace(r, custom=tuple(sorted({**dict(r.custom), **extra}.items())))
+
+
+# -- GPU memory inside the actor ---------------------------------------------------------
+@dataclass(frozen=True)
+class GpuMemoryLimits:
+    """What a role may use of one GPU, as torch and ONNX Runtime take it.
+
+    ``torch_fraction`` goes to ``torch.cuda.set_per_process_memory_fraction``
+    (a fraction of the device's total memory); ``ort_gpu_mem_limit`` is the
+    byte cap of ONNX Runtime's CUDA arena. Both are ``None`` for a role with no
+    GPU share: it runs on the CPU and must not touch the GPU.
+    """
+
+    share: float
+    torch_fraction: float | None
+    ort_gpu_mem_limit: int | None
+
+
+def gpu_memory_limits(
+    role: str, profile: str, total_gpu_bytes: int, overrides: dict | None = None
+) -> GpuMemoryLimits:
+    """The role's GPU share (``gpu_share``) as torch's fraction and ORT's byte limit.
+
+    A share above one GPU (a role given two whole GPUs) caps each device at all
+    of it; the share is per device because both libraries limit per device.
+    """
+    if total_gpu_bytes <= 0:
+        raise ValueError(f"total_gpu_bytes must be positive, got {total_gpu_bytes}")
+    share = gpu_share(role, profile, overrides)
+    if share <= 0:
+        return GpuMemoryLimits(0.0, None, None)
+    per_device = min(share, 1.0)
+    return GpuMemoryLimits(share, per_device, int(per_device * total_gpu_bytes))
+
+
+def limit_torch_gpu_memory(role: str, profile: str, device: int = 0, overrides: dict | None = None) -> GpuMemoryLimits:
+    """Cap this process's torch allocations on ``device`` to the role's share.
+
+    Past the cap torch raises ``torch.cuda.OutOfMemoryError`` instead of
+    taking memory the other role on the same GPU was promised.
+    """
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    limits = gpu_memory_limits(role, profile, total, overrides)
+    if limits.torch_fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(limits.torch_fraction, device)
+    return limits
+
+
+def ort_cuda_providers(
+    role: str, profile: str, total_gpu_bytes: int, device_id: int = 0, overrides: dict | None = None
+) -> list[Any]:
+    """ONNX Runtime's ``providers`` for the role: CUDA capped to its share, then CPU.
+
+    ``kSameAsRequested`` keeps the arena from doubling past the cap.
+    """
+    limits = gpu_memory_limits(role, profile, total_gpu_bytes, overrides)
+    if limits.ort_gpu_mem_limit is None:
+        return ["CPUExecutionProvider"]
+    cuda = {
+        "device_id": device_id,
+        "gpu_mem_limit": limits.ort_gpu_mem_limit,
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]

@@ -75,6 +75,17 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_DEDUP_LOGS": "1"}}
     if address not in (None, "auto") and not address.startswith("ray://"):
         _check_reachable(address)
+        # ray.init enables token auth (when a token exists) for "auto" but not for
+        # an explicit address; do what it does for "auto". Private API of Ray 2.60,
+        # hence the guard: without it a cluster using token auth refuses us.
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        except ImportError:  # pragma: no cover - other Ray versions
+            pass
     try:
         if address is not None:
             if address.startswith("ray://") or (address != "auto" and not _is_local_address(address)):
@@ -166,7 +177,13 @@ def current_profile(settings: Settings) -> str:
 
 def actor_options(role: str, settings: Settings, name: str, *, detached: bool = True, **extra: Any) -> dict[str, Any]:
     """Options for a named raytrade actor of ``role``: resources from the table, restarts on."""
-    opts = ray_options(role, current_profile(settings), settings.ray.resource_overrides)
+    import ray
+
+    # The cluster's resources decide the profile and which pins (``feed``) apply.
+    opts = ray_options(
+        role, current_profile(settings), settings.ray.resource_overrides,
+        cluster_resources=ray.cluster_resources() if ray.is_initialized() else None,
+    )
     opts.update(
         name=name,
         namespace=settings.ray.namespace,
@@ -190,9 +207,10 @@ def get_actor(name: str, settings: Settings) -> Any:
 
 
 # -- `up` bookkeeping -------------------------------------------------------------
-def record_up(address: str, started_head: bool) -> None:
+def record_up(address: str, started_head: bool, head_pgid: int | None = None) -> None:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
-    UP_STATE.write_text(json.dumps({"address": address, "started_head": started_head, "pid": os.getpid(), "at": time.time()}))
+    UP_STATE.write_text(json.dumps({"address": address, "started_head": started_head, "head_pgid": head_pgid,
+                                    "pid": os.getpid(), "at": time.time()}))
 
 
 def _recorded_address() -> str | None:
@@ -209,25 +227,61 @@ def recorded_up() -> dict[str, Any] | None:
         return None
 
 
-def start_head(settings: Settings) -> str:
-    """Start a detached local Ray head (``ray start --head``) and return its address."""
+def start_head(settings: Settings, timeout_s: float = 120.0) -> tuple[str, int]:
+    """Start a local Ray head that outlives this process (``ray start --head --block``).
+
+    It runs in its own process group, recorded by ``record_up``, so ``raytrade
+    down`` stops exactly this head and never another Ray on the machine.
+    Returns the GCS address and the process group id.
+    """
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [
-        ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        ray_bin, "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
         f"--num-cpus={settings.ray.num_cpus or max(2, os.cpu_count() or 2)}", "--disable-usage-stats",
     ]
     if not settings.ray.include_dashboard:
         cmd.append("--include-dashboard=false")
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    if out.returncode != 0:
-        raise ClusterUnavailable(f"`ray start --head` failed: {out.stderr.strip().splitlines()[-1:]}")
-    return "127.0.0.1:6379"
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    log_file = open(STATE_DIR / "head.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"{_this_host_ip()}:{port}"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = (STATE_DIR / "head.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise ClusterUnavailable(f"`ray start --head` exited: {tail}")
+        # The port opens before the node has registered; `ray start` says when it is ready.
+        if "Ray runtime started" in (STATE_DIR / "head.log").read_text(errors="replace"):
+            break
+        time.sleep(0.5)
+    else:
+        stop_head(proc.pid)
+        raise ClusterUnavailable(f"the local Ray head did not come up within {timeout_s:.0f}s; see {STATE_DIR / 'head.log'}")
+    return address, proc.pid
 
 
-def stop_head() -> None:
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+def stop_head(pgid: int, timeout_s: float = 30.0) -> None:
+    """Stop the head started by ``start_head`` (its whole process group)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 # -- status -------------------------------------------------------------------------
@@ -264,7 +318,11 @@ def _actor_states(settings: Settings) -> list[dict[str, Any]]:
     try:
         from ray.util.state import list_actors
 
-        for a in list_actors(filters=[("ray_namespace", "=", ns)], detail=True, limit=1000, raise_on_missing_output=False):
+        # The address is explicit: with several Ray instances on one machine the
+        # state API's "auto" cannot tell which one this process is connected to.
+        address = ray.get_runtime_context().gcs_address
+        for a in list_actors(address=address, filters=[("ray_namespace", "=", ns)], detail=True, limit=1000,
+                             raise_on_missing_output=False):
             d = a if isinstance(a, dict) else a.__dict__
             if not d.get("name"):
                 continue

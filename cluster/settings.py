@@ -222,6 +222,84 @@ class LearnerSettings(_Section):
         return v
 
 
+class WorkflowSpec(_Section):
+    """One named workflow the scheduler runs: how urgent, which locks, what to call."""
+
+    priority: int = Field(..., ge=0, description="lower runs first")
+    locks: list[str] = Field(default_factory=list, description="named resources held exclusively while it runs")
+    target: str | None = Field(None, description="the callable, as 'package.module:function'")
+    timeout_s: float | None = Field(None, gt=0, description="per attempt; default scheduler.timeout_s")
+    max_attempts: int | None = Field(None, ge=1, le=20, description="default scheduler.max_attempts")
+
+    @field_validator("target")
+    @classmethod
+    def _import_path(cls, v: str | None) -> str | None:
+        if v is not None:
+            mod, sep, fn = v.partition(":")
+            if not sep or not mod or not fn.isidentifier():
+                raise ValueError("must be an import path 'package.module:function'")
+        return v
+
+    @field_validator("locks")
+    @classmethod
+    def _lock_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"lock {name!r}: use letters, digits and _")
+        return sorted(set(v))
+
+
+def _default_workflows() -> dict[str, WorkflowSpec]:
+    # Priorities from the operating plan; locks are the data each one changes.
+    # Targets are filled in by the parts that own the work (report, learner, ...).
+    return {
+        "critical_trading": WorkflowSpec(priority=1, locks=["trading_decision", "portfolio_data"]),
+        "risk_management": WorkflowSpec(priority=2, locks=["risk_calculation", "portfolio_data"]),
+        "position_reconciliation": WorkflowSpec(priority=3, locks=["portfolio_data"]),
+        "model_intelligence": WorkflowSpec(priority=4, locks=["model_registry"]),
+        "daily_report": WorkflowSpec(priority=15, locks=["risk_calculation"]),
+        "model_training": WorkflowSpec(priority=20, locks=["model_registry", "training"]),
+        "data_collection": WorkflowSpec(priority=25, locks=["market_data"]),
+    }
+
+
+class SchedulerSettings(_Section):
+    """The workflow scheduler: priorities (lower first), ageing, retries, timeouts."""
+
+    workflows: dict[str, WorkflowSpec] = Field(default_factory=_default_workflows)
+    ageing_per_minute: float = Field(
+        1.0, ge=0, description="priority points a waiting workflow gains per minute, so the lowest still runs"
+    )
+    max_running: int = Field(4, ge=1, le=256, description="workflows running at once")
+    max_attempts: int = Field(3, ge=1, le=20, description="attempts per workflow, the first included")
+    retry_base_delay_s: float = Field(2.0, ge=0, le=3600)
+    retry_multiplier: float = Field(2.0, ge=1, le=10)
+    retry_max_delay_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(900.0, gt=0, description="default time limit of one attempt")
+    history: int = Field(200, ge=1, le=100_000, description="finished workflows kept in status")
+    tick_s: float = Field(0.2, gt=0, le=10, description="how often the scheduler looks at its queue")
+    recovery_grace_s: float = Field(
+        10.0, ge=0, description="after a restart, how long a run that may still be alive keeps its locks if Ray cannot say"
+    )
+    journal: str = Field("scheduler/journal.json", description="the queue's journal, relative to the store root")
+
+    @field_validator("workflows", mode="before")
+    @classmethod
+    def _over_defaults(cls, v: Any) -> Any:
+        # A file that sets one field of one workflow (a target, a priority) keeps
+        # the other workflows and the other fields: the defaults are merged under it.
+        if not isinstance(v, dict):
+            return v
+        merged: dict[str, Any] = {k: spec.model_dump() for k, spec in _default_workflows().items()}
+        for name, spec in v.items():
+            spec = spec.model_dump(exclude_unset=True) if isinstance(spec, BaseModel) else spec
+            if isinstance(spec, dict) and name in merged:
+                merged[name] = {**merged[name], **spec}
+            else:
+                merged[name] = spec
+        return merged
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -246,6 +324,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     api_keys: list[ApiKey] = Field(default_factory=list)
     ray: RaySettings = Field(default_factory=RaySettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
 

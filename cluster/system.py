@@ -43,6 +43,7 @@ class System:
     def describe(self) -> list[str]:
         lines = [f"feed            {name}" for name in self.feeds]
         lines.append(f"router          router:default over {', '.join(self.feeds)} ({', '.join(self.settings.feeds.symbols)})")
+        lines.append("scheduler       workflows (`raytrade workflows ls`)")
         return lines
 
     def poll(self) -> list[str]:
@@ -101,6 +102,9 @@ def start_system(settings: Settings, fresh: bool = True) -> System:
     )
     ray.get([a.start.remote() for a in feeds.values()], timeout=120)
     ray.get(router.start.remote(), timeout=120)
+    from cluster.scheduler import start_scheduler
+
+    start_scheduler(settings)
     return System(settings, feeds, router)
 
 

@@ -387,7 +387,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUD
 def test_gpu_memory_is_held_to_the_learners_share():
     total = torch.cuda.get_device_properties(0).total_memory
     try:
-        device, fraction = select_device(0.25)
+        device, fraction = select_device("gpu", {"learner": {"num_gpus": 0.25}})
         assert (device, fraction) == ("cuda", 0.25)
         ok = torch.empty(int(0.10 * total), dtype=torch.uint8, device="cuda")
         del ok
@@ -397,7 +397,7 @@ def test_gpu_memory_is_held_to_the_learners_share():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
         torch.cuda.empty_cache()
-    assert select_device(0.0) == ("cpu", None)  # a role with no GPU share stays off the GPU
+    assert select_device("cpu") == ("cpu", None)  # the table gives the role no GPU: it stays off the GPU
 
 
 @pytest.mark.gpu
@@ -405,9 +405,14 @@ def test_gpu_memory_is_held_to_the_learners_share():
 def test_a_run_on_the_gpu_exports_a_member_that_matches_torch(store_with_bars):
     settings, store, _ = store_with_bars
     try:
-        device, _ = select_device(0.5)
+        device, _ = select_device("gpu")
         res = run_training(settings, store, RunRequest("gpu", tuple(SYMS), tiny_ppo(3)), device=device)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert res["device"] == "cuda" and res["global_step"] == 3 * BATCH
     assert res["candidate"]["metadata"]["onnx_torch_max_abs_diff"]["member"] < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no GPU is visible")
+def test_without_a_visible_gpu_the_gpu_profile_trains_on_the_cpu():
+    assert select_device("gpu") == ("cpu", None)
