@@ -403,6 +403,22 @@ class RunRequest:
         return self.ppo.alpha if self.ppo.alpha < 1.0 else ls.eval_alpha
 
 
+def ppo_settings_for(ls: LearnerSettings, steps: int, alpha: float = 1.0, beta: float | None = None, *,
+                     seed: int = 1, soft_risk: float = 0.2, lambda_lr: float = 10.0) -> CVaRPPOSettings:
+    """The PPO settings the CLI and the scheduler train with. alpha = 1: the risk-neutral
+    baseline (plain PPO). alpha < 1 without ``beta``: maximise CVaR_alpha. With ``beta``:
+    maximise the mean subject to CVaR_alpha >= beta (Lagrangian, ``lambda_lr`` per iteration).
+    Rollouts hold one episode per copy, so every episode is whole and the pure-CVaR
+    gradient loses none."""
+    common = dict(seed=seed, total_timesteps=steps, num_steps=ls.episode_length)
+    if alpha >= 1.0 and beta is None:
+        return CVaRPPOSettings(**common)
+    if beta is None:
+        return CVaRPPOSettings(**common, risk_mode="cvar", alpha=alpha, soft_risk_fraction=soft_risk)
+    return CVaRPPOSettings(**common, risk_mode="mean_cvar", alpha=alpha, beta=beta, lambda_lr=lambda_lr,
+                           soft_risk_fraction=soft_risk)
+
+
 def _ppo_dict(ppo: CVaRPPOSettings) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(ppo)))
 
@@ -651,3 +667,19 @@ def get_or_create_learner(settings: Settings, name: str = LEARNER_ACTOR, *, deta
 
     opts = actor_options("learner", settings, name, detached=detached, max_concurrency=4)
     return LearnerActor.options(**opts).remote(settings, current_profile(settings))
+
+
+def train_workflow(run_id: str, symbols: list[str], steps: int, alpha: float = 1.0, beta: float | None = None,
+                   seed: int = 1) -> dict[str, Any]:
+    """The scheduler's ``model_training`` target: train run ``run_id`` on the named learner
+    actor and return its candidate and held-out metrics. Idempotent per run id (a finished
+    run returns its stored result; an interrupted one resumes), as the scheduler asks of
+    workflows it may run twice. Settings are this process's (``load_settings()``)."""
+    from cluster.settings import load_settings
+
+    settings = load_settings()
+    ppo = ppo_settings_for(settings.learner, steps, alpha, beta, seed=seed)
+    learner = get_or_create_learner(settings)
+    result = ray.get(learner.train.remote(run_id, list(symbols), ppo))
+    return {"run_id": run_id, "candidate": result["candidate"]["path"], "sha256": result["candidate"]["sha256"],
+            "metrics": result["evaluation"]["aggregate"], "global_step": result["global_step"]}

@@ -506,8 +506,7 @@ def _train_requests(args: argparse.Namespace, settings: Settings) -> tuple[str, 
     """Check the arguments and the data, before any cluster is touched; (run, symbols, runs)."""
     import re
 
-    from actors.learner import load_data
-    from core.rl.cvar_ppo import CVaRPPOSettings
+    from actors.learner import load_data, ppo_settings_for
 
     if not 0.0 < args.alpha < 1.0:
         raise UserError(f"--alpha {args.alpha}: must be in (0, 1); the baseline is alpha = 1")
@@ -533,16 +532,10 @@ def _train_requests(args: argparse.Namespace, settings: Settings) -> tuple[str, 
         load_data(_store(settings), symbols, ls)
     except ValueError as e:
         raise UserError(str(e)) from None
-    # Rollouts of one episode per copy: every episode whole, so the pure-CVaR gradient loses none.
-    common = dict(seed=args.seed, total_timesteps=args.steps, num_steps=ls.episode_length)
-    baseline = CVaRPPOSettings(**common)
-    if args.beta is None:
-        risky = CVaRPPOSettings(**common, risk_mode="cvar", alpha=args.alpha, soft_risk_fraction=args.soft_risk)
-        label = f"CVaR-PPO (alpha={args.alpha:g})"
-    else:
-        risky = CVaRPPOSettings(**common, risk_mode="mean_cvar", alpha=args.alpha, beta=args.beta,
-                                lambda_lr=args.lambda_lr, soft_risk_fraction=args.soft_risk)
-        label = f"CVaR-PPO (alpha={args.alpha:g}, beta={args.beta:g})"
+    kw = dict(seed=args.seed, soft_risk=args.soft_risk, lambda_lr=args.lambda_lr)
+    baseline = ppo_settings_for(ls, args.steps, **kw)
+    risky = ppo_settings_for(ls, args.steps, args.alpha, args.beta, **kw)
+    label = f"CVaR-PPO (alpha={args.alpha:g}" + ("" if args.beta is None else f", beta={args.beta:g}") + ")"
     return run, symbols, [("risk-neutral PPO (alpha=1)", f"{run}-baseline", baseline), (label, f"{run}-cvar", risky)]
 
 

@@ -258,7 +258,8 @@ def _default_workflows() -> dict[str, WorkflowSpec]:
         "position_reconciliation": WorkflowSpec(priority=3, locks=["portfolio_data"]),
         "model_intelligence": WorkflowSpec(priority=4, locks=["model_registry"]),
         "daily_report": WorkflowSpec(priority=15, locks=["risk_calculation"]),
-        "model_training": WorkflowSpec(priority=20, locks=["model_registry", "training"]),
+        "model_training": WorkflowSpec(priority=20, locks=["model_registry", "training"],
+                                       target="actors.learner:train_workflow"),
         "data_collection": WorkflowSpec(priority=25, locks=["market_data"]),
     }
 

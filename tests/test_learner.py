@@ -378,6 +378,24 @@ def test_train_cli_prints_baseline_and_cvar_ppo_on_the_same_heldout_bars(ray_ses
         ray.get_actor("learner", namespace="raytrade")
 
 
+def test_scheduler_target_trains_once_per_run_id(ray_session, cli_env):
+    from actors.learner import LEARNER_ACTOR, train_workflow
+    from cluster.scheduler import import_target
+
+    settings = load_settings(use_file=False)
+    assert import_target(settings.scheduler.workflows["model_training"].target) is train_workflow
+    try:
+        first = train_workflow("wf", ["SPY"], 2 * BATCH, alpha=0.25)
+        store = BarStore.from_settings(settings.store)
+        assert first["sha256"] == hashlib.sha256(store.get_bytes(first["candidate"])).hexdigest()
+        assert first["global_step"] == 2 * BATCH
+        t0 = time.monotonic()
+        assert train_workflow("wf", ["SPY"], 2 * BATCH, alpha=0.25) == first  # run twice: answered, not retrained
+        assert time.monotonic() - t0 < 10
+    finally:
+        ray.kill(ray.get_actor(LEARNER_ACTOR, namespace=settings.ray.namespace), no_restart=True)
+
+
 # --------------------------------------------------------------------------- GPU
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
