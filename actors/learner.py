@@ -439,16 +439,18 @@ def run_training(settings: Settings, store: BarStore, request: RunRequest, *, de
         raise ValueError("give at least one symbol")
     if len(set(symbols)) != len(symbols):
         raise ValueError(f"symbols repeat: {symbols}")
-    if ppo.num_steps % ls.episode_length and ls.episode_length % ppo.num_steps:
-        raise ValueError(f"num_steps {ppo.num_steps} and learner.episode_length {ls.episode_length}: one must divide "
-                         "the other, so rollouts hold whole episodes")
+    if ppo.num_steps % ls.episode_length:
+        # Otherwise episodes straddle rollouts, and pure CVaR leaves their steps out of the policy loss.
+        raise ValueError(f"num_steps {ppo.num_steps} must be a multiple of learner.episode_length "
+                         f"{ls.episode_length}, so rollouts hold whole episodes")
     alpha = request.alpha_for_eval(ls)
     report = on_progress or (lambda record: None)
 
     if store.exists(run_path(request.run_id, "result.json")):
         result = json.loads(store.get_bytes(run_path(request.run_id, "result.json")))
-        if result["symbols"] != symbols or result["ppo"] != _ppo_dict(ppo):
-            raise ValueError(f"run {request.run_id} finished with other symbols or settings; use a new run id")
+        if result["symbols"] != symbols or result["ppo"] != _ppo_dict(ppo) or result["evaluation"]["alpha"] != alpha:
+            raise ValueError(f"run {request.run_id} finished with other symbols, settings or evaluation alpha; "
+                             "use a new run id")
         report({"phase": "done", "global_step": result["global_step"], "total_timesteps": ppo.total_timesteps})
         return result
 

@@ -216,6 +216,8 @@ def test_a_run_checkpoints_exports_evaluates_and_registers_then_answers_from_the
     records.clear()
     assert run_training(settings, store, RunRequest("r1", tuple(SYMS), tiny_ppo(3)), on_progress=records.append) == res
     assert [r["phase"] for r in records] == ["done"]
+    with pytest.raises(ValueError, match="evaluation alpha"):  # not a stale answer to another question
+        run_training(settings, store, RunRequest("r1", tuple(SYMS), tiny_ppo(3), eval_alpha=0.05))
 
 
 def test_stopped_run_resumes_from_its_store_checkpoint_with_the_numbers_of_an_unbroken_run(store_with_bars):
@@ -248,7 +250,7 @@ def test_stopped_run_resumes_from_its_store_checkpoint_with_the_numbers_of_an_un
 
 @pytest.mark.parametrize("symbols, ppo, needle", [
     (["SPY", "NOPE"], tiny_ppo(2), "no bars of NOPE"),
-    (["SPY"], CVaRPPOSettings(total_timesteps=4 * BATCH, num_steps=12), "one must divide the other"),
+    (["SPY"], CVaRPPOSettings(total_timesteps=4 * BATCH, num_steps=L // 2), "must be a multiple of"),
     (["SPY"], CVaRPPOSettings(total_timesteps=BATCH - 1, num_steps=L), "do not cover one rollout"),
     (["SPY", "SPY"], tiny_ppo(2), "symbols repeat"),
 ])
