@@ -236,6 +236,8 @@ def test_stopped_run_resumes_from_its_store_checkpoint_with_the_numbers_of_an_un
     first = run_training(settings, store, RunRequest("broken", tuple(SYMS), ppo), on_progress=stop_at_two, stop=stop)
     assert first["state"] == "stopped" and first["global_step"] == 2 * BATCH
     assert not store.exists(run_path("broken", "result.json"))
+    with pytest.raises(ValueError, match="was started with other symbols or settings"):
+        run_training(settings, store, RunRequest("broken", tuple(SYMS), tiny_ppo(5, seed=4)))
     store.append(market.generate(40))  # new bars arrive; the resumed run must keep to its own
     second = run_training(settings, store, RunRequest("broken", tuple(SYMS), ppo))
     assert second["resumed_from_step"] == 2 * BATCH
@@ -244,7 +246,7 @@ def test_stopped_run_resumes_from_its_store_checkpoint_with_the_numbers_of_an_un
     assert [[h[k] for k in keys] for h in second["history"]] == [[h[k] for k in keys] for h in unbroken["history"]]
     assert second["evaluation"] == unbroken["evaluation"]
 
-    with pytest.raises(ValueError, match="other symbols or settings"):
+    with pytest.raises(ValueError, match="finished with other symbols, settings"):
         run_training(settings, store, RunRequest("broken", tuple(SYMS), tiny_ppo(5, seed=4)))
 
 
