@@ -7,6 +7,7 @@
     raytrade data generate|import|ls        history in the store
     raytrade train --symbols ... --alpha A  CVaR-PPO against the risk-neutral baseline, out of sample
     raytrade workflows ls|run|cancel        the workflow scheduler's queue
+    raytrade models ls|show|promote|rollback|import|train-baseline   the model registry
 
 A user's mistake (a bad flag, a bad setting, a bad file) ends with one line on
 stderr and exit code 2, never a traceback; a cluster that cannot be reached
@@ -46,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--detach", action="store_true", help="start a detached local Ray head and return")
     up.add_argument("--duration", type=float, default=None, help="run for S seconds, then shut down")
     up.add_argument("--history-bars", type=int, default=2000, help="bars per symbol generated if the store is empty")
+    up.add_argument("--no-serve", action="store_true", help="feeds, router and scheduler only: no models, accounts or HTTP")
+
+    dec = sub.add_parser("decide", help="ask the running endpoint for a decision")
+    dec.add_argument("symbol")
+    dec.add_argument("--execute", action="store_true", help="trade it (needs a trade key)")
+    dec.add_argument("--account", default="paper")
+    dec.add_argument("--key", default=None, help="API key (default: $RAYTRADE_API_KEY)")
+    dec.add_argument("--url", default=None, help="default: http://serve.host:serve.port")
 
     sub.add_parser("down", help="stop what `raytrade up` started")
 
@@ -109,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     wrun.add_argument("--wait", type=float, default=None, metavar="S", help="wait up to S seconds for the outcome")
     wcan = wf_sub.add_parser("cancel", help="cancel a queued or running workflow")
     wcan.add_argument("id")
+    _models_parser(sub)
     return p
 
 
@@ -153,7 +163,41 @@ def _main(argv: Sequence[str] | None) -> int:
         return _train(args, settings)
     if args.cmd == "workflows":
         return _workflows(args, settings)
+    if args.cmd == "decide":
+        return _decide(args, settings)
+    if args.cmd == "models":
+        from cluster.models_cli import run_models
+
+        return run_models(args, settings, UserError)
     raise UserError(f"unknown command {args.cmd}")
+
+
+def _models_parser(sub: Any) -> None:
+    m = sub.add_parser("models", help="the model registry: versions, stages, metrics")
+    ms = m.add_subparsers(dest="models_cmd", metavar="ACTION", parser_class=_Parser)
+    ls = ms.add_parser("ls", help="models and their versions")
+    ls.add_argument("name", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    show = ms.add_parser("show", help="one version's record and tracked metrics")
+    show.add_argument("name")
+    show.add_argument("--version", type=int, default=None, help="default: production, else the latest")
+    pr = ms.add_parser("promote", help="make a version production (the ensemble follows)")
+    pr.add_argument("name")
+    pr.add_argument("version", type=int)
+    rb = ms.add_parser("rollback", help="put back the previous production version")
+    rb.add_argument("name")
+    imp = ms.add_parser("import", help="register your own ONNX file (local path or s3://bucket/key)")
+    imp.add_argument("source")
+    imp.add_argument("--name", required=True)
+    imp.add_argument("--task", default="forecasting")
+    imp.add_argument("--tag", action="append", default=[])
+    imp.add_argument("--promote", action="store_true", help="make it production at once")
+    tb = ms.add_parser("train-baseline", help="train the MLP/LSTM baselines on the store's history and register them")
+    tb.add_argument("--symbols", nargs="+", default=None, help="default: feeds.symbols")
+    tb.add_argument("--kind", choices=["mlp", "lstm", "both"], default="both")
+    tb.add_argument("--epochs", type=int, default=5)
+    tb.add_argument("--max-samples", type=int, default=200_000)
+    tb.add_argument("--promote", action="store_true", help="make the new versions production")
 
 
 # -- data ---------------------------------------------------------------------------
@@ -435,9 +479,10 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_UNAVAILABLE
     record_up(info.address, head_pgid is not None, head_pgid)
 
-    from cluster.system import start_system
+    from cluster.system import demo_settings, start_system
 
-    system = start_system(settings)
+    settings, demo_key = demo_settings(settings)
+    system = start_system(settings, serve_app=not args.no_serve)
     print("raytrade is up")
     print(f"  ray address     {info.address}")
     print(f"  ray dashboard   {info.dashboard_url or 'off'}")
@@ -445,6 +490,17 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  store           {store.root if store.is_local else store.uri}")
     for line in system.describe():
         print(f"  {line}")
+    if not args.no_serve:
+        url = f"http://{settings.serve.host}:{settings.serve.port}"
+        if demo_key:
+            print(f"  demo API key    {demo_key}   (admin, this run only; set api_keys in settings for your own)")
+        key = demo_key or "$RAYTRADE_API_KEY"
+        sym = settings.feeds.symbols[0]
+        print("try:")
+        print(f"  curl -s -H 'X-API-Key: {key}' {url}/v1/signal/{sym}")
+        print(f"  curl -s -H 'X-API-Key: {key}' -H 'Content-Type: application/json' "
+              f"-d '{{\"symbol\": \"{sym}\", \"execute\": true}}' {url}/v1/decisions")
+        print(f"  RAYTRADE_API_KEY={key} raytrade decide {sym}")
     sys.stdout.flush()
     if args.detach:
         print("detached; `raytrade status` to look, `raytrade down` to stop")
@@ -475,6 +531,43 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
         UP_STATE.unlink(missing_ok=True)
         print("stopped cleanly")
+    return 0
+
+
+def _decide(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    import urllib.error
+    import urllib.request
+
+    key = args.key or os.environ.get("RAYTRADE_API_KEY")
+    if not key:
+        raise UserError("no API key: pass --key or set RAYTRADE_API_KEY (`raytrade up` prints a demo key)")
+    url = (args.url or f"http://{settings.serve.host}:{settings.serve.port}").rstrip("/") + "/v1/decisions"
+    body = json.dumps({"symbol": args.symbol, "execute": args.execute, "account": args.account}).encode()
+    req = urllib.request.Request(url, data=body, headers={"X-API-Key": key, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            d = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read()).get("detail", "")
+        except ValueError:
+            detail = ""
+        print(f"raytrade: {e.code} from the endpoint: {detail}", file=sys.stderr)
+        return EXIT_USAGE if 400 <= e.code < 500 else EXIT_UNAVAILABLE
+    except (urllib.error.URLError, OSError) as e:
+        print(f"raytrade: cannot reach {url} ({getattr(e, 'reason', e)}); is `raytrade up` running?", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    verdict = "approved" if d["risk"]["approved"] else "refused"
+    print(f"{d['symbol']}: {d['action']} target {d['target_position']:+.2f} (now {d['current_position']:+.2f}), "
+          f"quantity {d['quantity']:g}, confidence {d['confidence']:.2f}, regime {d.get('regime')}")
+    print(f"  risk {verdict}: {'; '.join(d['risk']['reasons']) or '-'}")
+    for name, m in sorted(d["members"].items()):
+        print(f"  {name:<22} position {m.get('position') if m.get('position') is None else round(m['position'], 3)}"
+              f"  contribution {m.get('contribution', 0):+.3f}  version {m.get('version')}")
+    if d.get("executed"):
+        print(f"  order {d['order']}")
+    print(f"  decision {d['decision_id']}, last bar seq {d['last_bar']['seq']} at {d['last_bar']['ts']}")
     return 0
 
 

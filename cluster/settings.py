@@ -53,6 +53,10 @@ class RiskLimits(_Section):
     max_daily_loss_pct: float = Field(0.02, gt=0, le=1, description="loss in a day that halts new entries")
     max_drawdown_pct: float = Field(0.05, gt=0, le=1, description="drawdown from peak that trips the kill switch")
     production: bool = Field(False, description="trade a live account; off means paper only")
+    atr_stop_multiple: float = Field(
+        2.0, gt=0, le=50, description="stop distance in ATRs when an order names no stop-loss"
+    )
+    whole_shares: bool = Field(True, description="size orders in whole shares (off: fractional, 6 decimals)")
 
     @field_validator("allowed_symbols")
     @classmethod
@@ -167,6 +171,9 @@ class FeedSettings(_Section):
 class ServeSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    external_weight: float = Field(0.3, ge=0, le=1, description="weight of an outside signal against the ensemble's")
+    rate_limit_per_s: float = Field(50.0, gt=0, description="requests a second per API key (per ingress replica)")
+    rate_burst: float = Field(100.0, ge=1, description="burst size of the per-key rate limit")
 
 
 class ApiKey(_Section):
@@ -301,9 +308,126 @@ class SchedulerSettings(_Section):
         return merged
 
 
+class BrokerSettings(_Section):
+    """The paper broker's costs and the ledgers every broker keeps (see docs/risk.md)."""
+
+    starting_cash: float = Field(100_000.0, gt=0, description="a new paper account's cash")
+    slippage_bps: float = Field(5.0, ge=0, le=1000, description="paper fills: basis points against the taker")
+    commission_per_share: float = Field(0.005, ge=0, description="paper fills: commission per share")
+    commission_min: float = Field(1.0, ge=0, description="paper fills: minimum commission per fill")
+    ledger_dir: str = Field("var/ledger", description="one folder per account: ledger.sqlite and risk.sqlite")
+    http_timeout_s: float = Field(10.0, gt=0, le=300, description="Alpaca trading REST timeout per request")
+    signing_key: SecretStr | None = Field(
+        None, description="HMAC key of the risk manager's verdict tokens; empty: a random key per start"
+    )
+    token_ttl_s: float = Field(30.0, gt=0, le=3600, description="how long a verdict token may be presented")
+
+
+class AccountSettings(_Section):
+    """One trading account: its broker, and risk limits that override ``risk`` field by field."""
+
+    kind: Literal["paper", "alpaca"] = "paper"
+    risk: dict[str, Any] = Field(default_factory=dict, description="overrides of the top-level risk limits")
+    starting_cash: float | None = Field(None, gt=0, description="paper: overrides broker.starting_cash")
+    api_key: SecretStr | None = Field(None, description="alpaca: this account's key (default alpaca.api_key)")
+    secret_key: SecretStr | None = Field(None, description="alpaca: this account's secret (default alpaca.secret_key)")
+
+    @field_validator("risk")
+    @classmethod
+    def _known_limits(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(RiskLimits.model_fields))
+        if unknown:
+            raise ValueError(f"unknown risk limit(s) {', '.join(unknown)}; valid: {', '.join(RiskLimits.model_fields)}")
+        return v
+
+
+def _default_accounts() -> dict[str, AccountSettings]:
+    return {"default": AccountSettings()}
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+
+
+class RuleMemberSettings(_Section):
+    """A rule member: one of core's strategies with its parameters."""
+
+    name: str = Field(description="member name, unique in the ensemble")
+    strategy: Literal["sma_crossover", "atr_breakout", "rsi_reversion"]
+    params: dict[str, int | float | bool | str] = Field(default_factory=dict, description="keyword arguments of the core strategy")
+    weight: float = Field(1.0, ge=0)
+    timeout_s: float | None = Field(None, gt=0, description="default: ensemble.member_timeout_s")
+
+
+class PythonMemberSettings(_Section):
+    """A user's member: a function ``fn(batch: core.members.MemberBatch) -> positions[B]``."""
+
+    name: str
+    import_path: str = Field(description="module:function, importable on every node")
+    weight: float = Field(1.0, ge=0)
+    timeout_s: float | None = Field(None, gt=0)
+
+    @field_validator("import_path")
+    @classmethod
+    def _path_ok(cls, v: str) -> str:
+        mod, _, fn = v.partition(":")
+        if not mod or not fn or not all(p.isidentifier() for p in mod.split(".")) or not fn.isidentifier():
+            raise ValueError("must be package.module:function")
+        return v
+
+
+def _default_rules() -> list[RuleMemberSettings]:
+    return [
+        RuleMemberSettings(name="sma_cross", strategy="sma_crossover", params={"fast": 10, "slow": 50}),
+        RuleMemberSettings(name="atr_breakout", strategy="atr_breakout", params={"window": 20, "multiplier": 2.0}),
+        RuleMemberSettings(name="rsi_reversion", strategy="rsi_reversion", params={"window": 14, "lower": 30, "upper": 70}),
+    ]
+
+
+class EnsembleSettings(_Section):
+    """The model ensemble, its model cache and the registry's feedback loop."""
+
+    models: list[str] = Field(
+        default_factory=list, description="registry models used as members; empty: every production model of `tasks`"
+    )
+    tasks: list[str] = Field(default_factory=lambda: ["forecasting", "classification"])
+    rules: list[RuleMemberSettings] = Field(default_factory=_default_rules)
+    python_members: list[PythonMemberSettings] = Field(default_factory=list)
+    weights: dict[str, float] = Field(default_factory=dict, description="base weight per learned member (default 1)")
+    regime_weights: dict[str, dict[str, float]] = Field(
+        # Trend followers lead in a trend, the reverter in a range; in a volatile
+        # market only the breakout keeps its full say. Learned members default to 1.
+        default_factory=lambda: {
+            "trending": {"sma_cross": 1.5, "atr_breakout": 1.5, "rsi_reversion": 0.5},
+            "ranging": {"sma_cross": 0.5, "atr_breakout": 0.5, "rsi_reversion": 1.5},
+            "volatile": {"sma_cross": 0.5, "atr_breakout": 1.0, "rsi_reversion": 0.5},
+        },
+        description="regime -> member -> multiplier of its base weight",
+    )
+    member_timeout_s: float = Field(0.25, gt=0, description="a member slower than this is left out of the call")
+    max_versions_per_model: int = Field(3, ge=1, description="versions of one model kept loaded")
+    cache_budget_bytes: int | None = Field(
+        None, gt=0, description="model cache budget; default: cache_budget_fraction of the ensemble role's memory"
+    )
+    cache_budget_fraction: float = Field(0.5, gt=0, le=1)
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per session; default: role CPUs")
+    max_batch_size: int = Field(256, ge=1)
+    batch_wait_s: float = Field(0.002, ge=0, description="how long a batch waits for more requests")
+    reload_poll_s: float = Field(2.0, gt=0, description="how often replicas ask the registry for production versions")
+    adapt_eta: float = Field(0.05, ge=0, description="learning rate of the multiplicative weights")
+    max_tail_risk: float = Field(0.02, gt=0, description="predicted one-bar CVaR (95 %) above which positions shrink")
+    accuracy_window: int = Field(500, ge=10, description="outcomes in a member's rolling accuracy")
+    degradation_threshold: float = Field(0.45, ge=0, le=1, description="rolling hit rate that flags a production member")
+    degradation_min_samples: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "EnsembleSettings":
+        names = [r.name for r in self.rules] + [p.name for p in self.python_members]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"member names must be unique; repeated: {', '.join(sorted(dup))}")
+        return self
 
 
 class Settings(BaseSettings):
@@ -327,6 +451,9 @@ class Settings(BaseSettings):
     ray: RaySettings = Field(default_factory=RaySettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    ensemble: EnsembleSettings = Field(default_factory=EnsembleSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    accounts: dict[str, AccountSettings] = Field(default_factory=_default_accounts, min_length=1)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
 
     @model_validator(mode="after")
@@ -337,6 +464,31 @@ class Settings(BaseSettings):
         if "alpaca" in self.feeds.sources and not a.enabled:
             raise ValueError("feeds.sources lists alpaca but alpaca.api_key/secret_key are not set")
         return self
+
+    @model_validator(mode="after")
+    def _accounts_valid(self) -> "Settings":
+        for name, acc in self.accounts.items():
+            if not name or not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"account name {name!r}: use letters, digits, - and _")
+            try:
+                self.risk_limits_for(name)
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise ValueError(f"accounts.{name}.risk.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            if acc.kind == "alpaca" and (acc.api_key or self.alpaca.api_key) is None:
+                raise ValueError(f"account {name!r} is an alpaca account but no api_key/secret_key is set")
+            if (acc.api_key is None) != (acc.secret_key is None):
+                raise ValueError(f"accounts.{name}.api_key and secret_key must be given together")
+        return self
+
+    def risk_limits_for(self, account: str) -> RiskLimits:
+        """The top-level risk limits with the account's overrides on top."""
+        acc = self.accounts.get(account)
+        if acc is None:
+            raise KeyError(f"unknown account {account!r}; accounts are {', '.join(self.accounts)}")
+        if not acc.risk:
+            return self.risk
+        return RiskLimits(**{**self.risk.model_dump(), **acc.risk})
 
     @classmethod
     def settings_customise_sources(

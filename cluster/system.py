@@ -39,12 +39,13 @@ class System:
         self._seq = 0
         self._active: str | None = None
         self._events_seen = 0
+        self.extra: list[str] = []
 
     def describe(self) -> list[str]:
         lines = [f"feed            {name}" for name in self.feeds]
         lines.append(f"router          router:default over {', '.join(self.feeds)} ({', '.join(self.settings.feeds.symbols)})")
         lines.append("scheduler       workflows (`raytrade workflows ls`)")
-        return lines
+        return lines + self.extra
 
     def poll(self) -> list[str]:
         """Lines describing what the router delivered since the last poll, and any failover."""
@@ -75,7 +76,7 @@ class System:
         return stop_system(self.settings)
 
 
-def start_system(settings: Settings, fresh: bool = True) -> System:
+def start_system(settings: Settings, fresh: bool = True, serve_app: bool = True, progress: Any = print) -> System:
     from actors.feeds import FeedActor
     from actors.router import FeedRouter, router_actor_name
     from core.store import BarStore
@@ -105,11 +106,75 @@ def start_system(settings: Settings, fresh: bool = True) -> System:
     from cluster.scheduler import start_scheduler
 
     start_scheduler(settings)
-    return System(settings, feeds, router)
+    system = System(settings, feeds, router)
+    if serve_app:
+        system.extra += start_trading(settings, progress=progress)
+    return system
+
+
+def ensure_baselines(settings: Settings, progress: Any = print) -> list[str]:
+    """Train and promote the baseline members when the registry has no production model."""
+    from actors.registry import get_or_create_registry
+    from core.baselines import train_direction_model
+    from core.store import BarStore
+
+    reg = get_or_create_registry(settings)
+    if ray.get(reg.production.remote(), timeout=120):
+        return []
+    store = BarStore.from_settings(settings.store, settings.resilience)
+    bars = {s: store.read(s) for s in settings.feeds.symbols}
+    bars = {s: b for s, b in bars.items() if len(b)}
+    out = []
+    for kind in ("mlp", "lstm"):
+        progress(f"training the baseline {kind.upper()} on {sum(len(b) for b in bars.values())} stored bars (first start only)")
+        res = train_direction_model(bars, kind, epochs=2, max_samples=20_000)
+        name = f"baseline_{kind}"
+        rec = ray.get(reg.register.remote(name, res.onnx, "classification", res.metadata), timeout=300)
+        ray.get(reg.promote.remote(name, rec["version"]), timeout=120)
+        out.append(f"{name} v{rec['version']}")
+    return out
+
+
+def demo_settings(settings: Settings) -> tuple[Settings, str | None]:
+    """With no API keys configured, add a one-off admin key for this run (printed once, never logged)."""
+    if settings.api_keys:
+        return settings, None
+    import secrets
+
+    from cluster.logs import add_secrets
+    from cluster.settings import ApiKey
+
+    key = "rt-demo-" + secrets.token_urlsafe(18)
+    add_secrets([key])
+    return settings.model_copy(update={"api_keys": [ApiKey(name="demo", key=key, role="admin")]}), key
+
+
+def start_trading(settings: Settings, progress: Any = print) -> list[str]:
+    """Registry, baseline members, accounts (risk manager + broker) and the Serve app."""
+    from ray import serve
+
+    from serve.app import build_app_from_settings
+
+    trained = ensure_baselines(settings, progress)
+    from actors.accounts import start_accounts
+
+    accounts = start_accounts(settings)
+    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+    serve.run(build_app_from_settings(settings), name="raytrade", route_prefix="/", blocking=False)
+    lines = [f"models          {', '.join(trained)} trained and promoted"] if trained else []
+    lines.append(f"accounts        {', '.join(accounts)}")
+    lines.append(f"serve           http://{settings.serve.host}:{settings.serve.port}")
+    return lines
 
 
 def stop_system(settings: Settings) -> int:
     n = 0
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve was not running
+        pass
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry.get("namespace") != settings.ray.namespace:
             continue

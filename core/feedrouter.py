@@ -395,10 +395,24 @@ class RouterState:
         ]
         if behind:
             since = self._held_since.setdefault(key, now)
-            if now - since < self.cfg.spike_hold_intervals * self.cfg.interval_s:
+            if now - since < self._hold_limit_s(sym, ts, now):
                 return "hold"
         self._held_since.pop(key, None)
         return "ok"  # every source skips it: a real gap in the market
+
+    def _hold_limit_s(self, sym: str, ts: int, now: float) -> float:
+        """How long a bar may wait for another source to confirm it or fill before it.
+
+        While another healthy source has not yet reached ``ts`` it is only
+        behind (a loaded machine, a slower vendor), so wait up to the stall
+        limit; once none is behind, ``spike_hold_intervals``.
+        """
+        behind = any(
+            n != self.active and self.why_unhealthy(n, now) is None and self.sources[n].last_ts.get(sym, -1) < ts
+            for n in self.order
+        )
+        k = max(self.cfg.spike_hold_intervals, self.cfg.stall_intervals) if behind else self.cfg.spike_hold_intervals
+        return k * self.cfg.interval_s
 
     def _spike_check(self, sym: str, bar: dict[str, Any]) -> str:
         prev = self._last_close.get(sym)
@@ -426,7 +440,7 @@ class RouterState:
             return "reject"
         now = self.clock()
         since = self._held_since.setdefault(key, now)
-        if now - since < self.cfg.spike_hold_intervals * self.cfg.interval_s:
+        if now - since < self._hold_limit_s(sym, bar["ts"], now):
             return "hold"
         self._held_since.pop(key, None)
         self.flagged += 1

@@ -50,7 +50,7 @@ def test_replay_feed_streams_every_bar_once_in_order(ray_session, feed_settings)
         closes = [b["close"] for b in got if b["symbol"] == sym]
         assert closes == list(want[want.symbol == sym]["close"])
     h = ray.get(a.health.remote())
-    assert h["emitted"] == 80 and h["exhausted"] and h["rejected"] == 0
+    assert h["emitted"] == 80 and h["exhausted"] and h["errors"] == 0
     ray.kill(a)
 
 

@@ -1,0 +1,203 @@
+"""``raytrade models ...``: the registry from the command line.
+
+When a raytrade cluster is up (``RAY_ADDRESS``, ``ray.address`` or the one
+``raytrade up`` recorded), every command goes through the running registry
+actor, the only writer of the index, and the ensemble follows a promotion
+within ``ensemble.reload_poll_s``. With no cluster, the commands open the
+registry in this process on the store: nothing else is writing then.
+
+Kept apart from ``cluster/cli.py`` so the parser there stays one screen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from cluster.settings import Settings
+
+
+class _Remote:
+    """A registry actor handle that reads like the class (blocking calls)."""
+
+    def __init__(self, handle: Any):
+        self._h = handle
+
+    def __getattr__(self, name: str) -> Any:
+        import ray
+
+        method = getattr(self._h, name)
+        return lambda *a, **k: ray.get(method.remote(*a, **k), timeout=300)
+
+
+def open_registry(settings: Settings) -> Any:
+    from cluster.runtime import recorded_up
+
+    if os.environ.get("RAY_ADDRESS") or settings.ray.address or recorded_up():
+        from actors.registry import get_or_create_registry
+        from cluster.runtime import connect
+
+        connect(settings, start_local=False)
+        return _Remote(get_or_create_registry(settings))
+    from actors.registry import ModelRegistry
+
+    return ModelRegistry(settings)
+
+
+def run_models(args: Any, settings: Settings, user_error: type[Exception]) -> int:
+    from actors.registry import RegistryError
+
+    cmd = args.models_cmd
+    if cmd is None:
+        raise user_error("raytrade models: choose an action: ls, show, promote, rollback, import, train-baseline")
+    try:
+        reg = open_registry(settings)
+        if cmd == "ls":
+            return _ls(reg, args)
+        if cmd == "show":
+            rec = reg.get(args.name, args.version)
+            rec["performance"] = reg.performance(args.name, rec["version"])[-20:]
+            print(json.dumps(rec, indent=2, default=str))
+            return 0
+        if cmd == "promote":
+            rec = reg.promote(args.name, args.version)
+            print(f"{rec['name']} v{rec['version']} is production")
+            return 0
+        if cmd == "rollback":
+            rec = reg.rollback(args.name)
+            print(f"rolled back: {rec['name']} v{rec['version']} is production")
+            return 0
+        if cmd == "import":
+            return _import(reg, args, settings, user_error)
+        if cmd == "train-baseline":
+            return _train(reg, args, settings, user_error)
+    except RegistryError as e:
+        raise user_error(str(e)) from None
+    raise user_error(f"unknown models action {cmd}")
+
+
+def _ls(reg: Any, args: Any) -> int:
+    rows = reg.list(args.name)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no models registered; `raytrade models train-baseline` or `raytrade models import FILE --name N`")
+        return 0
+    print(f"{'name':<20} {'ver':>4} {'stage':<11} {'task':<15} {'size':>9} {'sha256':<14} {'created':<20} metrics")
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"]))
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items()))
+        flags = f" [{','.join(r['flags'])}]" if r["flags"] else ""
+        print(f"{r['name']:<20} {r['version']:>4} {r['stage']:<11} {r['task']:<15} {r['size']:>9} "
+              f"{r['sha256'][:12]:<14} {created:<20} {metrics}{flags}")
+    return 0
+
+
+def read_source(source: str, settings: Settings) -> bytes:
+    """Bytes of a local file or an ``s3://bucket/key`` object (the store's endpoint and keys)."""
+    if source.startswith("s3://"):
+        from urllib.parse import urlparse
+
+        from minio import Minio
+        from minio.error import S3Error
+
+        u = urlparse(source)
+        s = settings.store
+        ep = urlparse(s.endpoint) if s.endpoint else urlparse("https://s3.amazonaws.com")
+        client = Minio(
+            ep.netloc or ep.path,
+            access_key=s.access_key.get_secret_value() if s.access_key else None,
+            secret_key=s.secret_key.get_secret_value() if s.secret_key else None,
+            secure=ep.scheme == "https",
+            region=s.region,
+        )
+        try:
+            resp = client.get_object(u.netloc, u.path.lstrip("/"))
+        except S3Error as e:
+            raise FileNotFoundError(f"{source}: {e.code}") from None
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def check_member_contract(data: bytes) -> dict[str, Any]:
+    """Load the ONNX file as a member would and run it once; returns what was learnt."""
+    import numpy as np
+
+    from actors.model_cache import DeviceConfig, OnnxModel
+    from core.features import FEATURE_NAMES
+
+    model = OnnxModel("import", 0, data, DeviceConfig(), n_features=len(FEATURE_NAMES))
+    x = np.random.default_rng(0).standard_normal((4, model.window, model.n_features)).astype(np.float32)
+    y = model.run(x)
+    if not np.all(np.isfinite(y)) or np.any(np.abs(y) > 1 + 1e-5):
+        raise ValueError(f"on test inputs the model returned {y.tolist()}; a member must return positions in [-1, 1]")
+    return {"window": model.window, "n_features": model.n_features}
+
+
+def _import(reg: Any, args: Any, settings: Settings, user_error: type[Exception]) -> int:
+    from actors.model_cache import BadModelContract
+    from actors.registry import RegistryError, check_onnx
+    from core.features import FEATURE_NAMES, feature_spec_hash
+
+    try:
+        data = read_source(args.source, settings)
+    except OSError as e:
+        raise user_error(f"cannot read {args.source}: {e}") from None
+    try:
+        check_onnx(data)
+        contract = check_member_contract(data)
+    except (RegistryError, BadModelContract, ValueError) as e:
+        raise user_error(f"{args.source}: {e}") from None
+    meta = {
+        "source": args.source,
+        "tags": ["imported", *args.tag],
+        "window": contract["window"],
+        # Importing states that the model reads core.features rows, in this order.
+        "feature_names": list(FEATURE_NAMES),
+        "feature_spec_hash": feature_spec_hash(),
+    }
+    rec = reg.register(args.name, data, args.task, meta)
+    print(f"registered {rec['name']} v{rec['version']} ({rec['size']} bytes, sha256 {rec['sha256'][:12]}) as {rec['stage']}")
+    if args.promote:
+        rec = reg.promote(rec["name"], rec["version"])
+        print(f"{rec['name']} v{rec['version']} is production")
+    return 0
+
+
+def _train(reg: Any, args: Any, settings: Settings, user_error: type[Exception]) -> int:
+    from core.baselines import train_direction_model
+    from core.store import BarStore
+
+    store = BarStore.from_settings(settings.store, settings.resilience)
+    symbols = [s.upper() for s in (args.symbols or settings.feeds.symbols)]
+    bars = {s: store.read(s) for s in symbols}
+    empty = [s for s, b in bars.items() if len(b) == 0]
+    if empty:
+        raise user_error(f"the store at {store.uri} has no bars for {', '.join(empty)}; `raytrade data generate` first")
+    if args.epochs < 1:
+        raise user_error("--epochs must be at least 1")
+    kinds = ["mlp", "lstm"] if args.kind == "both" else [args.kind]
+    for kind in kinds:
+        try:
+            res = train_direction_model(bars, kind, epochs=args.epochs, max_samples=args.max_samples)
+        except ValueError as e:
+            raise user_error(str(e)) from None
+        name = f"baseline_{kind}"
+        rec = reg.register(name, res.onnx, "classification", res.metadata)
+        hit = res.metadata["holdout_hit_rate"]
+        if hit == hit:  # NaN when the model never took a side on the holdout
+            reg.track_performance(name, rec["version"], {"hit_rate": hit})
+        print(f"{name} v{rec['version']}: holdout hit rate {res.metadata['holdout_hit_rate']:.3f} on "
+              f"{res.metadata['holdout_samples']} windows, ONNX vs torch max |diff| {res.metadata['onnx_torch_max_abs_diff']:.2g}")
+        if args.promote:
+            reg.promote(name, rec["version"])
+            print(f"{name} v{rec['version']} is production")
+    return 0
