@@ -6,9 +6,10 @@ One run, start to end (``run_training``, Ray-free; the ``Learner`` actor runs it
     bars (store) -> train / held-out split -> MultiSymbolEnv -> core.rl.cvar_ppo.train
         -> checkpoints to models/learner/<run>/ckpt.pt        (every few iterations, atomic)
         -> policy.onnx  (core's export, parity-checked)       the full policy, for analysis
-        -> member.onnx  (the ensemble's member contract)      parity-checked, evaluated, registered
+        -> member ONNX  (the ensemble's member contract)      parity-checked, evaluated, registered
         -> core.engine.backtest on each symbol's held-out bars -> metrics
-        -> register_candidate(...)                            -> models/learner/<run>/result.json
+        -> register_candidate(...)  the model registry: a candidate of task "policy", with metadata
+                                    and metrics                -> models/learner/<run>/result.json
 
 Data. Each symbol's bars are split in time: the first ``1 - learner.holdout_fraction``
 train the policy, the rest are never seen in training and are where it is judged.
@@ -20,7 +21,7 @@ resumed after new bars reached the store trains on exactly the bars it started o
 What is served, and so what is evaluated. The ensemble's member contract is one input
 ``features [batch, window, F]`` and a first output ``position [batch]``: it carries no
 position and no episode clock. The trained policy also sees its position, the episode's
-log wealth and the time left (``core.rl.env``). ``member.onnx`` therefore feeds the policy
+log wealth and the time left (``core.rl.env``). The member ONNX therefore feeds the policy
 the observation of an episode's first decision (flat, log wealth 0, the whole episode
 ahead), which every training episode starts with, and returns the greedy target
 position. The evaluation runs exactly those bytes through ONNX Runtime, so the metrics
@@ -41,8 +42,9 @@ refuses); on a finished run it returns the stored result without training again.
 GPU. When Ray gives the actor a GPU, the env and policy run on CUDA and torch's
 per-process memory fraction is set to the learner's share (``cluster.resources.limit_torch_gpu_memory``).
 
-Not here: the PPO maths (``core.rl``), the registry's own bookkeeping (``actors.registry``
-on the ensemble branch; see ``register_candidate``), serving the member (the ensemble).
+Not here: the PPO maths (``core.rl``), the registry's own bookkeeping (``actors.registry``),
+promoting a candidate, or serving it (the ensemble serves production models of the tasks
+in ``ensemble.tasks``; add ``policy`` there).
 """
 
 from __future__ import annotations
@@ -332,32 +334,32 @@ def evaluate(onnx_bytes: bytes, data: list[SymbolData], ls: LearnerSettings, alp
 
 
 # --------------------------------------------------------------------------- registration
-def register_candidate(store: BarStore, name: str, run_id: str, artefact: bytes, metadata: dict[str, Any],
+def register_candidate(registry: Any, name: str, run_id: str, artefact: bytes, metadata: dict[str, Any],
                        metrics: dict[str, float]) -> dict[str, Any]:
-    """Register a trained member as a *candidate* model of task ``policy``; returns its record.
+    """Register a trained member with the model registry (``actors.registry``) as a *candidate*
+    of task ``policy``, with its training metadata and held-out metrics; returns the record.
 
-    The model registry (``actors/registry.py``, ``ModelRegistry``) is being built on the
-    ``ensemble`` branch and is not on main yet. Until it is, this writes the artefact to
-    ``models/learner/<run>/member.onnx``, reads it back and checks its sha256, then writes
-    the record (metadata, metrics, sha256) to ``models/learner/<run>/candidate.json``:
-    the same order the registry uses, so a record never names an artefact that is not whole.
-    Once the registry is on main this function is the one place to change: it becomes
-    ``registry.register(name, artefact, "policy", metadata)`` followed by
-    ``registry.track_performance(name, version, metrics)`` with ``metrics`` holding
-    ``sharpe``, ``max_drawdown`` and ``cvar`` (the registry's names and conventions).
+    ``registry`` is the registry actor's handle or a ``ModelRegistry`` in this process. The
+    registry writes the artefact, reads it back and checks its sha256 before it indexes
+    it; ``track_performance`` then records ``metrics`` (``sharpe``, ``max_drawdown``,
+    ``cvar``: the registry's names and conventions). Idempotent per run: a version of
+    ``name`` already registered by ``run_id`` with the same bytes is returned, not
+    registered again (a run retried after a crash between registering and writing its
+    result must not leave two candidates).
     """
-    path = run_path(run_id, "member.onnx")
     digest = hashlib.sha256(artefact).hexdigest()
-    store.put_bytes(path, artefact)
-    if hashlib.sha256(store.get_bytes(path)).hexdigest() != digest:
-        raise RuntimeError(f"{path}: the store returned different bytes than were written; not registered")
-    record = {
-        "name": name, "run_id": run_id, "task": "policy", "kind": "onnx", "stage": "candidate",
-        "path": path, "sha256": digest, "size": len(artefact), "created_at": time.time(),
-        "metadata": metadata, "metrics": metrics, "registry": "store (the model registry is not on main yet)",
-    }
-    store.put_bytes(run_path(run_id, "candidate.json"), json.dumps(_json_safe(record), indent=1).encode())
+    existing = [r for r in _registry_call(registry, "list")
+                if r["name"] == name and r["metadata"].get("run_id") == run_id and r["sha256"] == digest]
+    record = existing[-1] if existing else _registry_call(registry, "register", name, artefact, "policy",
+                                                          {**metadata, "run_id": run_id})
+    if metrics and {k: record["metrics"].get(k) for k in metrics} != metrics:
+        record = _registry_call(registry, "track_performance", name, record["version"], metrics)
     return record
+
+
+def _registry_call(registry: Any, method: str, *args: Any) -> Any:
+    fn = getattr(registry, method)
+    return ray.get(fn.remote(*args), timeout=120) if hasattr(fn, "remote") else fn(*args)
 
 
 def _json_safe(x: Any) -> Any:
@@ -425,13 +427,15 @@ def _ppo_dict(ppo: CVaRPPOSettings) -> dict[str, Any]:
 
 def run_training(settings: Settings, store: BarStore, request: RunRequest, *, device: str = "cpu",
                  on_progress: Callable[[dict[str, Any]], None] | None = None,
-                 stop: threading.Event | None = None) -> dict[str, Any]:
+                 stop: threading.Event | None = None, registry: Any = None) -> dict[str, Any]:
     """Train, checkpoint, export, evaluate and register one run; returns its result.
 
     Resumes from ``models/learner/<run>/ckpt.pt`` if the store has it; returns the stored
     ``result.json`` if the run already finished. ``on_progress(record)`` gets phase changes
     and one record per PPO iteration. Setting ``stop`` ends training after the current
     iteration, with a checkpoint; the run is then left unfinished (state ``stopped``).
+    ``registry``: the model registry (a ``ModelRegistry`` or its actor's handle); default
+    the named registry actor, created if absent.
     """
     ls, ppo = settings.learner, request.ppo
     symbols = [s.upper() for s in request.symbols]
@@ -549,7 +553,11 @@ def run_training(settings: Settings, store: BarStore, request: RunRequest, *, de
     # The registry refuses a non-finite metric; one that could not be measured is left out, not faked.
     metrics = {k: agg[k] for k in ("sharpe", "max_drawdown", "cvar") if math.isfinite(agg[k])}
     report({"phase": "registering", "global_step": global_step, "total_timesteps": ppo.total_timesteps})
-    record = register_candidate(store, ls.model_name, request.run_id, member, _json_safe(metadata), metrics)
+    if registry is None:
+        from actors.registry import get_or_create_registry
+
+        registry = get_or_create_registry(settings)
+    record = register_candidate(registry, ls.model_name, request.run_id, member, _json_safe(metadata), metrics)
 
     result = _json_safe({
         "run_id": request.run_id, "state": "done", "symbols": symbols, "ppo": _ppo_dict(ppo),
@@ -557,7 +565,7 @@ def run_training(settings: Settings, store: BarStore, request: RunRequest, *, de
         "steps_this_process": steps_here["n"], "device": device, "train_seconds": time.monotonic() - t0,
         "history": history, "evaluation": evaluation, "candidate": record,
         "artefacts": {"checkpoint": ckpt_rel, "policy_onnx": run_path(request.run_id, "policy.onnx"),
-                      "member_onnx": record["path"]},
+                      "member_onnx": record["path"], "member_sha256": hashlib.sha256(member).hexdigest()},
     })
     store.put_bytes(run_path(request.run_id, "result.json"), json.dumps(result).encode())
     report({"phase": "done", "global_step": global_step, "total_timesteps": ppo.total_timesteps})
@@ -683,5 +691,6 @@ def train_workflow(run_id: str, symbols: list[str], steps: int, alpha: float = 1
     ppo = ppo_settings_for(settings.learner, steps, alpha, beta, seed=seed)
     learner = get_or_create_learner(settings)
     result = ray.get(learner.train.remote(run_id, list(symbols), ppo))
-    return {"run_id": run_id, "candidate": result["candidate"]["path"], "sha256": result["candidate"]["sha256"],
+    c = result["candidate"]
+    return {"run_id": run_id, "model": c["name"], "version": c["version"], "sha256": c["sha256"],
             "metrics": result["evaluation"]["aggregate"], "global_step": result["global_step"]}

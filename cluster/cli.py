@@ -709,10 +709,11 @@ def _print_train_table(results: list[tuple[str, dict[str, Any]]], settings: Sett
         lam = r["history"][-1].get("lambda_", 0.0) if r["history"] else 0.0
         print(f"{label:<34} {_num(a['mean'], 11, '.6f')} {_num(a['sharpe'], 8, '.3f')} {_num(a['cvar'], 11, '.6f')} "
               f"{_num(a['max_drawdown'], 8, '.2%')} {_num(a['exposure'], 9, '.2f')} {_num(lam or 0.0, 7, '.3f')}")
-    print("over symbols: mean of mean and Sharpe, worst CVaR and drawdown. Candidates:")
+    print("over symbols: mean of mean and Sharpe, worst CVaR and drawdown. Registered as candidates "
+          "(`raytrade models ls`):")
     for label, r in results:
         c = r["candidate"]
-        print(f"  {c['name']} run {r['run_id']}: {c['path']} (sha256 {c['sha256'][:12]})")
+        print(f"  {c['name']} v{c['version']} ({label}, run {r['run_id']}): {c['path']} (sha256 {c['sha256'][:12]})")
 
 
 if __name__ == "__main__":

@@ -192,38 +192,74 @@ def test_training_envs_never_hold_a_heldout_bar(store_with_bars):
 
 # --------------------------------------------------------------------------- a run, in process
 def test_a_run_checkpoints_exports_evaluates_and_registers_then_answers_from_the_store(store_with_bars):
+    from actors.model_cache import DeviceConfig, OnnxModel
+    from actors.registry import ModelRegistry
+
     settings, store, _ = store_with_bars
+    registry = ModelRegistry(settings)
     records = []
-    res = run_training(settings, store, RunRequest("r1", tuple(SYMS), tiny_ppo(3)), on_progress=records.append)
+    res = run_training(settings, store, RunRequest("r1", tuple(SYMS), tiny_ppo(3)), on_progress=records.append,
+                       registry=registry)
     steps = [r["global_step"] for r in records if r["phase"] == "training"]
     assert steps == [BATCH, 2 * BATCH, 3 * BATCH]
     assert [r["phase"] for r in records][-4:] == ["exporting", "evaluating", "registering", "done"]
     assert {"mean_return", "cvar", "approx_kl", "lambda_", "alpha"} <= set(records[1])
     assert res["global_step"] == 3 * BATCH and res["resumed_from_step"] == 0 and res["steps_this_process"] == 3 * BATCH
-    for name in ("run.json", "ckpt.pt", "policy.onnx", "member.onnx", "candidate.json", "result.json"):
+    for name in ("run.json", "ckpt.pt", "policy.onnx", "result.json"):
         assert store.exists(run_path("r1", name)), name
     assert torch.load(store.path(run_path("r1", "ckpt.pt")), weights_only=True)["global_step"] == 3 * BATCH
-    cand = json.loads(store.get_bytes(run_path("r1", "candidate.json")))
-    member = store.get_bytes(run_path("r1", "member.onnx"))
-    assert cand["sha256"] == hashlib.sha256(member).hexdigest() and cand["stage"] == "candidate"
+
+    # The registry holds one candidate, of task policy, with the held-out metrics and the training metadata.
+    (cand,) = registry.list("cvar-ppo")
+    assert cand["stage"] == "candidate" and cand["task"] == "policy" and cand["version"] == res["candidate"]["version"]
     agg = res["evaluation"]["aggregate"]
     assert cand["metrics"] == {"sharpe": agg["sharpe"], "max_drawdown": agg["max_drawdown"], "cvar": agg["cvar"]}
-    assert cand["metadata"]["feature_spec_hash"] == feature_spec_hash() and cand["metadata"]["alpha"] == 0.25
-    # The metrics are those of the registered bytes: re-evaluating them gives the same numbers.
-    again = evaluate(member, load_data(store, SYMS, settings.learner), settings.learner, alpha=0.25)
+    meta = cand["metadata"]
+    assert meta["run_id"] == "r1" and meta["feature_spec_hash"] == feature_spec_hash() and meta["alpha"] == 0.25
+    assert meta["global_step"] == 3 * BATCH
+    assert meta["heldout_data"]["SPY"]["first"] == res["evaluation"]["symbols"]["SPY"]["first"]
+    member = registry.load("cvar-ppo", cand["version"])
+    assert hashlib.sha256(member).hexdigest() == res["artefacts"]["member_sha256"]
+    # The metrics are those of the registered bytes: re-evaluating them gives the same numbers...
+    data = load_data(store, SYMS, settings.learner)
+    again = evaluate(member, data, settings.learner, alpha=0.25)
     assert again["aggregate"] == agg
-    # A finished run is answered from the store, without training.
+    # ...and the ensemble's model cache accepts them and decides the same positions.
+    served = OnnxModel("cvar-ppo", cand["version"], member, DeviceConfig(), n_features=F)
+    assert served.window == W
+    assert np.array_equal(served.run(data[0].heldout_windows(W)), again["symbols"]["SPY"]["targets"])
+
+    # A finished run is answered from the store, without training or registering again.
     records.clear()
-    assert run_training(settings, store, RunRequest("r1", tuple(SYMS), tiny_ppo(3)), on_progress=records.append) == res
-    assert [r["phase"] for r in records] == ["done"]
+    assert run_training(settings, store, RunRequest("r1", tuple(SYMS), tiny_ppo(3)), on_progress=records.append,
+                        registry=registry) == res
+    assert [r["phase"] for r in records] == ["done"] and len(registry.list("cvar-ppo")) == 1
     with pytest.raises(ValueError, match="evaluation alpha"):  # not a stale answer to another question
-        run_training(settings, store, RunRequest("r1", tuple(SYMS), tiny_ppo(3), eval_alpha=0.05))
+        run_training(settings, store, RunRequest("r1", tuple(SYMS), tiny_ppo(3), eval_alpha=0.05), registry=registry)
+
+
+def test_registering_a_run_twice_keeps_one_candidate(tmp_path):
+    from actors.learner import register_candidate
+    from actors.registry import ModelRegistry
+
+    settings = tiny_settings(tmp_path)
+    registry = ModelRegistry(settings)
+    policy = ActorCritic(W * F + 3, 3, (8,), torch.tensor([-1.0, 0.0, 1.0]), seed=1)
+    member, _ = export_member_onnx(policy, W, F, np.zeros((1, W, F), np.float32))
+    first = register_candidate(registry, "cvar-ppo", "run-a", member, {"window": W}, {"sharpe": 1.5, "cvar": -0.01})
+    again = register_candidate(registry, "cvar-ppo", "run-a", member, {"window": W}, {"sharpe": 1.5, "cvar": -0.01})
+    other = register_candidate(registry, "cvar-ppo", "run-b", member, {"window": W}, {"sharpe": 0.5})
+    assert again["version"] == first["version"] == 1 and other["version"] == 2
+    assert first["metrics"] == {"sharpe": 1.5, "cvar": -0.01} and len(registry.performance("cvar-ppo", 1)) == 1
 
 
 def test_stopped_run_resumes_from_its_store_checkpoint_with_the_numbers_of_an_unbroken_run(store_with_bars):
+    from actors.registry import ModelRegistry
+
     settings, store, market = store_with_bars
+    registry = ModelRegistry(settings)
     ppo = tiny_ppo(5, seed=3)
-    unbroken = run_training(settings, store, RunRequest("whole", tuple(SYMS), ppo))
+    unbroken = run_training(settings, store, RunRequest("whole", tuple(SYMS), ppo), registry=registry)
 
     import threading
 
@@ -233,13 +269,14 @@ def test_stopped_run_resumes_from_its_store_checkpoint_with_the_numbers_of_an_un
         if record.get("phase") == "training" and record["iteration"] == 2:
             stop.set()
 
-    first = run_training(settings, store, RunRequest("broken", tuple(SYMS), ppo), on_progress=stop_at_two, stop=stop)
+    first = run_training(settings, store, RunRequest("broken", tuple(SYMS), ppo), on_progress=stop_at_two, stop=stop,
+                         registry=registry)
     assert first["state"] == "stopped" and first["global_step"] == 2 * BATCH
     assert not store.exists(run_path("broken", "result.json"))
     with pytest.raises(ValueError, match="was started with other symbols or settings"):
         run_training(settings, store, RunRequest("broken", tuple(SYMS), tiny_ppo(5, seed=4)))
     store.append(market.generate(40))  # new bars arrive; the resumed run must keep to its own
-    second = run_training(settings, store, RunRequest("broken", tuple(SYMS), ppo))
+    second = run_training(settings, store, RunRequest("broken", tuple(SYMS), ppo), registry=registry)
     assert second["resumed_from_step"] == 2 * BATCH
     assert second["steps_this_process"] == 3 * BATCH
     keys = ("global_step", "mean_return", "cvar", "approx_kl", "pg_loss", "v_loss")
@@ -273,11 +310,34 @@ def test_too_little_history_and_bad_run_ids_are_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- the actor
+@pytest.fixture
+def named_registry(ray_session):
+    """No registry actor from another test (bound to another store) before or after this one."""
+    from actors.registry import REGISTRY_ACTOR
+
+    def kill():
+        try:
+            ray.kill(ray.get_actor(REGISTRY_ACTOR, namespace="raytrade"), no_restart=True)
+        except ValueError:
+            return
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the name is released shortly after the kill
+            try:
+                ray.get_actor(REGISTRY_ACTOR, namespace="raytrade")
+                time.sleep(0.1)
+            except ValueError:
+                return
+
+    kill()
+    yield
+    kill()
+
+
 def _actor(settings):
     return get_or_create_learner(settings, name=f"learner-test-{uuid.uuid4().hex[:8]}", detached=False)
 
 
-def test_actor_answers_progress_while_training_and_refuses_a_second_run(ray_session, store_with_bars):
+def test_actor_answers_progress_while_training_and_refuses_a_second_run(ray_session, named_registry, store_with_bars):
     settings, _, _ = store_with_bars
     learner = _actor(settings)
     try:
@@ -305,7 +365,7 @@ def test_actor_answers_progress_while_training_and_refuses_a_second_run(ray_sess
         ray.kill(learner, no_restart=True)
 
 
-def test_killed_actor_is_restarted_and_training_resumes_from_the_checkpoint_not_zero(ray_session, store_with_bars):
+def test_killed_actor_is_restarted_and_training_resumes_from_the_checkpoint_not_zero(ray_session, named_registry, store_with_bars):
     settings, store, _ = store_with_bars
     learner = _actor(settings)
     try:
@@ -361,7 +421,7 @@ def test_train_cli_bad_input_is_one_line_exit_2(cli_env, capsys, args, needle):
     assert needle in err and len(err.splitlines()) == 1
 
 
-def test_train_cli_prints_baseline_and_cvar_ppo_on_the_same_heldout_bars(ray_session, cli_env, capsys):
+def test_train_cli_prints_baseline_and_cvar_ppo_on_the_same_heldout_bars(ray_session, named_registry, cli_env, capsys):
     from cluster.cli import main
 
     assert main(["train", "--symbols", "SPY", "--steps", str(2 * BATCH), "--alpha", "0.25", "--run", "cli"]) == 0
@@ -382,7 +442,7 @@ def test_train_cli_prints_baseline_and_cvar_ppo_on_the_same_heldout_bars(ray_ses
         ray.get_actor("learner", namespace="raytrade")
 
 
-def test_scheduler_target_trains_once_per_run_id(ray_session, cli_env):
+def test_scheduler_target_trains_once_per_run_id(ray_session, named_registry, cli_env):
     from actors.learner import LEARNER_ACTOR, train_workflow
     from cluster.scheduler import import_target
 
@@ -391,7 +451,9 @@ def test_scheduler_target_trains_once_per_run_id(ray_session, cli_env):
     try:
         first = train_workflow("wf", ["SPY"], 2 * BATCH, alpha=0.25)
         store = BarStore.from_settings(settings.store)
-        assert first["sha256"] == hashlib.sha256(store.get_bytes(first["candidate"])).hexdigest()
+        from actors.registry import ModelRegistry
+
+        assert first["sha256"] == hashlib.sha256(ModelRegistry(settings).load("cvar-ppo", first["version"])).hexdigest()
         assert first["global_step"] == 2 * BATCH
         t0 = time.monotonic()
         assert train_workflow("wf", ["SPY"], 2 * BATCH, alpha=0.25) == first  # run twice: answered, not retrained
