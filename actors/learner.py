@@ -534,6 +534,10 @@ def run_training(settings: Settings, store: BarStore, request: RunRequest, *, de
     report({"phase": "evaluating", "global_step": global_step, "total_timesteps": ppo.total_timesteps})
     evaluation = evaluate(member, data, ls, alpha)
     last = history[-1] if history else {}
+    # Plain PPO (alpha 1, no multiplier) is registered under its own name, so promoting
+    # "the CVaR-PPO model" can never put the risk-neutral baseline into production.
+    baseline = ppo.alpha == 1.0 and ppo.lambda_init == 0 and ppo.lambda_lr == 0
+    model_name = f"{ls.model_name}-baseline" if baseline else ls.model_name
     metadata = {
         **model_meta,
         "algorithm": "cvar-ppo",
@@ -547,7 +551,7 @@ def run_training(settings: Settings, store: BarStore, request: RunRequest, *, de
         "final_training": {k: last.get(k) for k in ("mean_return", "cvar", "lambda_", "approx_kl", "alpha")},
         "onnx_torch_max_abs_diff": {"policy": policy_diff, "member": member_diff},
         "evaluation": {"alpha": alpha, "fill": ls.eval_fill, **evaluation["aggregate"]},
-        "tags": ["cvar-ppo", "baseline" if ppo.alpha == 1.0 and ppo.lambda_init == 0 and ppo.lambda_lr == 0 else "risk-averse"],
+        "tags": ["cvar-ppo", "baseline" if baseline else "risk-averse"],
     }
     agg = evaluation["aggregate"]
     # The registry refuses a non-finite metric; one that could not be measured is left out, not faked.
@@ -557,7 +561,7 @@ def run_training(settings: Settings, store: BarStore, request: RunRequest, *, de
         from actors.registry import get_or_create_registry
 
         registry = get_or_create_registry(settings)
-    record = register_candidate(registry, ls.model_name, request.run_id, member, _json_safe(metadata), metrics)
+    record = register_candidate(registry, model_name, request.run_id, member, _json_safe(metadata), metrics)
 
     result = _json_safe({
         "run_id": request.run_id, "state": "done", "symbols": symbols, "ppo": _ppo_dict(ppo),

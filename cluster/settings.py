@@ -218,7 +218,8 @@ class LearnerSettings(_Section):
     periods_per_year: float = Field(252.0, gt=0, description="bars per year, for the evaluation's Sharpe")
     checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints written to the store")
     model_name: str = Field(
-        "cvar-ppo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="registry name of the candidates"
+        "cvar-ppo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,54}$",
+        description="registry name of the candidates; risk-neutral runs register as <name>-baseline",
     )
 
     @field_validator("positions")

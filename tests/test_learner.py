@@ -429,6 +429,8 @@ def test_train_cli_prints_baseline_and_cvar_ppo_on_the_same_heldout_bars(ray_ses
     store = BarStore.from_settings(load_settings(use_file=False).store)
     results = {r: json.loads(store.get_bytes(run_path(f"cli-{r}", "result.json"))) for r in ("baseline", "cvar")}
     assert results["baseline"]["ppo"]["alpha"] == 1.0 and results["cvar"]["ppo"]["alpha"] == 0.25
+    assert results["baseline"]["candidate"]["name"] == "cvar-ppo-baseline"  # never promoted as the CVaR model
+    assert results["cvar"]["candidate"]["name"] == "cvar-ppo"
     # Both judged on the same bars, at the same CVaR level.
     assert (results["baseline"]["evaluation"]["symbols"]["SPY"]["first"]
             == results["cvar"]["evaluation"]["symbols"]["SPY"]["first"])
