@@ -438,6 +438,11 @@ def run_training(settings: Settings, store: BarStore, request: RunRequest, *, de
     the named registry actor, created if absent.
     """
     ls, ppo = settings.learner, request.ppo
+    bad = {k: getattr(ppo, k) for k in ("beta", "lambda_lr", "lambda_init", "learning_rate")
+           if not math.isfinite(getattr(ppo, k))}
+    if bad:
+        # NaN passes CVaRPPOSettings' range checks, and a NaN beta would quietly train plain PPO.
+        raise ValueError(f"PPO settings must be finite numbers: {bad}")
     symbols = [s.upper() for s in request.symbols]
     if not symbols:
         raise ValueError("give at least one symbol")

@@ -597,16 +597,20 @@ def _down(settings: Settings) -> int:
 # -- train --------------------------------------------------------------------------
 def _train_requests(args: argparse.Namespace, settings: Settings) -> tuple[str, list[str], list[tuple[str, str, Any]]]:
     """Check the arguments and the data, before any cluster is touched; (run, symbols, runs)."""
+    import math
     import re
 
-    from actors.learner import load_data, ppo_settings_for
+    from actors.learner import MultiSymbolEnv, load_data, ppo_settings_for
 
     if not 0.0 < args.alpha < 1.0:
         raise UserError(f"--alpha {args.alpha}: must be in (0, 1); the baseline is alpha = 1")
     if not 0.0 <= args.soft_risk <= 1.0:
         raise UserError(f"--soft-risk {args.soft_risk}: must be in [0, 1]")
-    if args.lambda_lr <= 0:
-        raise UserError(f"--lambda-lr {args.lambda_lr}: must be positive")
+    if not args.lambda_lr > 0 or not math.isfinite(args.lambda_lr):  # NaN passes a plain "<= 0" check
+        raise UserError(f"--lambda-lr {args.lambda_lr}: must be a positive number")
+    if args.beta is not None and not math.isfinite(args.beta):
+        # A NaN floor would silently train plain PPO: max(0, lambda + NaN) keeps lambda at 0.
+        raise UserError(f"--beta {args.beta}: must be a finite log return, e.g. -0.02")
     symbols = [s.upper() for s in (args.symbols or settings.feeds.symbols)]
     for sym in symbols:
         if not sym.replace(".", "").replace("-", "").isalnum():
@@ -622,9 +626,11 @@ def _train_requests(args: argparse.Namespace, settings: Settings) -> tuple[str, 
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,54}$", run):
         raise UserError(f"--run {run!r}: use letters, digits, '_', '-', '.' (at most 55)")
     try:
-        load_data(_store(settings), symbols, ls)
+        MultiSymbolEnv.from_data(load_data(_store(settings), symbols, ls), ls, args.seed, "cpu")
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.steps % batch:
+        print(f"training {args.steps // batch * batch} steps per run: whole rollouts of {batch}", file=sys.stderr)
     kw = dict(seed=args.seed, soft_risk=args.soft_risk, lambda_lr=args.lambda_lr)
     baseline = ppo_settings_for(ls, args.steps, **kw)
     risky = ppo_settings_for(ls, args.steps, args.alpha, args.beta, **kw)

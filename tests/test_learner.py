@@ -292,6 +292,7 @@ def test_stopped_run_resumes_from_its_store_checkpoint_with_the_numbers_of_an_un
     (["SPY"], CVaRPPOSettings(total_timesteps=4 * BATCH, num_steps=L // 2), "must be a multiple of"),
     (["SPY"], CVaRPPOSettings(total_timesteps=BATCH - 1, num_steps=L), "do not cover one rollout"),
     (["SPY", "SPY"], tiny_ppo(2), "symbols repeat"),
+    (["SPY"], tiny_ppo(2, risk_mode="mean_cvar", beta=float("nan"), lambda_lr=1.0), "must be finite"),
 ])
 def test_bad_requests_are_refused_with_what_to_fix(store_with_bars, symbols, ppo, needle):
     settings, store, _ = store_with_bars
@@ -412,6 +413,8 @@ def cli_env(tmp_path, monkeypatch):
     (["--symbols", "MSFT"], "no bars of MSFT"),
     (["--symbols", "SPY", "--run", "a b"], "--run 'a b'"),
     (["--symbols", "SPY", "--alpha", "lots"], "invalid float value: 'lots'"),
+    (["--symbols", "SPY", "--steps", str(BATCH), "--beta", "nan"], "--beta nan: must be a finite"),
+    (["--symbols", "SPY", "--beta", "-0.01", "--lambda-lr", "nan"], "--lambda-lr nan"),
 ])
 def test_train_cli_bad_input_is_one_line_exit_2(cli_env, capsys, args, needle):
     from cluster.cli import main
