@@ -193,6 +193,43 @@ class RaySettings(_Section):
     )
 
 
+class LearnerSettings(_Section):
+    """The CVaR-PPO learner's environment, evaluation and checkpoints (``actors.learner``).
+
+    The PPO hyper-parameters themselves are ``core.rl.cvar_ppo.CVaRPPOSettings``,
+    given per training run; these are the numbers a run does not choose.
+    """
+
+    window: int = Field(16, ge=1, le=512, description="feature rows in each observation (and in the served member)")
+    episode_length: int = Field(64, ge=2, description="decisions per training episode")
+    num_envs: int = Field(64, ge=1, description="episodes stepped at once; split evenly over the symbols")
+    positions: list[float] = Field(
+        default_factory=lambda: [-1.0, 0.0, 1.0], min_length=2, description="the action grid of target positions"
+    )
+    commission: float = Field(0.0005, ge=0, lt=1, description="fraction of traded notional, in training and evaluation")
+    slippage: float = Field(0.0005, ge=0, lt=1, description="fraction of traded notional, in training and evaluation")
+    holdout_fraction: float = Field(
+        0.25, gt=0, lt=1, description="the latest share of each symbol's bars, never trained on, for the evaluation"
+    )
+    eval_fill: Literal["open", "close"] = Field(
+        "open", description="evaluation fills at the next bar's open (live-like) or the decision bar's close"
+    )
+    eval_alpha: float = Field(0.05, gt=0, le=1, description="CVaR level of the evaluation when the run's alpha is 1")
+    periods_per_year: float = Field(252.0, gt=0, description="bars per year, for the evaluation's Sharpe")
+    checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints written to the store")
+    model_name: str = Field(
+        "cvar-ppo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,54}$",
+        description="registry name of the candidates; risk-neutral runs register as <name>-baseline",
+    )
+
+    @field_validator("positions")
+    @classmethod
+    def _positions_in_range(cls, v: list[float]) -> list[float]:
+        if any(not -1.0 <= x <= 1.0 for x in v) or len(set(v)) != len(v):
+            raise ValueError("positions must be distinct values in [-1, 1]")
+        return v
+
+
 class WorkflowSpec(_Section):
     """One named workflow the scheduler runs: how urgent, which locks, what to call."""
 
@@ -229,7 +266,8 @@ def _default_workflows() -> dict[str, WorkflowSpec]:
         "position_reconciliation": WorkflowSpec(priority=3, locks=["portfolio_data"]),
         "model_intelligence": WorkflowSpec(priority=4, locks=["model_registry"]),
         "daily_report": WorkflowSpec(priority=15, locks=["risk_calculation"]),
-        "model_training": WorkflowSpec(priority=20, locks=["model_registry", "training"]),
+        "model_training": WorkflowSpec(priority=20, locks=["model_registry", "training"],
+                                       target="actors.learner:train_workflow"),
         "data_collection": WorkflowSpec(priority=25, locks=["market_data"]),
     }
 
@@ -417,6 +455,7 @@ class Settings(BaseSettings):
     ensemble: EnsembleSettings = Field(default_factory=EnsembleSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     accounts: dict[str, AccountSettings] = Field(default_factory=_default_accounts, min_length=1)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
 
     @model_validator(mode="after")
     def _alpaca_keys_paired(self) -> "Settings":
