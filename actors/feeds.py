@@ -95,8 +95,16 @@ class _ReplaySource(_Source):
 
 class _SyntheticSource(_Source):
     def __init__(self, symbols: list[str], seed: int, start: Any = None):
-        kw = {"start": start} if start is not None else {}
-        self._market = SyntheticMarket(symbols, seed=seed, source="synthetic", **kw)
+        # The market always begins at the generator's default start, so its bars
+        # equal the history `data generate` wrote with the same seed; a later
+        # start skips ahead along that same path.
+        self._market = SyntheticMarket(symbols, seed=seed, source="synthetic")
+        if start is not None:
+            t0 = pd.Timestamp(start)
+            t0 = t0.tz_localize("UTC") if t0.tz is None else t0
+            n = max(0, int((t0 - self._market.start) / self._market.interval))
+            if n:
+                self._market.generate(n)
 
     def next_bars(self) -> pd.DataFrame | None:
         return self._market.next()
@@ -240,6 +248,7 @@ class FeedActor(FeedBase):
     def __init__(self, name: str, kind: str, symbols: list[str], settings: Settings, start: Any = None):
         self._init_base(name, symbols, settings)
         self.kind = kind
+        start = start if start is not None else settings.feeds.replay_start
         if kind == "replay":
             store = BarStore.from_settings(self.settings.store, self.settings.resilience)
             self._source: _Source = _ReplaySource(store, self.symbols, start)

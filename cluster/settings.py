@@ -154,6 +154,9 @@ class FeedSettings(_Section):
         description="replay: one bar per bar_interval_s, the bars' own spacing / replay_speed, or as fast as possible",
     )
     replay_speed: float = Field(1.0, gt=0, description="with replay_pace=realtime: N times faster than the bars' time")
+    replay_start: str | None = Field(
+        None, description="replay (and the synthetic backup) from this time; earlier stored bars are history"
+    )
     stall_intervals: float = Field(2.0, gt=0, description="no bar for this many intervals is a stall")
     failback_intervals: int = Field(5, ge=1, description="healthy intervals before failing back")
     min_quality: float = Field(0.9, ge=0, le=1, description="share of bars that must pass the quality gate")

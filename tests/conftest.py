@@ -74,3 +74,43 @@ def s3_server():
     server.start()
     yield {"endpoint": f"http://127.0.0.1:{port}", "access_key": "testing-access", "secret_key": "testing-secret-value"}
     server.stop()
+
+
+KEYS = {"read": "rt-test-read-key-000001", "trade": "rt-test-trade-key-000002", "admin": "rt-test-admin-key-000003"}
+
+
+@pytest.fixture(scope="session")
+def trading_app(ray_session, tmp_path_factory):
+    """The whole system (feeds, router, registry, ensemble, accounts, Serve) on 127.0.0.1, once per session."""
+    import ray
+    from ray import serve
+
+    from cluster.settings import load_settings
+    from cluster.system import start_system, stop_system
+    from core.store import BarStore
+    from core.synthetic import generate_bars
+
+    root = tmp_path_factory.mktemp("trading")
+    port = free_port()
+    settings = load_settings(
+        use_file=False,
+        store={"uri": str(root / "store")},
+        feeds={"symbols": ["SPY", "QQQ"], "bar_interval_s": 0.2, "stall_intervals": 3,
+               "replay_start": "2024-01-02 21:10"},  # bar 400 of the stored 600: 400 bars of history
+        risk={"allowed_symbols": ["SPY", "QQQ"], "confidence_threshold": 0.0},
+        serve={"port": port, "rate_limit_per_s": 1000, "rate_burst": 2000},
+        api_keys=[{"name": role, "key": key, "role": role} for role, key in KEYS.items()],
+        broker={"ledger_dir": str(root / "ledger")},
+        ray={"namespace": "raytrade-test"},
+    )
+    # Stored history before the replayed bars, so windows are full at once.
+    hist = generate_bars(["SPY", "QQQ"], 600, seed=7)
+    BarStore.from_settings(settings.store).append(hist)
+    system = start_system(settings, progress=lambda *_: None)
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "keys": KEYS, "settings": settings, "system": system}
+    stop_system(settings)
+    try:
+        serve.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
