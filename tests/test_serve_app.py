@@ -70,9 +70,13 @@ def test_decision_from_live_feed_data(app):
     assert -1 <= d["target_position"] <= 1 and 0 <= d["confidence"] <= 1
     assert d["last_bar"]["seq"] is not None and d["last_bar"]["seq"] > 0  # from the router
     # Each member's contribution and every model version is reported.
-    assert {"sma_cross", "atr_breakout", "rsi_reversion"} <= set(d["members"])
+    # Every member answered or is listed as failed with its reason; none vanishes.
+    assert {"sma_cross", "atr_breakout", "rsi_reversion", "baseline_mlp", "baseline_lstm"} <= \
+        set(d["members"]) | set(d["failed_members"])
     assert {"baseline_mlp", "baseline_lstm"} <= set(d["model_versions"])
     assert "baseline_mlp" in d["members"], d["failed_members"]  # the window is long enough for learned members
+    assert abs(sum(m["contribution"] for m in d["members"].values()) - d["target_position"]) < 1e-6 or \
+        d["external"] is not None or d["action"] == "HOLD"
     assert d["risk"]["reasons"] and not d["executed"] and d["order"] is None
     # The live window moves: a later decision has seen a later bar.
     time.sleep(1.0)
