@@ -446,7 +446,7 @@ class Ingress:
             "account": body.account, "symbol": body.symbol, "side": body.side, "quantity": body.quantity,
             "confidence": body.confidence, "price": price, "atr": _atr(list(w)),
             "stop_loss": body.stop_loss, "take_profit": body.take_profit,
-            "decision_id": body.client_order_id or uuid.uuid4().hex, "manual": True,
+            "decision_id": body.client_order_id or uuid.uuid4().hex,
         }
         res = await risk.submit.remote(order_req)
         self._positions.pop(body.account, None)
