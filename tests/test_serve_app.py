@@ -140,7 +140,8 @@ def test_risk_limits_through_the_order_route(app):
     before = len(orders(app))
     # A position far beyond max_position_pct (5 % of equity) is refused with its reason.
     r = c.post("/v1/orders", json={"symbol": "SPY", "side": "BUY", "quantity": 1_000_000}, headers=h(app, "trade"))
-    assert r.status_code == 422 and "max_position" in r.json()["detail"].replace(" ", "_")
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "exceeds 5.00% of equity" in detail and "risk to the stop" in detail
     assert len(orders(app)) == before
 
 
