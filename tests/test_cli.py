@@ -48,6 +48,11 @@ def test_help_lists_the_commands():
         (["--config", "/nonexistent.toml", "config", "show"], "does not exist"),
         (["config"], "choose an action: show"),
         (["data"], "choose an action"),
+        (["trades"], "choose an action: stats, export"),
+        (["trades", "stats", "--account", "nope"], "no account named 'nope'"),
+        (["trades", "stats", "--days", "-1"], "--days -1: must be between"),
+        (["trades", "export", "--out", "fills.xlsx"], "give a .csv path"),
+        (["decide", "SPY", "--key", ""], "no API key"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, needle, capsys, tmp_path, monkeypatch):
