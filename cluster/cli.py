@@ -162,24 +162,8 @@ def _main(argv: Sequence[str] | None) -> int:
             raise UserError("raytrade config: choose an action: show")
         print(settings.show())
         return 0
-    if args.cmd == "data":
-        return _data(args, settings)
-    if args.cmd == "status":
-        return _status(args, settings)
-    if args.cmd == "feeds":
-        return _feeds(args, settings)
-    if args.cmd == "up":
-        return _up(args, settings)
     if args.cmd == "down":
         return _down(settings)
-    if args.cmd == "train":
-        return _train(args, settings)
-    if args.cmd == "workflows":
-        return _workflows(args, settings)
-    if args.cmd == "decide":
-        return _decide(args, settings)
-    if args.cmd == "trades":
-        return _trades(args, settings)
     if args.cmd == "models":
         from cluster.models_cli import run_models
 
@@ -188,6 +172,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from cluster.cli_backtest import run_backtest_command
 
         return run_backtest_command(args, settings, UserError)
+    commands = {"data": _data, "status": _status, "feeds": _feeds, "up": _up, "train": _train,
+                "workflows": _workflows, "decide": _decide, "trades": _trades}
+    if args.cmd in commands:
+        return commands[args.cmd](args, settings)
     raise UserError(f"unknown command {args.cmd}")
 
 
