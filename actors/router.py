@@ -35,8 +35,8 @@ from core.store import BarStore
 log = get_logger("router")
 
 SOURCE_CALL_TIMEOUT_S = 2.0
-# A source that does not answer a poll within this (or one bar interval, up
-# to 1 s) is failed over from.
+# A source that does not answer a poll within this (or the stall limit, if
+# longer) is failed over from.
 UNRESPONSIVE_S = 0.25
 
 
@@ -77,8 +77,9 @@ class FeedRouter:
         self._restarted = bool(ckpt)
         self.poll_s = min(0.1, max(0.002, self.cfg.interval_s / 50))
         # A dead actor's call fails fast (RayActorError); this deadline only
-        # catches one that hangs, so keep it well above a loaded machine's jitter.
-        self.unresponsive_s = max(UNRESPONSIVE_S, min(1.0, self.cfg.interval_s))
+        # catches one that hangs, which is a stall: give it the stall limit, so
+        # a loaded machine's slow answers do not read as deaths.
+        self.unresponsive_s = max(UNRESPONSIVE_S, self.cfg.stall_intervals * self.cfg.interval_s)
 
     # -- state across restarts ---------------------------------------------------------
     def _load_checkpoint(self) -> dict[str, Any]:

@@ -79,6 +79,10 @@ def test_decision_from_live_feed_data(app):
     total = sum(m["contribution"] for m in d["members"].values())
     assert d["target_position"] == 0 or (d["target_position"] > 0) == (total > 0)
     assert d["risk"]["reasons"] and not d["executed"] and d["order"] is None
+    # The risk manager judged a well-formed request (it refuses unknown fields with "bad request").
+    assert not any("unknown field" in r for r in d["risk"]["reasons"]), d["risk"]
+    if d["action"] != "HOLD":
+        assert "sizing" in d["risk"]["checks"], d["risk"]
     # The live window moves: a later decision has seen a later bar.
     time.sleep(1.0)
     d2 = c.get("/v1/signal/SPY", headers=h(app, "read")).json()
