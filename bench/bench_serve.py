@@ -160,8 +160,11 @@ def noop_app(settings):
         async def decisions(self) -> dict:
             return {"action": "HOLD", "target_position": 0.0, "confidence": 0.0}
 
-    # The ingress role's resources, as the decision endpoint's ingress has them.
-    return NoopIngress.options(ray_actor_options=ray_options("ingress", current_profile(settings))).bind()
+    # The ingress role's resources and concurrency, as the decision endpoint's ingress has them.
+    from serve import app as serve_app
+
+    return NoopIngress.options(ray_actor_options=ray_options("ingress", current_profile(settings)),
+                               max_ongoing_requests=getattr(serve_app, "INGRESS_MAX_ONGOING", 5)).bind()
 
 
 # -- the client -----------------------------------------------------------------------------
