@@ -57,6 +57,11 @@ WINDOW_BARS = 256
 # A target this close to the current position is not worth an order.
 MIN_POSITION_CHANGE = 0.05
 POSITION_TTL_S = 0.5
+# Serve's default max_ongoing_requests is 5: a sixth concurrent request is
+# refused by the replica and retried with backoff (25 ms doubling to 500 ms),
+# and @serve.batch never sees a batch over 5. Both replicas are async and
+# mostly wait, so they take many at once; the ensemble as many as a batch holds.
+INGRESS_MAX_ONGOING = 256
 
 
 class AppArgs(BaseModel):
@@ -626,5 +631,6 @@ def build_app_from_settings(settings: Settings) -> Any:
 
     profile = current_profile(settings)
     ingress_opts = ray_options("ingress", profile, settings.ray.resource_overrides)
-    ens = ensemble_deployment(settings, profile).bind(settings)
-    return Ingress.options(ray_actor_options=ingress_opts).bind(settings, ens)
+    ens = ensemble_deployment(settings, profile).options(
+        max_ongoing_requests=max(INGRESS_MAX_ONGOING, settings.ensemble.max_batch_size)).bind(settings)
+    return Ingress.options(ray_actor_options=ingress_opts, max_ongoing_requests=INGRESS_MAX_ONGOING).bind(settings, ens)
