@@ -212,6 +212,7 @@ class Ingress:
         self._feed_task: asyncio.Task | None = None
         self._metrics = _Metrics()
         self._positions: dict[str, dict[str, Any]] = {}
+        self._handles: dict[str, Any] = {}
 
     # -- plumbing -------------------------------------------------------------------------
     def _auth(self, request: Request, need: str) -> str:
@@ -224,10 +225,20 @@ class Ingress:
         return name
 
     def _actor(self, name: str) -> Any | None:
+        # Looking a name up is a blocking call to the GCS (about a millisecond);
+        # keep handles, and forget one whose actor has gone (see _forget).
+        h = self._handles.get(name)
+        if h is not None:
+            return h
         try:
-            return ray.get_actor(name, namespace=self.ns)
+            h = ray.get_actor(name, namespace=self.ns)
         except ValueError:
             return None
+        self._handles[name] = h
+        return h
+
+    def _forget(self, name: str) -> None:
+        self._handles.pop(name, None)
 
     def _ensure_feed_task(self) -> None:
         if self._feed_task is None or self._feed_task.done():
@@ -243,6 +254,7 @@ class Ingress:
             try:
                 bars = await router.since.remote(self.last_seq)
             except Exception:  # noqa: BLE001 - the router restarts; try again
+                self._forget("router:default")
                 await asyncio.sleep(0.5)
                 continue
             if bars and bars[0]["seq"] <= self.last_seq:
@@ -276,6 +288,22 @@ class Ingress:
         except Exception as e:  # noqa: BLE001 - live bars alone will fill the window
             log.warning("ingress: no stored history for %s: %s", sym, e)
             return []
+
+    async def _call_risk(self, account: str, method: str, *args: Any) -> Any:
+        """A call to the account's risk manager; a handle to a dead actor is dropped and looked up again once."""
+        for attempt in (1, 2):
+            risk = self._actor(f"risk:{account}")
+            if risk is None:
+                raise ApiError(503, "risk manager unavailable", f"the risk manager of {account!r} is not running; "
+                               "no order can be placed or judged until it is")
+            try:
+                return await getattr(risk, method).remote(*args)
+            except ray.exceptions.RayActorError:
+                self._forget(f"risk:{account}")
+                if attempt == 2:
+                    raise ApiError(503, "risk manager unavailable", f"the risk manager of {account!r} is restarting; "
+                                   "retry shortly") from None
+        raise AssertionError("unreachable")
 
     async def _current_position(self, account: str, sym: str, price: float) -> float:
         """The account's position in ``sym`` in target units (1 = the symbol's position limit).
@@ -364,12 +392,12 @@ class Ingress:
                        "reasons": [sig.get("reason") or f"target {target:+.2f} is within {MIN_POSITION_CHANGE} of the "
                                    f"current position {current:+.2f}"], "checks": {}}
         elif execute:
-            res = await risk.submit.remote(order_req)
+            res = await self._call_risk(req.account, "submit", order_req)
             verdict, order = res["verdict"], res.get("order")
             executed = order is not None
             self._positions.pop(req.account, None)
         else:
-            verdict = await risk.evaluate.remote(order_req)
+            verdict = await self._call_risk(req.account, "evaluate", order_req)
         if action != "HOLD" and not verdict.get("approved"):
             self.risk_rejections += 1
             self._metrics.rejections.inc(tags={"account": req.account})
@@ -442,7 +470,7 @@ class Ingress:
         self._auth(request, "trade")
         if body.symbol not in self._known_symbols():
             raise ApiError(422, "unknown symbol", f"{body.symbol} is not a known symbol", ["symbol"])
-        risk = self._account_actor("risk", body.account)
+        self._account_actor("risk", body.account)  # 422 for an unknown account
         w = self.windows.get(body.symbol)
         price = float(w[-1]["close"]) if w else None
         if price is None:
@@ -453,7 +481,7 @@ class Ingress:
             "stop_loss": body.stop_loss, "take_profit": body.take_profit,
             "decision_id": body.client_order_id or uuid.uuid4().hex,
         }
-        res = await risk.submit.remote(order_req)
+        res = await self._call_risk(body.account, "submit", order_req)
         self._positions.pop(body.account, None)
         if not res["verdict"].get("approved"):
             self.risk_rejections += 1
