@@ -390,8 +390,7 @@ class RouterState:
         key = (sym, ts, "gap")
         behind = [
             n for n in self.order
-            if n != self.active and self.why_unhealthy(n, now) is None
-            and self.sources[n].last_ts.get(sym, -1) < ts
+            if n != self.active and self.sources[n].alive and self.sources[n].last_ts.get(sym, -1) < ts
         ]
         if behind:
             since = self._held_since.setdefault(key, now)
@@ -403,12 +402,14 @@ class RouterState:
     def _hold_limit_s(self, sym: str, ts: int, now: float) -> float:
         """How long a bar may wait for another source to confirm it or fill before it.
 
-        While another healthy source has not yet reached ``ts`` it is only
+        While another live source has not yet reached ``ts`` it is only
         behind (a loaded machine, a slower vendor), so wait up to the stall
         limit; once none is behind, ``spike_hold_intervals``.
         """
+        # Alive is enough: a source that is only slow (even past the stall
+        # limit on a loaded machine) may still bring the bar.
         behind = any(
-            n != self.active and self.why_unhealthy(n, now) is None and self.sources[n].last_ts.get(sym, -1) < ts
+            n != self.active and self.sources[n].alive and self.sources[n].last_ts.get(sym, -1) < ts
             for n in self.order
         )
         k = max(self.cfg.spike_hold_intervals, self.cfg.stall_intervals) if behind else self.cfg.spike_hold_intervals
