@@ -354,7 +354,7 @@ class Ingress:
         atr = _atr(bars)
         order_req = {
             "account": req.account, "symbol": sym, "side": action if action != "HOLD" else None,
-            "target_position": target, "current_position": current, "confidence": confidence,
+            "target_position": target, "confidence": confidence,
             "price": float(last["close"]), "atr": atr, "decision_id": decision_id,
             "members": {n: m.get("contribution", 0.0) for n, m in (sig.get("members") or {}).items()},
         }
