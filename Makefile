@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-gpu test-slow bench install clean
+.PHONY: run test test-gpu test-slow bench install browser clean
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
@@ -24,7 +24,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/raytrade up
 
-test: $(STAMP)
+# Debian's chromium for the dashboard's browser tests (Playwright drives it; nothing is downloaded).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 test-gpu: $(STAMP)

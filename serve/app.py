@@ -16,6 +16,9 @@ Routes (``/v1`` needs an API key; roles read < trade < admin):
     POST /v1/risk/halt  /v1/risk/resume               (admin)
     GET  /v1/status  /v1/analytics
     GET  /healthz  /health/detailed  /health/components/{name}  /health/alerts   (no key)
+    GET  /ui                      the operator dashboard (no key to load; it asks for one)  (serve.dashboard)
+    GET  /v1/ui/state  /v1/reports/{name}             what the dashboard polls; a backtest report, inlined
+    POST /v1/models/{name}/promote {version}  /v1/models/{name}/rollback   (admin)
 
 The hot path is one hop: the ingress keeps each symbol's latest window itself
 (a background task reads the feed router's ``since``), runs the features in
@@ -38,7 +41,7 @@ from typing import Any
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,8 +50,10 @@ from cluster.logs import configure_logging, get_logger
 from cluster.settings import Settings, load_settings
 from serve.auth import AuthError, KeyRing, key_from_headers
 from serve.schemas import (
-    Decision, DecisionRequest, ExternalSignal, HaltRequest, LastBar, MemberContribution, OrderRequest, RiskVerdict,
+    Decision, DecisionRequest, ExternalSignal, HaltRequest, LastBar, MemberContribution, OrderRequest, PromoteRequest,
+    RiskVerdict,
 )
+from serve.dashboard import UI_HEADERS, EquityHistory, page_html, report_page, ui_state
 
 log = get_logger("serve")
 
@@ -213,6 +218,7 @@ class Ingress:
         self._metrics = _Metrics()
         self._positions: dict[str, dict[str, Any]] = {}
         self._handles: dict[str, Any] = {}
+        self._ui_equity = EquityHistory()
 
     # -- plumbing -------------------------------------------------------------------------
     def _auth(self, request: Request, need: str) -> str:
@@ -421,7 +427,7 @@ class Ingress:
         )
         self.recent.appendleft(json.loads(d.model_dump_json(include={
             "decision_id", "symbol", "account", "action", "target_position", "quantity", "confidence", "risk",
-            "executed", "last_bar"})))
+            "executed", "last_bar", "reason", "regime", "members"})))
         return d
 
     # -- routes ---------------------------------------------------------------------------
@@ -533,6 +539,57 @@ class Ingress:
             "symbols": {s: {"bars": len(w), "last_seq": w[-1]["seq"], "last_close": w[-1]["close"]}
                         for s, w in self.windows.items() if w},
         }
+
+    # -- the operator dashboard (serve.dashboard) ------------------------------------------
+    @fastapi_app.get("/ui", response_class=HTMLResponse)
+    async def ui(self) -> HTMLResponse:
+        self._ensure_feed_task()
+        return HTMLResponse(page_html(), headers=UI_HEADERS)
+
+    @fastapi_app.get("/v1/ui/state")
+    async def ui_state(self, request: Request) -> dict[str, Any]:
+        name = self._auth(request, "read")
+        self._ensure_feed_task()
+        role = next((k.role for k in self.settings.api_keys if k.name == name), "read")
+        return await ui_state(self, role)
+
+    @fastapi_app.get("/v1/reports/{name}", response_class=HTMLResponse)
+    async def report(self, name: str, request: Request) -> HTMLResponse:
+        self._auth(request, "read")
+        page = await asyncio.to_thread(report_page, name)
+        if page is None:
+            raise ApiError(404, "unknown report", f"no backtest report named {name!r} under reports/")
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @fastapi_app.post("/v1/models/{name}/promote")
+    async def promote_model(self, name: str, body: PromoteRequest, request: Request) -> dict[str, Any]:
+        who = self._auth(request, "admin")
+        rec = await self._registry_call("promote", name, body.version)
+        self._alert("registry", f"{name} v{rec['version']} promoted to production by {who}")
+        return {"promoted": rec}
+
+    @fastapi_app.post("/v1/models/{name}/rollback")
+    async def rollback_model(self, name: str, request: Request) -> dict[str, Any]:
+        who = self._auth(request, "admin")
+        rec = await self._registry_call("rollback", name)
+        self._alert("registry", f"{name} rolled back to v{rec['version']} by {who}")
+        return {"production": rec}
+
+    async def _registry_call(self, method: str, *args: Any) -> dict[str, Any]:
+        from actors.registry import REGISTRY_ACTOR, RegistryError, UnknownModel
+
+        reg = self._actor(REGISTRY_ACTOR)
+        if reg is None:
+            raise ApiError(503, "registry unavailable", "the model registry is not running")
+        try:
+            return await getattr(reg, method).remote(*args)
+        except Exception as e:  # noqa: BLE001 - Ray wraps the registry's own error
+            cause = getattr(e, "cause", e)
+            if isinstance(cause, UnknownModel):
+                raise ApiError(404, "unknown model", str(cause)) from None
+            if isinstance(cause, RegistryError):
+                raise ApiError(422, "refused by the registry", str(cause)) from None
+            raise
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

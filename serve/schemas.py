@@ -146,6 +146,10 @@ class HaltRequest(_Body):
     account: str | None = Field(None, pattern=r"^[a-z0-9_\-]{1,32}$")
 
 
+class PromoteRequest(_Body):
+    version: int = Field(ge=1, description="the registry version to make production")
+
+
 class ErrorBody(BaseModel):
     error: str
     detail: str

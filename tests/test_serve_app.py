@@ -111,8 +111,10 @@ def test_execute_twice_with_same_decision_id_gives_one_order(app):
     assert a["decision_id"] == b["decision_id"] == did
     after = orders(app)
     if a["executed"]:
-        assert len(after) == before + 1
+        # One entry, plus its bracket legs (stop and take-profit, held under it as parent).
+        new = after[:len(after) - before]
         assert [o["client_order_id"] for o in after].count(did) == 1
+        assert all(o["client_order_id"] == did or o["parent"] == did for o in new), new
         assert a["order"]["client_order_id"] == b["order"]["client_order_id"] == did
     else:  # refused or HOLD: then never an order, either time
         assert len(after) == before
