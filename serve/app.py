@@ -159,6 +159,9 @@ class _Metrics:
         self.decisions = metrics.Counter("raytrade_decisions", "decisions by action", tag_keys=("action",))
         self.rejections = metrics.Counter("raytrade_risk_rejections", "orders the risk manager refused",
                                           tag_keys=("account",))
+        self.failovers = metrics.Counter("raytrade_feed_failovers", "feed router switches", tag_keys=("kind",))
+        self.broker_errors = metrics.Counter("raytrade_broker_errors", "broker errors seen by the risk manager",
+                                             tag_keys=("account",))
 
 
 async def _safe(ref: Any, timeout: float = 5.0) -> Any:
@@ -215,6 +218,7 @@ class Ingress:
         self._alerts: deque[dict[str, Any]] = deque(maxlen=200)
         self._seen_events: set[tuple] = set()
         self._feed_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
         self._metrics = _Metrics()
         self._positions: dict[str, dict[str, Any]] = {}
         self._handles: dict[str, Any] = {}
@@ -249,6 +253,35 @@ class Ingress:
     def _ensure_feed_task(self) -> None:
         if self._feed_task is None or self._feed_task.done():
             self._feed_task = asyncio.get_running_loop().create_task(self._follow_router())
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_health())
+
+    async def _watch_health(self) -> None:
+        # Failovers and broker errors become metrics (and alerts) even when nobody asks for health.
+        seen_switch: set[tuple] = set()
+        seen_broker: set[tuple] = set()
+        while True:
+            router = self._actor("router:default")
+            h = await _safe(router.health.remote()) if router else None
+            for e in (h or {}).get("events", []) if isinstance(h, dict) else []:
+                key = (e.get("wall"), e.get("kind"), e.get("from"), e.get("to"))
+                if key not in seen_switch and e.get("kind") in ("failover", "failback"):
+                    seen_switch.add(key)
+                    self._metrics.failovers.inc(tags={"kind": e["kind"]})
+                    self._alert("feeds", f"{e['kind']}: {e['from']} -> {e['to']} ({e['reason']})", e.get("wall"),
+                                key=("feed", e.get("wall"), e["kind"]))
+            for acct in account_names(self.settings):
+                r = self._actor(f"risk:{acct}")
+                st = await _safe(r.state.remote()) if r else None
+                for ev in (st or {}).get("events", []) if isinstance(st, dict) else []:
+                    if isinstance(ev, dict) and "error" in str(ev.get("kind", "")):
+                        key = (acct, ev.get("at"), ev.get("kind"))
+                        if key not in seen_broker:
+                            seen_broker.add(key)
+                            self._metrics.broker_errors.inc(tags={"account": acct})
+                            self._alert("broker", f"{acct}: {ev.get('kind')}: {ev.get('error') or ev.get('reason') or ''}",
+                                        ev.get("at"), key=("brokererr",) + key)
+            await asyncio.sleep(2.0)
 
     async def _follow_router(self) -> None:
         # Keep each symbol's latest window here, so a decision needs no call to the router.
