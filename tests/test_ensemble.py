@@ -328,7 +328,8 @@ def test_serve_deployment_batches_and_reconfigures(ray_session, make_settings, s
         a = handle.predict_one.remote(reqs[0]).result(timeout_s=60)
         assert a["members"]["mlp"]["weight"] == 0.0 and a["position"] == pytest.approx(0.5)
     finally:
-        serve.shutdown()
+        # Only this app: the session's trading app shares the Serve instance.
+        serve.delete("ensemble-test")
 
 
 def test_default_settings_weigh_rule_members_by_regime(make_settings):

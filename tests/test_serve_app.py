@@ -24,7 +24,8 @@ SYMS = ["SPY", "QQQ"]
 def app(trading_app):
     url, keys = trading_app["url"], trading_app["keys"]
     client = httpx.Client(base_url=url, timeout=60)
-    # Wait (bounded) until the app answers with live data.
+    # Wait (bounded) until the app answers with live data. (Nothing else in the
+    # session may shut Serve down: tests that deploy their own app delete only it.)
     deadline = time.time() + 120
     last = None
     while time.time() < deadline:
