@@ -58,6 +58,12 @@ def ray_session(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """The one HTTP port of this session's Serve instance (Serve ignores a second start's options)."""
+    return free_port()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +86,7 @@ KEYS = {"read": "rt-test-read-key-000001", "trade": "rt-test-trade-key-000002", 
 
 
 @pytest.fixture(scope="session")
-def trading_app(ray_session, tmp_path_factory):
+def trading_app(ray_session, tmp_path_factory, serve_port):
     """The whole system (feeds, router, registry, ensemble, accounts, Serve) on 127.0.0.1, once per session."""
     import ray
     from ray import serve
@@ -91,7 +97,7 @@ def trading_app(ray_session, tmp_path_factory):
     from core.synthetic import generate_bars
 
     root = tmp_path_factory.mktemp("trading")
-    port = free_port()
+    port = serve_port
     settings = load_settings(
         use_file=False,
         store={"uri": str(root / "store")},

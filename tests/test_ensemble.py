@@ -301,10 +301,9 @@ def test_promotion_and_rollback_during_concurrent_requests_fail_none(ray_session
     assert status["generation"] >= 4
 
 
-def test_serve_deployment_batches_and_reconfigures(ray_session, make_settings, spy):
+def test_serve_deployment_batches_and_reconfigures(ray_session, make_settings, spy, serve_port):
     from ray import serve
 
-    from tests.conftest import free_port
 
     settings = make_settings(ensemble={"rules": [], "python_members": python_members("always_half_long"),
                                        "max_tail_risk": 1.0})
@@ -315,7 +314,7 @@ def test_serve_deployment_batches_and_reconfigures(ray_session, make_settings, s
     # Serve's local testing mode cannot run @serve.batch in Ray 2.60 (it asks for a
     # replica context), so this runs a real replica. It reads the index from the
     # store itself: no registry actor is needed for this test.
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
     handle = serve.run(dep.bind(settings, registry="store"), name="ensemble-test", route_prefix=None)
     try:
         reqs = [request(spy, e) for e in range(400, 432)]

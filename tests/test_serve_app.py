@@ -56,8 +56,8 @@ def test_healthz_and_detailed_health_need_no_key(app):
     assert c.get("/healthz").json() == {"ok": True}
     d = c.get("/health/detailed").json()
     assert set(d["components"]) >= {"feeds", "ensemble", "registry", "store", "risk:default", "broker:default"}
-    assert d["components"]["feeds"]["active"] == "feed:replay"
-    assert c.get("/health/components/feeds").json()["active"] == "feed:replay"
+    assert d["components"]["feeds"]["active"] in ("feed:replay", "feed:synthetic")
+    assert c.get("/health/components/feeds").json()["active"] in ("feed:replay", "feed:synthetic")
     r = c.get("/health/components/nope")
     assert r.status_code == 404 and "components:" in r.json()["detail"]
 
