@@ -27,6 +27,7 @@ import ray
 from cluster.logs import configure_logging, get_logger
 from cluster.settings import Settings
 from core.bars import COLUMNS, normalise
+from core.feedrouter import records_after
 from core.store import BarStore
 from core.synthetic import SyntheticMarket
 
@@ -203,16 +204,9 @@ class FeedBase:
         self._faults.append(kind)
 
     async def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
-        self._ensure_running()
         """Bars with ``seq`` greater than the given one, oldest first."""
-        if not self._buffer or self._buffer[-1]["seq"] <= seq:
-            return []
-        first = self._buffer[0]["seq"]
-        start = max(0, seq - first + 1)
-        out = []
-        for i in range(start, min(len(self._buffer), start + limit)):
-            out.append(self._buffer[i])
-        return out
+        self._ensure_running()
+        return records_after(self._buffer, seq, limit)
 
     async def since_with_incarnation(self, seq: int, limit: int = 10_000) -> tuple[list[dict[str, Any]], str]:
         return await self.since(seq, limit), self.incarnation

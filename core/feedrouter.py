@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -48,6 +49,20 @@ import pandas as pd
 from core.bars import bar_problem
 
 RECENT_PER_SYMBOL = 4096
+
+
+def records_after(buffer: deque, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
+    """The records of ``buffer`` (numbered by a contiguous ``seq``) after ``seq``, oldest first.
+
+    Walks back from the newest end in C (``islice``): a deque's middle is slow
+    to index, and the records wanted are always the newest ones.
+    """
+    if not buffer or buffer[-1]["seq"] <= seq:
+        return []
+    n = min(len(buffer), buffer[-1]["seq"] - seq)
+    out = list(islice(reversed(buffer), n))
+    out.reverse()
+    return out[:limit]
 
 
 class _RollingStats:
@@ -359,7 +374,8 @@ class RouterState:
             return
         d = self._diffs.setdefault(sym, deque(maxlen=20))
         d.append(ts - prev)
-        if len(d) >= 3:
+        # The median moves slowly: refresh it while it is young, then every 8th bar.
+        if len(d) >= 3 and (len(d) < 20 or self.total_delivered % 8 == 0):
             self._spacing[sym] = float(sorted(d)[len(d) // 2])
 
     def _spacing_ns(self, sym: str) -> float | None:
@@ -450,7 +466,9 @@ class RouterState:
 
     def _deliver(self, sym: str, bar: dict[str, Any], flagged: bool = False) -> dict[str, Any]:
         self.seq += 1
-        rec = {k: bar[k] for k in ("symbol", "ts", "open", "high", "low", "close", "volume", "source")}
+        # The source's record becomes the delivered one (no copy on the hot path):
+        # it already carries the symbol, ts, prices and the source's name.
+        rec = bar
         rec["seq"] = self.seq
         if flagged:
             rec["flagged"] = True
@@ -479,12 +497,7 @@ class RouterState:
 
     # -- reading ----------------------------------------------------------------------
     def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
-        if not self.delivered or self.delivered[-1]["seq"] <= seq:
-            return []
-        first = self.delivered[0]["seq"]
-        start = max(0, seq - first + 1)
-        end = min(len(self.delivered), start + limit)
-        return [self.delivered[i] for i in range(start, end)]
+        return records_after(self.delivered, seq, limit)
 
     def window(self, symbol: str, n: int) -> list[dict[str, Any]]:
         w = self.windows.get(symbol.upper())
