@@ -58,7 +58,7 @@ def bar_from_alpaca(raw: Any, symbol: str | None = None) -> dict[str, Any]:
             "high": float(raw.high), "low": float(raw.low), "close": float(raw.close), "volume": float(raw.volume)}
 
 
-def _make_stream_class():
+def auth_stopping_stream_class():
     from alpaca.data.live import StockDataStream
 
     class _Stream(StockDataStream):
@@ -104,7 +104,7 @@ class AlpacaFeedActor(FeedBase):
         from alpaca.data.enums import DataFeed
 
         a = self.settings.alpaca
-        cls = _make_stream_class()
+        cls = auth_stopping_stream_class()
         self._stream = cls(
             self._key, self._secret, raw_data=True, feed=DataFeed(a.feed),
             url_override=a.data_stream_url, data_timeout=a.stream_data_timeout_s,

@@ -113,19 +113,13 @@ class ArtefactStore:
 
     @classmethod
     def _minio(cls, s: Any, call: Callable[..., Any]) -> "ArtefactStore":
-        from minio import Minio
         from minio.error import S3Error
+
+        from core.store import minio_client
 
         parsed = urlparse(s.uri)
         bucket, prefix = parsed.netloc, parsed.path.strip("/")
-        ep = urlparse(s.endpoint) if s.endpoint else urlparse("https://s3.amazonaws.com")
-        client = Minio(
-            ep.netloc or ep.path,
-            access_key=s.access_key.get_secret_value() if s.access_key else None,
-            secret_key=s.secret_key.get_secret_value() if s.secret_key else None,
-            secure=ep.scheme == "https",
-            region=s.region,
-        )
+        client = minio_client(s)
 
         def key(rel: str) -> str:
             return posixpath.join(prefix, rel) if prefix else rel

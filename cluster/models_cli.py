@@ -101,19 +101,12 @@ def read_source(source: str, settings: Settings) -> bytes:
     if source.startswith("s3://"):
         from urllib.parse import urlparse
 
-        from minio import Minio
         from minio.error import S3Error
 
+        from core.store import minio_client
+
         u = urlparse(source)
-        s = settings.store
-        ep = urlparse(s.endpoint) if s.endpoint else urlparse("https://s3.amazonaws.com")
-        client = Minio(
-            ep.netloc or ep.path,
-            access_key=s.access_key.get_secret_value() if s.access_key else None,
-            secret_key=s.secret_key.get_secret_value() if s.secret_key else None,
-            secure=ep.scheme == "https",
-            region=s.region,
-        )
+        client = minio_client(settings.store)
         try:
             resp = client.get_object(u.netloc, u.path.lstrip("/"))
         except S3Error as e:

@@ -99,6 +99,21 @@ def open_filesystem(
     return local, os.path.abspath(uri)
 
 
+def minio_client(store_settings: Any) -> Any:
+    """A minio client for the store's endpoint and keys (AWS S3 when no endpoint is set)."""
+    from minio import Minio
+
+    s = store_settings
+    ep = urlparse(s.endpoint) if s.endpoint else urlparse("https://s3.amazonaws.com")
+    return Minio(
+        ep.netloc or ep.path,
+        access_key=s.access_key.get_secret_value() if s.access_key else None,
+        secret_key=s.secret_key.get_secret_value() if s.secret_key else None,
+        secure=ep.scheme == "https",
+        region=s.region,
+    )
+
+
 class BarStore:
     """Append and read bars. Cheap to construct; holds no open files."""
 

@@ -298,8 +298,6 @@ class Ingress:
                 continue
             if bars and bars[0]["seq"] <= self.last_seq:
                 bars = [b for b in bars if b["seq"] > self.last_seq]
-            if bars and self.last_seq and bars[0]["seq"] > self.last_seq + 1 and not self.windows:
-                pass
             for b in bars:
                 w = self.windows.get(b["symbol"])
                 if w is None:

@@ -8,7 +8,6 @@ reaches the ensemble, the risk manager or a broker.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Any, Literal
 
@@ -148,16 +147,3 @@ class HaltRequest(_Body):
 
 class PromoteRequest(_Body):
     version: int = Field(ge=1, description="the registry version to make production")
-
-
-class ErrorBody(BaseModel):
-    error: str
-    detail: str
-    fields: list[str] = Field(default_factory=list)
-
-
-def finite(x: Any) -> float:
-    f = float(x)
-    if not math.isfinite(f):
-        raise ValueError("not finite")
-    return f

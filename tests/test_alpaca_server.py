@@ -206,26 +206,14 @@ def test_wrong_keys_give_one_clear_error_per_attempt_and_backoff_not_a_storm(cap
     assert took < 2.0  # a stop during backoff is immediate (stop_ws sets the event)
 
 
-class StopOnAuthFailure(StockDataStream):
-    """The recipe for our feed actor: alpaca-py only logs auth failures, so
-    catch them where they are raised and stop the stream instead of retrying.
-    (Overrides a private method of alpaca-py 0.44.)"""
-
-    auth_error: str | None = None
-
-    async def _auth(self) -> None:
-        try:
-            await super()._auth()
-        except ValueError as e:
-            self.auth_error = str(e)
-            await self.stop_ws()
-            raise
-
-
+# The recipe lives in the feed actor (alpaca-py only logs auth failures, so the
+# actor's stream stops at the first one); this test holds it to that.
 def test_auth_failure_recipe_stops_after_one_attempt():
     with AlpacaFakeServer(make_bars(["AAPL"], 5)) as srv:
         srv.reject_auth()
-        stream = StopOnAuthFailure(srv.key, srv.secret, url_override=srv.stream_url("iex"))
+        from actors.alpaca_feed import auth_stopping_stream_class
+
+        stream = auth_stopping_stream_class()(srv.key, srv.secret, url_override=srv.stream_url("iex"))
 
         async def on_bar(bar) -> None:
             pass
