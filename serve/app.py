@@ -189,12 +189,16 @@ def _ts(ns: Any) -> Any:
 
 
 def _atr(bars: list[dict[str, Any]], n: int = 14) -> float:
-    if len(bars) < 2:
-        return float(bars[-1]["high"] - bars[-1]["low"]) if bars else 0.0
-    trs = []
-    for prev, b in zip(bars[-n - 1:-1], bars[-n:]):
-        trs.append(max(b["high"] - b["low"], abs(b["high"] - prev["close"]), abs(b["low"] - prev["close"])))
-    return float(sum(trs) / len(trs))
+    """The ATR the risk manager sizes with: ``core.features.atr`` on the window's last bars."""
+    import numpy as np
+
+    from core.features import atr
+
+    tail = bars[-(n + 1):]
+    hi, lo, cl = (np.array([b[k] for b in tail], dtype=np.float64) for k in ("high", "low", "close"))
+    value = atr(hi, lo, cl, n)[-1] if len(tail) > n else float("nan")
+    # Too short a window for n true ranges: the last bar's range is the best guess there is.
+    return float(value) if np.isfinite(value) else float(hi[-1] - lo[-1])
 
 
 
