@@ -96,7 +96,8 @@ def test_kill_primary_mid_stream(feed_env):
     assert_exact(got, truth)
     h = ray.get(router.health.remote())
     primary = next(s for s in h["sources"] if s["name"] == f"feed:{tag}-primary")
-    assert not primary["alive"] and "died" in primary["last_error"], primary
+    # Marked dead either by Ray's death notice or by a poll that got no answer from the killed actor.
+    assert not primary["alive"] and ("died" in primary["last_error"] or "no answer" in primary["last_error"]), primary
     assert h["active"] == f"feed:{tag}-backup"
     # If the primary was active when it died (it is, unless a loaded machine had
     # already failed over for a stall), the switch names the death.
