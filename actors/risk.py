@@ -51,8 +51,8 @@ from cluster.logs import add_secrets, get_logger
 from cluster.runtime import actor_options
 from cluster.settings import Settings
 from core.ledger import RiskJournal
-from core.risk import (Book, OrderRequest, OrderRequestError, daily_loss_breached, day_pnl, drawdown,
-                       drawdown_breached, evaluate, sign_order)
+from core.risk import (Book, OrderRequest, OrderRequestError, book_from_snapshot, daily_loss_breached, day_pnl,
+                       drawdown, drawdown_breached, evaluate, sign_order)
 
 log = get_logger("risk")
 
@@ -90,8 +90,10 @@ class RiskManager:
             if j.get("daily_halt"):
                 j.set("daily_halt", None)
                 j.event("daily_halt_cleared", reason="a new day")
-        peak = max(float(j.get("peak_equity") or equity), equity)
-        j.set("peak_equity", peak)
+        prior = j.get("peak_equity")
+        peak = max(float(prior or equity), equity)
+        if prior is None or peak != float(prior):  # a write only when the peak moves
+            j.set("peak_equity", peak)
         book = Book(equity=equity, day_start_equity=day["start_equity"], peak_equity=peak)
         if j.get("kill_switch") is None and drawdown_breached(self.limits, book):
             reason = (f"drawdown {drawdown(book):.2%} from peak {peak:.2f} reached "
@@ -107,14 +109,17 @@ class RiskManager:
             log.warning("risk %s: %s", self.account, reason)
         return {"account": acct, "equity": equity, "day": day, "peak": peak}
 
-    def _book(self, obs: dict[str, Any], symbol: str) -> Book:
+    def _snapshot(self, obs: dict[str, Any]) -> dict[str, Any]:
         positions = {p["symbol"]: float(p["qty"]) for p in ray.get(self._broker.positions.remote())}
         j = self.journal
         ks, halt, daily = j.get("kill_switch"), j.get("halt"), j.get("daily_halt")
-        return Book(equity=obs["equity"], position=positions.get(symbol, 0.0),
-                    day_start_equity=obs["day"]["start_equity"], peak_equity=obs["peak"],
-                    halted=f"{halt['reason']} (by {halt['by']})" if halt else None,
-                    kill_switch=ks["reason"] if ks else None, daily_halt=daily["reason"] if daily else None)
+        return {"account": self.account, "at": time.time(), "equity": obs["equity"], "positions": positions,
+                "day_start_equity": obs["day"]["start_equity"], "peak_equity": obs["peak"],
+                "halted": f"{halt['reason']} (by {halt['by']})" if halt else None,
+                "kill_switch": ks["reason"] if ks else None, "daily_halt": daily["reason"] if daily else None}
+
+    def _book(self, obs: dict[str, Any], symbol: str) -> Book:
+        return book_from_snapshot(self._snapshot(obs), symbol)
 
     @staticmethod
     def _bad_request(message: str, order_request: Any) -> dict[str, Any]:
@@ -183,6 +188,15 @@ class RiskManager:
             return {"verdict": verdict, "order": None, "duplicate": duplicate, "error": msg}
         self.journal.record_decision(req.decision_id, req.to_dict(), verdict, "placed")
         return {"verdict": verdict, "order": placed, "duplicate": duplicate, "error": None}
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a verdict reads (equity, positions, day start, peak, halts), halts latched as ``evaluate`` would.
+
+        The ingress previews verdicts from it (``core.risk.book_from_snapshot``)
+        for decisions that are not executed; an order is always judged here, on
+        the account as it is when the order arrives.
+        """
+        return self._snapshot(self._observe())
 
     def halt(self, reason: str, by: str) -> dict[str, Any]:
         """Stop new entries until ``resume``; exits still pass."""

@@ -129,6 +129,22 @@ def ray_options(
     return opts
 
 
+def combined_options(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several roles' ``ray_actor_options`` held by one actor: CPUs, GPUs and memory add up; a custom
+    (pinning) resource is asked for once, at its largest."""
+    out: dict[str, Any] = {"num_cpus": 0.0, "num_gpus": 0.0, "memory": 0}
+    custom: dict[str, float] = {}
+    for o in parts:
+        for k in out:
+            out[k] += o.get(k) or 0
+        for name, amount in (o.get("resources") or {}).items():
+            custom[name] = max(custom.get(name, 0.0), amount)  # a pin is a pin, not a bigger share
+    out["num_cpus"], out["num_gpus"] = round(out["num_cpus"], 6), round(out["num_gpus"], 6)
+    if custom:
+        out["resources"] = custom
+    return out
+
+
 def tune_resources(role: str = "backtest_trial", profile: str = "cpu", overrides: dict | None = None) -> dict[str, float]:
     """The dict ``tune.with_resources`` takes."""
     r = resolve(role, profile, overrides)

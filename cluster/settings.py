@@ -177,6 +177,11 @@ class ServeSettings(_Section):
     external_weight: float = Field(0.3, ge=0, le=1, description="weight of an outside signal against the ensemble's")
     rate_limit_per_s: float = Field(50.0, gt=0, description="requests a second per API key (per ingress replica)")
     rate_burst: float = Field(100.0, ge=1, description="burst size of the per-key rate limit")
+    ensemble: Literal["ingress", "deployment"] = Field(
+        "ingress",
+        description="where the ensemble runs: inside each ingress replica (no hop per decision; the ingress takes "
+        "the ensemble role's resources as well as its own) or as its own Serve deployment (scaled apart from HTTP)",
+    )
 
 
 class ApiKey(_Section):

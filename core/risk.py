@@ -127,6 +127,19 @@ class Book:
     daily_halt: str | None = None  # today's loss halt, with its reason
 
 
+def book_from_snapshot(snapshot: dict[str, Any], symbol: str) -> Book:
+    """The ``Book`` for one symbol from an account snapshot (``RiskManager.snapshot``).
+
+    The risk manager judges from it, and so does the ingress's preview of a
+    verdict: one reading of the account, whoever judges.
+    """
+    return Book(
+        equity=float(snapshot["equity"]), position=float(snapshot["positions"].get(symbol, 0.0)),
+        day_start_equity=snapshot.get("day_start_equity"), peak_equity=snapshot.get("peak_equity"),
+        halted=snapshot.get("halted"), kill_switch=snapshot.get("kill_switch"), daily_halt=snapshot.get("daily_halt"),
+    )
+
+
 def day_pnl(book: Book) -> float:
     return book.equity - (book.day_start_equity if book.day_start_equity is not None else book.equity)
 

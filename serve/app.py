@@ -20,10 +20,18 @@ Routes (``/v1`` needs an API key; roles read < trade < admin):
     GET  /v1/ui/state  /v1/reports/{name}             what the dashboard polls; a backtest report, inlined
     POST /v1/models/{name}/promote {version}  /v1/models/{name}/rollback   (admin)
 
-The hot path is one hop: the ingress keeps each symbol's latest window itself
-(a background task reads the feed router's ``since``), runs the features in
-core, and calls the ensemble deployment. The risk verdict comes from the
-account's risk manager, which is also the only way to an order.
+The hot path has no hop by default. The ingress keeps each symbol's latest
+window itself (a background task reads the feed router's ``since``) and runs
+the ensemble in its own process (``serve.ensemble = "ingress"``: the replica
+takes the ensemble role's resources as well as its own; ``"deployment"`` runs
+the ensemble as its own Serve deployment, one hop away, scaled apart from
+HTTP). A decision that is not executed carries a *preview* of the risk
+verdict: ``core.risk.evaluate`` over the account's snapshot
+(``RiskManager.snapshot``), which a background task keeps at most
+``RISK_REFRESH_S`` old, and which an admin's halt through this replica
+drops at once. An order is never judged from the preview: it goes to the
+account's risk manager, the only way to a broker, and is judged there on the
+account as it is.
 
 Not here: the risk rules (``core.risk``/``actors.risk``), fusion
 (``actors.ensemble``), brokers (``actors.broker``).
@@ -38,6 +46,7 @@ import uuid
 from collections import deque
 from typing import Any
 
+import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +57,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.logs import configure_logging, get_logger
 from cluster.settings import Settings, load_settings
+from core.risk import OrderRequest as RiskOrderRequest
+from core.risk import OrderRequestError, book_from_snapshot
+from core.risk import evaluate as evaluate_risk
 from serve.auth import AuthError, KeyRing, key_from_headers
 from serve.schemas import (
     Decision, DecisionRequest, ExternalSignal, HaltRequest, LastBar, MemberContribution, OrderRequest, PromoteRequest,
@@ -61,7 +73,12 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 WINDOW_BARS = 256
 # A target this close to the current position is not worth an order.
 MIN_POSITION_CHANGE = 0.05
-POSITION_TTL_S = 0.5
+# The ingress's copy of each account's risk snapshot: refreshed in the
+# background this often while decisions come in; a decision never judges
+# from one older than RISK_MAX_AGE_S (it waits for a fresh one instead).
+RISK_REFRESH_S = 0.2
+RISK_MAX_AGE_S = 1.0
+RISK_IDLE_S = 30.0  # accounts not decided on for this long are not refreshed
 # Serve's default max_ongoing_requests is 5: a sixth concurrent request is
 # refused by the replica and retried with backoff (25 ms doubling to 500 ms),
 # and @serve.batch never sees a batch over 5. Both replicas are async and
@@ -171,6 +188,10 @@ async def _safe(ref: Any, timeout: float = 5.0) -> Any:
         return {"error": e.__class__.__name__}
 
 
+_RECENT_FIELDS = {"decision_id", "symbol", "account", "action", "target_position", "quantity", "confidence", "risk",
+                  "executed", "last_bar", "reason", "regime", "members"}
+
+
 def _ns(t: Any) -> int:
     import pandas as pd
 
@@ -188,15 +209,12 @@ def _ts(ns: Any) -> Any:
     return pd.Timestamp(int(ns), tz="UTC").to_pydatetime()
 
 
-def _atr(bars: list[dict[str, Any]], n: int = 14) -> float:
+def _atr(cols: dict[str, np.ndarray], n: int = 14) -> float:
     """The ATR the risk manager sizes with: ``core.features.atr`` on the window's last bars."""
-    import numpy as np
-
     from core.features import atr
 
-    tail = bars[-(n + 1):]
-    hi, lo, cl = (np.array([b[k] for b in tail], dtype=np.float64) for k in ("high", "low", "close"))
-    value = atr(hi, lo, cl, n)[-1] if len(tail) > n else float("nan")
+    hi, lo, cl = (cols[k][-(n + 1):] for k in ("high", "low", "close"))
+    value = atr(hi, lo, cl, n)[-1] if len(cl) > n else float("nan")
     # Too short a window for n true ranges: the last bar's range is the best guess there is.
     return float(value) if np.isfinite(value) else float(hi[-1] - lo[-1])
 
@@ -205,10 +223,16 @@ def _atr(bars: list[dict[str, Any]], n: int = 14) -> float:
 @serve.deployment(name="Ingress")
 @serve.ingress(fastapi_app)
 class Ingress:
-    def __init__(self, settings: Settings, ensemble: Any):
+    def __init__(self, settings: Settings, ensemble: Any = None):
         self.settings = settings
         configure_logging(settings)
+        # A deployment handle (serve.ensemble = "deployment"), or None: the ensemble runs here.
         self.ensemble = ensemble
+        self._local_ensemble = None
+        if ensemble is None:
+            from actors.ensemble import Ensemble
+
+            self._local_ensemble = Ensemble(settings)
         self.keys = KeyRing.from_settings(settings.api_keys, settings.serve.rate_limit_per_s, settings.serve.rate_burst)
         self.ns = settings.ray.namespace
         self.windows: dict[str, deque] = {}
@@ -218,13 +242,17 @@ class Ingress:
         self.decisions = {"BUY": 0, "SELL": 0, "HOLD": 0}
         self.risk_rejections = 0
         self.started = time.time()
-        self.recent: deque[dict[str, Any]] = deque(maxlen=100)
+        self.recent: deque[Decision] = deque(maxlen=100)  # dumped when read (recent_decisions)
         self._alerts: deque[dict[str, Any]] = deque(maxlen=200)
         self._seen_events: set[tuple] = set()
         self._feed_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self._metrics = _Metrics()
-        self._positions: dict[str, dict[str, Any]] = {}
+        self._risk_snaps: dict[str, dict[str, Any]] = {}
+        self._risk_used: dict[str, float] = {}
+        self._risk_refreshing: dict[str, asyncio.Task] = {}
+        self._risk_task: asyncio.Task | None = None
+        self._columns: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._handles: dict[str, Any] = {}
         self._ui_equity = EquityHistory()
 
@@ -259,6 +287,22 @@ class Ingress:
             self._feed_task = asyncio.get_running_loop().create_task(self._follow_router())
         if self._watch_task is None or self._watch_task.done():
             self._watch_task = asyncio.get_running_loop().create_task(self._watch_health())
+        if self._risk_task is None or self._risk_task.done():
+            self._risk_task = asyncio.get_running_loop().create_task(self._follow_risk())
+
+    # -- the ensemble, here or one hop away --------------------------------------------------
+    async def _predict(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._local_ensemble is not None:
+            return await self._local_ensemble.predict_one(request)
+        return await self.ensemble.predict_one.remote(request)
+
+    async def _ensemble_status(self) -> dict[str, Any]:
+        if self._local_ensemble is not None:
+            return await self._local_ensemble.status()
+        return await self.ensemble.status.remote()
+
+    def recent_decisions(self, n: int = 100) -> list[dict[str, Any]]:
+        return [json.loads(d.model_dump_json(include=_RECENT_FIELDS)) for d in list(self.recent)[:n]]
 
     async def _watch_health(self) -> None:
         # Failovers and broker errors become metrics (and alerts) even when nobody asks for health.
@@ -309,6 +353,8 @@ class Ingress:
                     w = self.windows[b["symbol"]] = deque(await self._history_before(b["symbol"], b["ts"]),
                                                           maxlen=WINDOW_BARS)
                 w.append(b)
+            for sym in {b["symbol"] for b in bars}:
+                self._columns.pop(sym, None)
             if bars:
                 self.last_seq = bars[-1]["seq"]
             await asyncio.sleep(0.05)
@@ -346,26 +392,75 @@ class Ingress:
                                    "retry shortly") from None
         raise AssertionError("unreachable")
 
-    async def _current_position(self, account: str, sym: str, price: float) -> float:
-        """The account's position in ``sym`` in target units (1 = the symbol's position limit).
+    # -- the accounts' risk snapshots -------------------------------------------------------
+    async def _refresh_risk(self, account: str) -> dict[str, Any]:
+        snap = await self._call_risk(account, "snapshot")
+        snap["_got"] = time.monotonic()
+        self._risk_snaps[account] = snap
+        return snap
 
-        From a snapshot at most ``POSITION_TTL_S`` old, so a decision costs no
-        extra call; an order is checked by the risk manager against the live
-        position anyway.
-        """
-        snap = self._positions.get(account)
-        if snap is None or time.monotonic() - snap["at"] > POSITION_TTL_S:
-            risk = self._actor(f"risk:{account}")
-            try:
-                positions, summary = await asyncio.gather(risk.positions.remote(), risk.account_summary.remote())
-                snap = {"at": time.monotonic(), "equity": float(summary["equity"]),
-                        "qty": {p["symbol"]: float(p["qty"]) for p in positions}}
-                self._positions[account] = snap
-            except Exception:  # noqa: BLE001 - unknown: decide from flat; the risk manager checks again
-                return 0.0
-        qty = snap["qty"].get(sym, 0.0)
-        cap = snap["equity"] * self.settings.risk_limits_for(account).max_position_for(sym)
+    async def _risk_snapshot(self, account: str) -> dict[str, Any]:
+        """The account's snapshot, at most ``RISK_MAX_AGE_S`` old (one call when it is older)."""
+        self._risk_used[account] = time.monotonic()
+        snap = self._risk_snaps.get(account)
+        if snap is not None and time.monotonic() - snap["_got"] <= RISK_MAX_AGE_S:
+            return snap
+        # One call however many decisions wait for it.
+        task = self._risk_refreshing.get(account)
+        if task is None or task.done():
+            task = self._risk_refreshing[account] = asyncio.get_running_loop().create_task(self._refresh_risk(account))
+        return await asyncio.shield(task)
+
+    async def _follow_risk(self) -> None:
+        # Keep the snapshots of accounts in use fresh, off the decisions' path.
+        while True:
+            await asyncio.sleep(RISK_REFRESH_S)
+            now = time.monotonic()
+            for account, used in list(self._risk_used.items()):
+                if now - used > RISK_IDLE_S:
+                    continue
+                task = self._risk_refreshing.get(account)
+                if task is not None and not task.done():
+                    continue
+                task = self._risk_refreshing[account] = asyncio.get_running_loop().create_task(
+                    self._refresh_risk(account))
+                try:
+                    await task
+                except Exception as e:  # noqa: BLE001 - a decision that needs it waits, and says why
+                    log.debug("risk snapshot of %s: %s", account, e)
+
+    def _drop_risk_snapshot(self, account: str) -> None:
+        self._risk_snaps.pop(account, None)
+
+    def _position_units(self, account: str, sym: str, price: float, snap: dict[str, Any]) -> float:
+        """The account's position in ``sym`` in target units (1 = the symbol's position limit)."""
+        qty = float(snap["positions"].get(sym, 0.0))
+        cap = float(snap["equity"]) * self.settings.risk_limits_for(account).max_position_for(sym)
         return max(-1.0, min(1.0, qty * price / cap)) if cap > 0 else 0.0
+
+    def _preview_verdict(self, account: str, order_req: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
+        """The risk manager's verdict, judged here from its snapshot: the same rules, the same reading."""
+        try:
+            req = RiskOrderRequest.from_dict(order_req)
+        except OrderRequestError as e:
+            return {"approved": False, "quantity": 0.0, "reasons": [str(e)], "checks": {"request": {"ok": False}}}
+        verdict = evaluate_risk(self.settings.risk_limits_for(account), req, book_from_snapshot(snap, req.symbol))
+        verdict["preview"] = True
+        verdict["state_age_ms"] = round((time.monotonic() - snap["_got"]) * 1000, 1)
+        return verdict
+
+    def _window_columns(self, sym: str, w: deque) -> dict[str, np.ndarray]:
+        """The window as arrays, built once per new bar rather than once per decision."""
+        last_seq = w[-1].get("seq")
+        hit = self._columns.get(sym)
+        if hit is not None and hit[0] == last_seq and last_seq is not None:
+            return hit[1]
+        bars = list(w)
+        cols = {"ts": np.fromiter((b["ts"] for b in bars), np.int64, len(bars))}
+        for k in ("open", "high", "low", "close", "volume"):
+            cols[k] = np.fromiter((b[k] for b in bars), np.float64, len(bars))
+        self._columns[sym] = (last_seq, cols)
+        return cols
 
     def _known_symbols(self) -> set[str]:
         return set(self.settings.risk.allowed_symbols) | set(self.settings.feeds.symbols) | set(self.windows)
@@ -379,18 +474,21 @@ class Ingress:
             raise ApiError(422, "unknown symbol", f"{sym} is neither an allowed symbol nor fed; known: "
                            f"{', '.join(sorted(self._known_symbols()))}", ["symbol"])
         if req.bars is not None:
-            bars = [{"ts": _ns(b.ts), "open": b.open, "high": b.high, "low": b.low, "close": b.close, "volume": b.volume,
-                     "seq": None} for b in req.bars]
+            cols = {"ts": np.array([_ns(b.ts) for b in req.bars], dtype=np.int64)}
+            for k in ("open", "high", "low", "close", "volume"):
+                cols[k] = np.array([getattr(b, k) for b in req.bars], dtype=np.float64)
+            last_seq = None
         else:
             w = self.windows.get(sym)
             if not w:
                 raise ApiError(503, "no data yet", f"no bars for {sym} have arrived from the feeds yet; "
                                "retry shortly or send bars in the request", ["symbol"])
-            bars = list(w)
-        last = bars[-1]
-        ens_req = {"symbol": sym, "bars": {k: [b[k] for b in bars] for k in ("ts", "open", "high", "low", "close", "volume")}}
+            cols = self._window_columns(sym, w)
+            last_seq = w[-1].get("seq")
+        last_close, last_ts = float(cols["close"][-1]), int(cols["ts"][-1])
+        ens_req = {"symbol": sym, "bars": cols}
         try:
-            sig = await self.ensemble.predict_one.remote(ens_req)
+            sig = await self._predict(ens_req)
         except Exception as e:  # noqa: BLE001 - the ensemble is down: HOLD, with the reason
             log.warning("ensemble call failed: %s", e)
             sig = {"position": 0.0, "confidence": 0.0, "hold": True,
@@ -408,22 +506,22 @@ class Ingress:
             target = (1 - w_ext) * internal + w_ext * ext["position"]
             confidence = (1 - w_ext) * confidence + w_ext * ext["confidence"]
         target = max(-1.0, min(1.0, target))
-        risk = self._actor(f"risk:{req.account}")
-        if risk is None:
+        if req.account not in self.settings.accounts:
             raise ApiError(422, "unknown account", f"no account named {req.account!r}; accounts: "
                            f"{', '.join(account_names(self.settings))}", ["account"])
-        current = await self._current_position(req.account, sym, float(last["close"]))
+        snap = await self._risk_snapshot(req.account)
+        current = self._position_units(req.account, sym, last_close, snap)
         delta = target - current
         if sig.get("hold") or abs(delta) < MIN_POSITION_CHANGE:
             action = "HOLD"
         else:
             action = "BUY" if delta > 0 else "SELL"
         decision_id = req.decision_id or uuid.uuid4().hex
-        atr = _atr(bars)
+        atr = _atr(cols)
         order_req = {
             "account": req.account, "symbol": sym, "side": action if action != "HOLD" else None,
             "target_position": target, "confidence": confidence,
-            "price": float(last["close"]), "atr": atr, "decision_id": decision_id,
+            "price": last_close, "atr": atr, "decision_id": decision_id,
             "members": {n: m.get("contribution", 0.0) for n, m in (sig.get("members") or {}).items()},
         }
         order = None
@@ -436,9 +534,9 @@ class Ingress:
             res = await self._call_risk(req.account, "submit", order_req)
             verdict, order = res["verdict"], res.get("order")
             executed = order is not None
-            self._positions.pop(req.account, None)
+            self._drop_risk_snapshot(req.account)
         else:
-            verdict = await self._call_risk(req.account, "evaluate", order_req)
+            verdict = self._preview_verdict(req.account, order_req, snap)
         if action != "HOLD" and not verdict.get("approved"):
             self.risk_rejections += 1
             self._metrics.rejections.inc(tags={"account": req.account})
@@ -456,13 +554,12 @@ class Ingress:
             failed_members=sig.get("failed") or {}, model_versions=sig.get("model_versions") or {},
             external=None if ext is None else {k: ext[k] for k in ("source", "position", "confidence")},
             risk=RiskVerdict(approved=bool(verdict.get("approved")), reasons=list(verdict.get("reasons") or []),
-                             quantity=float(verdict.get("quantity") or 0.0), checks=verdict.get("checks") or {}),
-            last_bar=LastBar(seq=last.get("seq"), ts=_ts(last["ts"]), close=float(last["close"])),
+                             quantity=float(verdict.get("quantity") or 0.0), checks=verdict.get("checks") or {},
+                             preview=bool(verdict.get("preview")), state_age_ms=verdict.get("state_age_ms")),
+            last_bar=LastBar(seq=last_seq, ts=_ts(last_ts), close=last_close),
             executed=executed, order=order, latency_ms=round(ms, 3),
         )
-        self.recent.appendleft(json.loads(d.model_dump_json(include={
-            "decision_id", "symbol", "account", "action", "target_position", "quantity", "confidence", "risk",
-            "executed", "last_bar", "reason", "regime", "members"})))
+        self.recent.appendleft(d)
         return d
 
     # -- routes ---------------------------------------------------------------------------
@@ -518,12 +615,12 @@ class Ingress:
             raise ApiError(503, "no data yet", f"no price for {body.symbol} yet; retry shortly", ["symbol"])
         order_req = {
             "account": body.account, "symbol": body.symbol, "side": body.side, "quantity": body.quantity,
-            "confidence": body.confidence, "price": price, "atr": _atr(list(w)),
+            "confidence": body.confidence, "price": price, "atr": _atr(self._window_columns(body.symbol, w)),
             "stop_loss": body.stop_loss, "take_profit": body.take_profit,
             "decision_id": body.client_order_id or uuid.uuid4().hex,
         }
         res = await self._call_risk(body.account, "submit", order_req)
-        self._positions.pop(body.account, None)
+        self._drop_risk_snapshot(body.account)
         if not res["verdict"].get("approved"):
             self.risk_rejections += 1
             self._metrics.rejections.inc(tags={"account": body.account})
@@ -536,6 +633,7 @@ class Ingress:
         out = {}
         for acct in ([body.account] if body.account else account_names(self.settings)):
             out[acct] = await self._account_actor("risk", acct).halt.remote(body.reason, who)
+            self._drop_risk_snapshot(acct)
         self._alert("risk", f"trading halted by {who}: {body.reason}")
         return {"halted": out}
 
@@ -545,6 +643,7 @@ class Ingress:
         out = {}
         for acct in ([body.account] if body.account else account_names(self.settings)):
             out[acct] = await self._account_actor("risk", acct).resume.remote(who)
+            self._drop_risk_snapshot(acct)
         self._alert("risk", f"trading resumed by {who}")
         return {"resumed": out}
 
@@ -570,7 +669,7 @@ class Ingress:
             "decisions": dict(self.decisions), "risk_rejections": self.risk_rejections,
             "latency_ms": {"p50": _percentile(self.latencies, 0.5), "p90": _percentile(self.latencies, 0.9),
                            "p99": _percentile(self.latencies, 0.99), "n": len(self.latencies)},
-            "risk": risk, "accounts": pnl, "recent_decisions": list(self.recent)[:20],
+            "risk": risk, "accounts": pnl, "recent_decisions": self.recent_decisions(20),
             "symbols": {s: {"bars": len(w), "last_seq": w[-1]["seq"], "last_close": w[-1]["close"]}
                         for s, w in self.windows.items() if w},
         }
@@ -674,7 +773,7 @@ class Ingress:
                 self._alert("feeds", f"{e['kind']}: {e['from']} -> {e['to']} ({e['reason']})", e.get("wall"),
                             key=("feed", e.get("wall"), e["kind"]))
         try:
-            st = await asyncio.wait_for(self.ensemble.status.remote(), 5)
+            st = await asyncio.wait_for(self._ensemble_status(), 5)
             failing = st.get("load_errors") or {}
             out["ensemble"] = {"status": "degraded" if failing else "ok", **st}
             for m, why in failing.items():
@@ -744,13 +843,23 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Any:
     return build_app_from_settings(load_settings(a.config))
 
 
+def ingress_options(settings: Settings, profile: str) -> dict[str, Any]:
+    """The ingress replica's ``ray_actor_options``: its role's, plus the ensemble's when it runs the ensemble."""
+    from cluster.resources import combined_options, ray_options
+
+    roles = ["ingress"] + (["ensemble"] if settings.serve.ensemble == "ingress" else [])
+    return combined_options([ray_options(r, profile, settings.ray.resource_overrides) for r in roles])
+
+
 def build_app_from_settings(settings: Settings) -> Any:
     from actors.ensemble import ensemble_deployment
-    from cluster.resources import ray_options
     from cluster.runtime import current_profile
 
     profile = current_profile(settings)
-    ingress_opts = ray_options("ingress", profile, settings.ray.resource_overrides)
-    ens = ensemble_deployment(settings, profile).options(
-        max_ongoing_requests=max(INGRESS_MAX_ONGOING, settings.ensemble.max_batch_size)).bind(settings)
-    return Ingress.options(ray_actor_options=ingress_opts, max_ongoing_requests=INGRESS_MAX_ONGOING).bind(settings, ens)
+    opts = ingress_options(settings, profile)
+    # With the ensemble inside it, the ingress batches concurrent decisions itself (Ensemble.predict_one).
+    ongoing = max(INGRESS_MAX_ONGOING, settings.ensemble.max_batch_size)
+    if settings.serve.ensemble == "ingress":
+        return Ingress.options(ray_actor_options=opts, max_ongoing_requests=ongoing).bind(settings)
+    ens = ensemble_deployment(settings, profile).options(max_ongoing_requests=ongoing).bind(settings)
+    return Ingress.options(ray_actor_options=opts, max_ongoing_requests=INGRESS_MAX_ONGOING).bind(settings, ens)

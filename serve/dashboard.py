@@ -199,7 +199,7 @@ async def ui_state(ingress: Any, role: str) -> dict[str, Any]:
         rs = health.get(f"risk:{a}") or {}
         ingress._ui_equity.sample(a, rs.get("equity"), now)
         equity[a] = ingress._ui_equity.series(a)
-    recent = list(ingress.recent)
+    recent = ingress.recent_decisions()
     symbols = {}
     for s, w in sorted(ingress.windows.items()):
         if w:

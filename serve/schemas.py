@@ -81,6 +81,9 @@ class RiskVerdict(BaseModel):
     reasons: list[str]
     quantity: float = 0.0
     checks: dict[str, Any] = Field(default_factory=dict)
+    preview: bool = Field(False, description="judged by the ingress from the account's risk snapshot, for a "
+                          "decision not executed; an order is judged again by the risk manager")
+    state_age_ms: float | None = Field(None, description="age of the snapshot a preview was judged from")
 
 
 class LastBar(BaseModel):

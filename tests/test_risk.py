@@ -13,7 +13,8 @@ import math
 import pytest
 
 from cluster.settings import RiskLimits
-from core.risk import Book, OrderRequest, OrderRequestError, evaluate, sign_order, verify_order, VerdictTokenError
+from core.risk import (Book, OrderRequest, OrderRequestError, VerdictTokenError, book_from_snapshot, evaluate, sign_order,
+                       verify_order)
 
 LIMITS = RiskLimits()  # 5 % position, 1 % risk/trade, 2:1, conf 0.7, 2 % day, 5 % drawdown, stop = 2 ATR
 
@@ -189,6 +190,16 @@ def test_risk_manager_kill_switch_halt_idempotency_and_no_bypass(ray_session, ma
                     "price": 100.0, "stop_loss": 50.0, "take_profit": 200.0, "decision_id": did,
                     "members": {"sma": 1.0}, **kw}
 
+        def same_as_preview(o):
+            """The ingress's preview (core.risk over the snapshot) judges as the risk manager does."""
+            snap = ray.get(risk.snapshot.remote())
+            mine = evaluate(s.risk_limits_for("rk"), OrderRequest.from_dict(o), book_from_snapshot(snap, o["symbol"]))
+            theirs = ray.get(risk.evaluate.remote(o))
+            assert {k: mine[k] for k in ("approved", "quantity", "reasons")} == \
+                {k: theirs[k] for k in ("approved", "quantity", "reasons")}
+            return theirs
+
+        assert same_as_preview(order("p0"))["approved"]
         first = ray.get(risk.submit.remote(order("k1", qty=900)))
         assert first["verdict"]["approved"] and first["order"]["status"] == "pending", first
         again = ray.get(risk.submit.remote(order("k1", qty=900)))
@@ -212,6 +223,10 @@ def test_risk_manager_kill_switch_halt_idempotency_and_no_bypass(ray_session, ma
         blocked = ray.get(risk.submit.remote(order("k2")))
         assert not blocked["verdict"]["approved"] and blocked["order"] is None
         assert any("kill switch on" in r for r in blocked["verdict"]["reasons"])
+        assert not same_as_preview(order("p1"))["approved"]  # the kill switch, in the snapshot too
+        assert same_as_preview(order("p2", side="SELL", qty=100))["approved"]  # an exit
+        sized = same_as_preview({**order("p3", side="SELL", qty=None), "target_position": 0.5, "atr": 2.0})
+        assert sized["quantity"] > 0  # sized from the snapshot's position: 900 long, target smaller
         out = ray.get(risk.submit.remote(order("k3", side="SELL", qty=100)))  # an exit passes
         assert out["verdict"]["approved"] and not out["verdict"]["entry"]
         ray.get(broker.on_bars.remote([_bar(4, 95.0)]))  # recovers a little: still latched
@@ -225,6 +240,7 @@ def test_risk_manager_kill_switch_halt_idempotency_and_no_bypass(ray_session, ma
         assert ray.get(risk.submit.remote(order("k4")))["verdict"]["approved"]
 
         ray.get(risk.halt.remote("maintenance", "ops"))
+        assert "trading halted: maintenance (by ops)" in same_as_preview(order("p4"))["reasons"]
         h = ray.get(risk.submit.remote(order("k5")))
         assert not h["verdict"]["approved"] and "trading halted: maintenance (by ops)" in h["verdict"]["reasons"]
         assert ray.get(risk.state.remote())["reasons"] == ["halted by ops: maintenance"]
