@@ -50,7 +50,7 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -144,17 +144,32 @@ async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONRespons
     return _error(exc.status_code, "http error", str(exc.detail))
 
 
-@fastapi_app.middleware("http")
-async def _limit_body(request: Request, call_next: Any) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            too_big = int(length) > MAX_BODY_BYTES
-        except ValueError:
-            return _error(400, "bad request", "Content-Length is not a number")
-        if too_big:
-            return _error(413, "body too large", f"the body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
-    return await call_next(request)
+class _BodyLimit:
+    """413 for a body declared over ``MAX_BODY_BYTES``, before it is read.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``)
+    runs every request through an extra task and memory streams, a cost each
+    decision paid.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            if length is not None:
+                try:
+                    n = int(length)
+                except ValueError:
+                    return await _error(400, "bad request", "Content-Length is not a number")(scope, receive, send)
+                if n > MAX_BODY_BYTES:
+                    return await _error(413, "body too large", f"the body is {n} bytes; the limit is {MAX_BODY_BYTES}")(
+                        scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+fastapi_app.add_middleware(_BodyLimit)
 
 
 def _percentile(values: deque, q: float) -> float | None:
@@ -186,6 +201,10 @@ async def _safe(ref: Any, timeout: float = 5.0) -> Any:
         return await asyncio.wait_for(ref, timeout)
     except Exception as e:  # noqa: BLE001 - health shows it, never raises
         return {"error": e.__class__.__name__}
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 _RECENT_FIELDS = {"decision_id", "symbol", "account", "action", "target_position", "quantity", "confidence", "risk",
@@ -563,20 +582,22 @@ class Ingress:
         return d
 
     # -- routes ---------------------------------------------------------------------------
+    # The routes that return a Decision hand FastAPI the JSON (the model is built and checked in
+    # _decide); response_model still documents it in the OpenAPI schema.
     @fastapi_app.post("/v1/decisions", response_model=Decision)
-    async def decisions(self, body: DecisionRequest, request: Request) -> Decision:
+    async def decisions(self, body: DecisionRequest, request: Request) -> Response:
         self._auth(request, "trade" if body.execute else "read")
-        return await self._timed("decisions", self._decide(body, execute=body.execute))
+        return _json(await self._timed("decisions", self._decide(body, execute=body.execute)))
 
     @fastapi_app.get("/v1/signal/{symbol}", response_model=Decision)
-    async def signal(self, symbol: str, request: Request, account: str = "default") -> Decision:
+    async def signal(self, symbol: str, request: Request, account: str = "default") -> Response:
         self._auth(request, "read")
         try:
             req = DecisionRequest(symbol=symbol, account=account)
         except ValidationError as e:
             detail, fields = _validation_detail(e)
             raise ApiError(422, "invalid request", detail, fields) from None
-        return await self._timed("signal", self._decide(req, execute=False))
+        return _json(await self._timed("signal", self._decide(req, execute=False)))
 
     @fastapi_app.post("/v1/signals/external")
     async def external_signal(self, body: ExternalSignal, request: Request) -> dict[str, Any]:
