@@ -19,6 +19,12 @@ memory fraction is set to the same share. Otherwise the CPU provider runs
 them, with ``intra_op_num_threads`` set to the replica's CPUs: members run
 concurrently in their own threads, so one session must not take every core.
 
+Before a session is built the graph goes through
+``core.onnx_graph.lean_recurrent`` (recurrent outputs nobody reads and zero
+initial states dropped: the same numbers, less work), and on the CPU a
+recurrent model runs batches larger than ``rows_per_run`` in chunks whose
+gate buffer fits ``GATE_BUFFER_BYTES`` of cache.
+
 A swap loads the new version beside the old one (the old keeps serving until
 the new is ready), so for the length of a load the cache holds both.
 
