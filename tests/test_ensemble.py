@@ -180,6 +180,38 @@ def test_corrupted_or_oversized_models_are_refused_and_the_rest_serve(make_setti
     assert not a["hold"] and a["model_versions"] == {"mlp": "v1"}
 
 
+def test_a_batch_answers_each_request_as_it_would_be_answered_alone(make_settings, spy):
+    # The batch's features are computed in one pass (core.features.latest_features);
+    # no row may come out different from that request sent on its own, bad rows included.
+    from core.features import compute_features
+
+    settings = make_settings(ensemble={"rules": [], "python_members": python_members("always_half_long"),
+                                       "max_tail_risk": 1.0})
+    reg = ModelRegistry(settings)
+    _register(reg, "lstm", random_model("lstm", seed=4), 32)
+    ens = Ensemble(settings, reg, profile="cpu")
+    assert ens.window() == 32
+    bad = request(spy, 700)
+    bad["bars"]["close"] = bad["bars"]["close"].copy()
+    bad["bars"]["close"][-3] = -1.0
+    reqs = [request(spy, e, n=n, symbol=f"S{e}") for e, n in ((400, LONG), (450, WARMUP + 32), (500, 300), (520, WARMUP + 31))]
+    reqs.insert(2, bad)
+    batch, errors, _ = ens._prepare(reqs)
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal(batch.features[i], compute_features(reqs[i]["bars"])[-32:])
+    assert errors[:2] == [None, None] and errors[3] is None
+    assert errors[2] == "close prices must be finite and positive" and "not all finite" in errors[4]
+    together = run(ens.predict(reqs))
+    for r, a in zip(reqs, together):
+        (alone,) = run(ens.predict([r]))
+        # ONNX Runtime may pick another GEMM kernel for one row than for five: equal to float32 rounding.
+        assert a["members"].keys() == alone["members"].keys() and a["failed"] == alone["failed"]
+        for name, m in a["members"].items():
+            assert m["position"] == pytest.approx(alone["members"][name]["position"], abs=1e-6)
+        assert a["position"] == pytest.approx(alone["position"], abs=1e-6) and a["hold"] == alone["hold"]
+    assert "lstm" in together[2]["failed"] and "lstm" in together[4]["failed"] and "lstm" not in together[0]["failed"]
+
+
 def test_feedback_scores_members_against_the_next_bar(make_settings, spy):
     n = 60
     settings = make_settings(ensemble={
