@@ -5,6 +5,8 @@
 - as a Ray actor (``EnsembleActor``, named ``ensemble``, resources from the
   table's ``ensemble`` role) whose ``predict_one`` batches concurrent callers
   itself (``_Batcher``: requests that arrive while a batch runs form the next);
+  a process with many concurrent callers can batch before the Ray call too
+  (``BatchingHandle``: one call per batch instead of one per request);
 - as the body of the Serve deployment ``EnsembleDeployment``, where Serve's
   ``@serve.batch`` batches and ``reconfigure(user_config)`` applies changes;
 - in-process (tests, benchmarks), calling ``predict(requests)`` directly.
@@ -611,6 +613,35 @@ class _Batcher:
             for (_, fut), res in zip(take, results):
                 if not fut.done():
                     fut.set_result(res)
+
+
+class BatchingHandle:
+    """A handle to the ensemble through which a process's concurrent callers share Ray calls.
+
+    ``predict_one`` through the actor batches inside the replica, but every
+    request is still one Ray call, and on the development machine a no-op
+    actor call with the same payloads costs more than the ensemble's work on
+    one request (``bench/bench_ensemble.py`` prints both): batching in the
+    replica cannot share that. Here the requests that arrive while a call is
+    out go together as the next ``predict(list)``, one call per batch, so the
+    per-call cost is shared too. Answers are those of ``predict_one``, in the
+    callers' order; if the call fails, every caller in its batch gets the
+    error.
+
+    ``handle`` is the ensemble actor (or anything whose ``predict.remote(list)``
+    can be awaited). One batch is out at a time, which suits one replica.
+    """
+
+    def __init__(self, handle: Any, max_batch: int = 256):
+        self.handle = handle
+        self._batcher = _Batcher(lambda requests: handle.predict.remote(list(requests)), max_batch, 0.0)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return self._batcher.batch_sizes
+
+    async def predict_one(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._batcher.submit(request)
 
 
 # Decorators carry no numbers: resources come from the table via actor_options.

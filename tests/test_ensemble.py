@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.ensemble import Ensemble, ensemble_deployment, get_or_create_ensemble
+from actors.ensemble import BatchingHandle, Ensemble, EnsembleActor, ensemble_deployment, get_or_create_ensemble
 from actors.model_cache import DeviceConfig, OnnxModel
 from actors.registry import ModelRegistry, get_or_create_registry
 from core.baselines import export_onnx, random_model
@@ -331,6 +331,45 @@ def test_promotion_and_rollback_during_concurrent_requests_fail_none(ray_session
     assert 1 in versions[:first2] and 1 in versions[last2 + 1:] and len(versions) > 150
     assert status["largest_batch"] > 1  # concurrent callers were batched
     assert status["generation"] >= 4
+
+
+def test_batching_handle_sends_concurrent_callers_in_one_ray_call_with_their_own_answers(ray_session, make_settings,
+                                                                                            spy):
+    import ray
+
+    settings = make_settings(ensemble={"max_tail_risk": 1.0})  # the default rule members: no imports in the actor
+    actor = EnsembleActor.options(num_cpus=0.25).remote(settings, use_registry=False, profile="cpu")
+    reqs = [request(spy, 300 + 7 * k, symbol=f"S{k}") for k in range(24)]
+    try:
+        want = ray.get([actor.predict_one.remote(r) for r in reqs], timeout=120)
+        handle = BatchingHandle(actor)
+
+        async def callers():
+            return await asyncio.gather(*(handle.predict_one(r) for r in reqs))
+
+        got = run(callers())
+    finally:
+        ray.kill(actor, no_restart=True)
+    assert sum(handle.batch_sizes) == len(reqs) and len(handle.batch_sizes) < len(reqs)
+    for w, g in zip(want, got):
+        assert g["symbol"] == w["symbol"] and g["members"] == w["members"]
+        assert (g["position"], g["confidence"], g["hold"]) == (w["position"], w["confidence"], w["hold"])
+
+
+def test_batching_handle_gives_every_caller_in_a_failed_batch_the_error():
+    class Down:
+        class predict:  # noqa: N801 - shaped like an actor method
+            @staticmethod
+            async def remote(requests):
+                raise ConnectionError(f"ensemble unreachable ({len(requests)} requests)")
+
+    handle = BatchingHandle(Down())
+
+    async def callers():
+        return await asyncio.gather(*(handle.predict_one({"symbol": "SPY"}) for _ in range(5)), return_exceptions=True)
+
+    errors = run(callers())
+    assert [str(e) for e in errors] == ["ensemble unreachable (5 requests)"] * 5
 
 
 def test_serve_deployment_batches_and_reconfigures(ray_session, make_settings, spy, serve_port):
