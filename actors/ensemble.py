@@ -599,7 +599,14 @@ class _Batcher:
         # whatever queued while the previous batch ran, so a busy replica never sleeps.
         if len(self._queue) < self.max_batch and self.wait_s > 0:
             await asyncio.sleep(self.wait_s)
-        while self._queue:
+        while True:
+            if not self._queue:
+                # Callers answered by the last batch resubmit as soon as they
+                # run: let them (one turn of the loop) and take their requests
+                # now, rather than end the burst and make them wait wait_s.
+                await asyncio.sleep(0)
+                if not self._queue:
+                    break
             take, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
             self.batch_sizes.append(len(take))
             self.batch_sizes = self.batch_sizes[-1000:]

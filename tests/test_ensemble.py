@@ -356,6 +356,31 @@ def test_batching_handle_sends_concurrent_callers_in_one_ray_call_with_their_own
         assert (g["position"], g["confidence"], g["hold"]) == (w["position"], w["confidence"], w["hold"])
 
 
+def test_callers_answered_by_a_batch_form_the_next_one_without_waiting_again():
+    # Only a burst's first batch waits batch_wait_s for company. Callers that
+    # resubmit as soon as they are answered (a closed loop, as the benchmark's
+    # and a busy ingress's are) must not pay it again on every batch.
+    from actors.ensemble import _Batcher
+
+    async def answer(items):
+        return [i * 2 for i in items]
+
+    batcher = _Batcher(answer, max_batch=64, wait_s=0.05)
+
+    async def caller(k):
+        return [await batcher.submit(k) for _ in range(10)]
+
+    async def closed_loop():
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(caller(k) for k in range(8)))
+        return got, time.perf_counter() - t0
+
+    got, took = run(closed_loop())
+    assert got == [[2 * k] * 10 for k in range(8)]
+    assert batcher.batch_sizes == [8] * 10
+    assert took < 0.3, f"{took:.3f} s: ten batches each waited 0.05 s"  # one wait, not ten
+
+
 def test_batching_handle_gives_every_caller_in_a_failed_batch_the_error():
     class Down:
         class predict:  # noqa: N801 - shaped like an actor method
