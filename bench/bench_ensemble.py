@@ -5,14 +5,20 @@
 Measured in one run, on the same members and the same inputs:
 
 1. Member latency at batch 1 and batch 256: the baseline MLP and LSTM run by
-   ONNX Runtime (CPU provider, as the replica runs them without a GPU) and by
-   torch eager (``no_grad``), both with one intra-op thread (the replica's
-   share). Medians; the ratio is ORT / torch (target: <= 0.35 at batch 1,
-   <= 1 at batch 256).
-2. Throughput with 32 concurrent callers, batching on (``predict_one``: the
-   ensemble's own batcher) against off (``predict_unbatched``: one call, one
-   batch), in-process and through the Ray actor. Requests carry feature rows,
-   as the Serve ingress sends them (target: >= 3x).
+   ONNX Runtime (CPU provider, as the replica runs them without a GPU, through
+   the model cache's ``OnnxModel``) and by torch eager (``no_grad``), with the
+   same thread budget, printed from both runtimes' own settings: one intra-op
+   thread each (the replica's share), ORT's inter-op pool off. Medians of
+   alternating blocks, wall and thread CPU time; the ratio is ORT / torch
+   (target: <= 0.35 at batch 1, <= 1 at batch 256).
+2. Throughput with 32 concurrent callers, batching on against off
+   (``predict_unbatched``: one call, one batch), same callers, members and
+   requests: in-process (``predict_one``, the ensemble's own batcher), through
+   the Ray actor with a call per request (batched inside the actor), and
+   through the Ray actor with a call per batch (``BatchingHandle`` in the
+   callers' process). A no-op actor answering the same requests prints what
+   a call per request costs in Ray alone. Requests carry feature rows, as in
+   issue 4 (target: >= 3x).
 3. End-to-end latency of one ``predict`` with the rule members and bars (the
    ensemble computes features itself), for reference.
 
@@ -97,13 +103,13 @@ def member_latency(quick: bool) -> None:
             xt = torch.from_numpy(x)
             with torch.no_grad():
                 assert np.max(np.abs(ort_model.run(x) - model(xt).numpy())) < 1e-5
-            reps = (200 if batch == 1 else 40) // (4 if quick else 1)
+            reps = (200 if batch == 1 else 60) // (4 if quick else 1)
 
             def run_torch():
                 with torch.no_grad():
                     model(xt).numpy()
 
-            r = alternating({"ort": lambda: ort_model.run(x), "torch": run_torch}, reps)
+            r = alternating({"ort": lambda: ort_model.run(x), "torch": run_torch}, reps, block=10 if batch == 1 else 5)
             rows.append((kind, batch, r, ort_model.rows_per_run))
     print("1. member latency, medians (ONNX Runtime CPU provider vs torch eager no_grad, same inputs)")
     print(f"   thread budget, the replica's share: {budget}")
