@@ -123,9 +123,10 @@ class OnnxModel:
         self.name, self.version, self.nbytes, self.device = name, int(version), len(data), device
         try:
             graph = lean_recurrent(data)
+            gate_bytes = gate_bytes_per_row(graph, 1)  # per window row; times the window below
         except Exception as e:  # noqa: BLE001 - an unreadable graph is ONNX Runtime's to refuse, below
             log.warning("%s v%d: graph pass skipped (%s)", name, version, e)
-            graph = data
+            graph, gate_bytes = data, 0
         so = ort.SessionOptions()
         so.intra_op_num_threads = device.intra_op_threads
         so.inter_op_num_threads = 1
@@ -153,7 +154,7 @@ class OnnxModel:
         self.uses_cuda = self.providers[0] == "CUDAExecutionProvider"
         # Rows per session run: the whole batch, except a recurrent model on
         # the CPU, whose gate buffer must stay within a core's L2 (see run()).
-        per_row = 0 if self.uses_cuda else gate_bytes_per_row(graph, self.window)
+        per_row = 0 if self.uses_cuda else gate_bytes * self.window
         self.rows_per_run = max(MIN_ROWS_PER_RUN, GATE_BUFFER_BYTES // per_row) if per_row else None
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -177,8 +178,8 @@ class OnnxModel:
             # batch before the recurrence reads them back ([window, batch, 4 x
             # hidden] floats: 4 MiB for the baseline at batch 256). In chunks
             # of rows_per_run rows that buffer stays in L2; the rows are
-            # independent, so the answer is the same. Slices of a C-ordered
-            # batch are views: no copy.
+            # independent, so the answer is the same (to float rounding).
+            # Slices of a C-ordered batch are views: no copy.
             n = self.rows_per_run
             y = np.concatenate([
                 np.asarray(self.session.run([self.output_name], {self.input_name: x[i:i + n]})[0]).reshape(-1)
