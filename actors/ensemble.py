@@ -5,6 +5,8 @@
 - as a Ray actor (``EnsembleActor``, named ``ensemble``, resources from the
   table's ``ensemble`` role) whose ``predict_one`` batches concurrent callers
   itself (``_Batcher``: requests that arrive while a batch runs form the next);
+  a process with many concurrent callers can batch before the Ray call too
+  (``BatchingHandle``: one call per batch instead of one per request);
 - as the body of the Serve deployment ``EnsembleDeployment``, where Serve's
   ``@serve.batch`` batches and ``reconfigure(user_config)`` applies changes;
 - in-process (tests, benchmarks), calling ``predict(requests)`` directly.
@@ -56,7 +58,7 @@ from actors.model_cache import DeviceConfig, ModelCache, OnnxModel, detect_devic
 from actors.registry import REGISTRY_ACTOR, ArtefactStore
 from cluster.logs import configure_logging, get_logger
 from cluster.resources import resolve
-from core.features import FEATURE_NAMES, WARMUP, compute_features, feature_spec_hash
+from core.features import FEATURE_NAMES, WARMUP, compute_features, feature_spec_hash, latest_features
 from core.fusion import FusedSignal, MultiplicativeWeights, RegimeWeights, fuse, normal_cvar, outcome_loss
 from core.members import Member, MemberBatch, OnnxMember, PythonMember, RuleMember
 from core.regime import VOL_FEATURE, detect_regime
@@ -322,6 +324,7 @@ class Ensemble:
         bars_out: list[dict[str, np.ndarray] | None] = []
         row_errors: list[str | None] = []
         metas: list[dict] = []
+        from_bars: list[int] = []  # rows whose features are computed below, all together
         for i, req in enumerate(requests):
             err = None
             is_map = isinstance(req, dict) or isinstance(req, Mapping)  # dict first: Mapping's check is slow
@@ -336,12 +339,17 @@ class Ensemble:
                     if f.ndim != 2 or f.shape[1] != F:
                         raise RequestError(f"features must be [rows, {F}] ({', '.join(FEATURE_NAMES)}), got {f.shape}")
                 elif bars is not None:
-                    f = compute_features(bars)
+                    if len(bars["close"]) >= WARMUP + L:
+                        from_bars.append(i)
+                        f = None
+                    else:  # too short for latest_features: the row's own error message, as computed alone
+                        f = compute_features(bars)
                 else:
                     raise RequestError("a request needs bars or features")
-                if f.shape[0] < L:
-                    raise RequestError(f"need {L} finite feature rows (at least {WARMUP + L} bars); got {f.shape[0]} rows")
-                feats[i] = f[-L:]
+                if f is not None:
+                    if f.shape[0] < L:
+                        raise RequestError(f"need {L} finite feature rows (at least {WARMUP + L} bars); got {f.shape[0]} rows")
+                    feats[i] = f[-L:]
             except (RequestError, ValueError, KeyError, TypeError) as e:
                 err = str(e)
                 feats[i] = np.nan
@@ -352,15 +360,37 @@ class Ensemble:
                 meta["last_ts"] = int(bars["ts"][-1])
             if bars is not None and len(bars["close"]):
                 meta["last_close"] = float(bars["close"][-1])
-            if isinstance(req, Mapping) and req.get("seq") is not None:
+            if is_map and req.get("seq") is not None:
                 meta["seq"] = req["seq"]
             metas.append(meta)
+        if from_bars:
+            self._features_from_bars(from_bars, bars_out, feats, row_errors, L)
         finite = np.isfinite(feats).all(axis=(1, 2)).tolist()  # one check for the whole batch
         for i, ok in enumerate(finite):
             if not ok and row_errors[i] is None:
                 row_errors[i] = f"need {L} finite feature rows (at least {WARMUP + L} bars); the last {L} are not all finite"
         batch = MemberBatch(feats, tuple(bars_out), tuple(m["symbol"] for m in metas))
         return batch, row_errors, metas
+
+    @staticmethod
+    def _features_from_bars(rows: list[int], bars: list[Any], feats: np.ndarray, row_errors: list[str | None],
+                            L: int) -> None:
+        """The last ``L`` feature rows of ``rows`` in one batched pass (``latest_features``).
+
+        A row with bad bars (a close <= 0, say) would fail the whole pass, so
+        then each row is computed alone and only the bad ones carry an error.
+        """
+        try:
+            feats[rows] = latest_features([bars[i] for i in rows], L)
+            return
+        except ValueError:
+            pass
+        for i in rows:
+            try:
+                feats[i] = compute_features(bars[i])[-L:]
+            except ValueError as e:
+                row_errors[i] = str(e)
+                feats[i] = np.nan
 
     async def _call_member(self, slot: _Slot, batch: MemberBatch) -> np.ndarray:
         name = slot.member.name
@@ -410,9 +440,10 @@ class Ensemble:
         vol = last[:, list(FEATURE_NAMES).index(VOL_FEATURE)].astype(np.float64)
         signals = fuse(positions, names, regimes, self.weights, normal_cvar(vol), self.cfg.max_tail_risk, failures)
         versions = {s.member.name: s.member.version for s in slots}
+        kinds = {s.member.name: (s.member.version, s.kind) for s in slots}
         out = []
         for i, sig in enumerate(signals):
-            self._learn(metas[i], requests[i], sig, slots)
+            self._learn(metas[i], batch.bars[i], sig, kinds)
             out.append(_answer(sig, metas[i], versions, row_errors[i], self.generation))
         return out
 
@@ -425,15 +456,16 @@ class Ensemble:
         return (await self.predict([request]))[0]
 
     # -- feedback ---------------------------------------------------------------------
-    def _learn(self, meta: dict, request: Mapping[str, Any], sig: FusedSignal, slots: Sequence[_Slot]) -> None:
+    def _learn(self, meta: dict, bars: Mapping[str, np.ndarray] | None, sig: FusedSignal,
+               kinds: Mapping[str, tuple[str, str]]) -> None:
+        """Score the symbol's previous prediction against the bar that followed it; keep this one."""
         symbol = meta.get("symbol")
         if not symbol or "last_close" not in meta:
             return
         prev = self._pending.get(symbol)
-        bars = request.get("bars") or {}
+        bars = bars or {}
         if prev is not None and prev.ts is not None and "ts" in bars:
-            ts = np.asarray(bars["ts"], dtype=np.int64)
-            close = np.asarray(bars["close"], dtype=np.float64)
+            ts, close = bars["ts"], bars["close"]  # already int64 / float64 arrays (_read_bars)
             idx = np.searchsorted(ts, prev.ts)
             if idx < len(ts) - 1 and ts[idx] == prev.ts:
                 realised = close[idx + 1] / close[idx] - 1.0
@@ -444,7 +476,6 @@ class Ensemble:
                         self._outcomes[(name, int(version[1:]))].append(bool(np.sign(p) == np.sign(realised)))
                 self.weights.adaptive.update(prev.regime, losses)
         if "last_ts" in meta and not sig.hold:
-            kinds = {s.member.name: (s.member.version, s.kind) for s in slots}
             self._pending[symbol] = _Pending(
                 meta["last_ts"], meta["last_close"], sig.regime,
                 {n: (p, *kinds[n]) for n, p in sig.positions.items() if n in kinds},
@@ -568,7 +599,14 @@ class _Batcher:
         # whatever queued while the previous batch ran, so a busy replica never sleeps.
         if len(self._queue) < self.max_batch and self.wait_s > 0:
             await asyncio.sleep(self.wait_s)
-        while self._queue:
+        while True:
+            if not self._queue:
+                # Callers answered by the last batch resubmit as soon as they
+                # run: let them (one turn of the loop) and take their requests
+                # now, rather than end the burst and make them wait wait_s.
+                await asyncio.sleep(0)
+                if not self._queue:
+                    break
             take, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
             self.batch_sizes.append(len(take))
             self.batch_sizes = self.batch_sizes[-1000:]
@@ -582,6 +620,35 @@ class _Batcher:
             for (_, fut), res in zip(take, results):
                 if not fut.done():
                     fut.set_result(res)
+
+
+class BatchingHandle:
+    """A handle to the ensemble through which a process's concurrent callers share Ray calls.
+
+    ``predict_one`` through the actor batches inside the replica, but every
+    request is still one Ray call, and on the development machine a no-op
+    actor call with the same payloads costs more than the ensemble's work on
+    one request (``bench/bench_ensemble.py`` prints both): batching in the
+    replica cannot share that. Here the requests that arrive while a call is
+    out go together as the next ``predict(list)``, one call per batch, so the
+    per-call cost is shared too. Answers are those of ``predict_one``, in the
+    callers' order; if the call fails, every caller in its batch gets the
+    error.
+
+    ``handle`` is the ensemble actor (or anything whose ``predict.remote(list)``
+    can be awaited). One batch is out at a time, which suits one replica.
+    """
+
+    def __init__(self, handle: Any, max_batch: int = 256):
+        self.handle = handle
+        self._batcher = _Batcher(lambda requests: handle.predict.remote(list(requests)), max_batch, 0.0)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return self._batcher.batch_sizes
+
+    async def predict_one(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._batcher.submit(request)
 
 
 # Decorators carry no numbers: resources come from the table via actor_options.

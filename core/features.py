@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -262,8 +262,8 @@ def rsi(close: np.ndarray, n: int = 14) -> np.ndarray:
     gain = rolling_mean(np.where(change > 0, change, 0.0), n)
     loss = rolling_mean(np.where(change < 0, -change, 0.0), n)
     # The first window contains the NaN change of bar 0; keep it NaN.
-    gain[: n] = np.nan
-    loss[: n] = np.nan
+    gain[..., :n] = np.nan
+    loss[..., :n] = np.nan
     total = gain + loss
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(total > 0, 100.0 * gain / total, 50.0)
@@ -276,9 +276,9 @@ def true_range(high: np.ndarray, low: np.ndarray, close: np.ndarray) -> np.ndarr
     close = np.asarray(close, dtype=np.float64)
     high = np.asarray(high, dtype=np.float64)
     low = np.asarray(low, dtype=np.float64)
-    prev_close = np.concatenate(([np.nan], close[:-1]))
+    prev_close = np.concatenate((np.full(close.shape[:-1] + (1,), np.nan), close[..., :-1]), axis=-1)
     out = np.maximum(high - low, np.maximum(np.abs(high - prev_close), np.abs(low - prev_close)))
-    out[:1] = np.nan
+    out[..., :1] = np.nan
     return out
 
 
@@ -293,18 +293,44 @@ def compute_features(bars: Any) -> np.ndarray:
     Rows ``< WARMUP`` are NaN; every later row is finite (given positive
     prices). Row ``t`` uses bars ``t - WARMUP .. t`` only.
     """
-    p = price_arrays(bars)
+    return _features(price_arrays(bars))
+
+
+def latest_features(bars: Sequence[Any], rows: int) -> np.ndarray:
+    """``compute_features(b)[-rows:]`` for every ``b`` in ``bars``, as one ``[B, rows, F]`` array.
+
+    The batch's features in one pass of numpy calls instead of one pass per
+    symbol: each symbol's last ``WARMUP + rows`` bars (all that its last
+    ``rows`` feature rows read, by finite memory) are stacked into
+    ``[B, WARMUP + rows]`` arrays. Bit-identical to the per-symbol rows
+    (tested). Every symbol needs at least ``WARMUP + rows`` bars.
+    """
+    n = WARMUP + rows
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in _OHLCV}
+    for b in bars:
+        p = price_arrays(b)
+        if p["close"].shape[0] < n:
+            raise ValueError(f"need {n} bars for {rows} feature rows, got {p['close'].shape[0]}")
+        for k in _OHLCV:
+            cols[k].append(p[k][-n:])
+    if not bars:
+        return np.empty((0, rows, len(FEATURE_NAMES)), np.float32)
+    return _features({k: np.stack(v) for k, v in cols.items()})[:, -rows:]
+
+
+def _features(p: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Features of OHLCV arrays ``[..., T]`` (float64): ``[..., T, F]`` float32, along the last axis only."""
     close, volume = p["close"], p["volume"]
     if np.any(close <= 0) or not np.all(np.isfinite(close)):
         raise ValueError("close prices must be finite and positive")
-    T = close.shape[0]
+    T = close.shape[-1]
     log_close = np.log(close)
     cols = []
     for k in FEATURE_PARAMS["return_lags"]:
-        lagged = np.full(T, np.nan)
-        lagged[k:] = log_close[k:] - log_close[:-k]
+        lagged = np.full(close.shape, np.nan)
+        lagged[..., k:] = log_close[..., k:] - log_close[..., :-k]
         cols.append(lagged)
-    one_bar = np.concatenate(([np.nan], np.diff(log_close)))
+    one_bar = np.concatenate((np.full(close.shape[:-1] + (1,), np.nan), np.diff(log_close, axis=-1)), axis=-1)
     cols.append(rolling_std(one_bar, FEATURE_PARAMS["volatility_window"]))
     for n in FEATURE_PARAMS["sma_windows"]:
         cols.append(close / rolling_mean(close, n) - 1.0)
@@ -313,14 +339,14 @@ def compute_features(bars: Any) -> np.ndarray:
     cols.append(atr(p["high"], p["low"], close, FEATURE_PARAMS["atr_window"]) / close)
     m = FEATURE_PARAMS["volume_window"]
     vol_mean = rolling_mean(volume, m)
-    vol_std = rolling_std(volume, m) if T >= m else np.full(T, np.nan)
+    vol_std = rolling_std(volume, m) if T >= m else np.full(volume.shape, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         # A window of constant volume has no spread; its z-score is 0, not inf.
         z = np.where(vol_std > 0, (volume - vol_mean) / vol_std, 0.0)
     z[np.isnan(vol_mean)] = np.nan
     cols.append(z)
-    out = np.stack(cols, axis=1).astype(np.float32)
-    out[:WARMUP] = np.nan
+    out = np.stack(cols, axis=-1).astype(np.float32)
+    out[..., :WARMUP, :] = np.nan
     return out
 
 

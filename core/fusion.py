@@ -162,9 +162,10 @@ def fuse(
         reasons[b].setdefault(members[j], f"returned {P[b, j]:.6g}, outside [-1, 1]")
     for b, j in zip(*np.nonzero(~np.isfinite(P))):
         reasons[b].setdefault(members[j], f"returned {P[b, j]}")
+    column = {m: j for j, m in enumerate(members)}
     for b in range(B):
         for name in reasons[b]:
-            P[b, list(members).index(name)] = np.nan
+            P[b, column[name]] = np.nan
     P = np.clip(P, -1.0, 1.0)
     ok = np.isfinite(P)
     W = weights.matrix(regimes, members)
@@ -183,8 +184,16 @@ def fuse(
     confidence = np.clip(coverage * agreement * tail_factor, 0.0, 1.0)
 
     # Python lists from here on: the per-row loop is the batch's per-request cost.
-    P_l, ok_l, W_l, Wok_l, P0_l = P.tolist(), ok.tolist(), W.tolist(), W_ok.tolist(), P0.tolist()
-    total_l, answered_l = total.tolist(), answered.tolist()
+    P_l, ok_l, Wok_l, P0_l = P.tolist(), ok.tolist(), W_ok.tolist(), P0.tolist()
+    answered_l = answered.tolist()
+    position_l, confidence_l, coverage_l = position.tolist(), confidence.tolist(), coverage.tolist()
+    agreement_l, tail_l = agreement.tolist(), tail.tolist()
+    # Normalised weights depend on the regime only: one dict per regime in the batch.
+    norms: dict[str, dict[str, float]] = {}
+    for b, r in enumerate(regimes):
+        if r not in norms:
+            tot = float(total[b])
+            norms[r] = {members[j]: float(W[b, j]) / tot if tot > 0 else 0.0 for j in range(M)}
     out = []
     for b in range(B):
         okb = ok_l[b]
@@ -193,27 +202,26 @@ def fuse(
         if not got:
             if M == 0:
                 reason = "no members are configured"
-            elif answered[b] == 0 and not reasons[b]:
+            elif answered_l[b] == 0 and not reasons[b]:
                 reason = "every member has weight 0 in regime " + str(regimes[b])
             else:
                 reason = "every member failed: " + "; ".join(f"{k}: {v}" for k, v in sorted(reasons[b].items()))
         elif answered_l[b] == 0:
             reason = f"every answering member has weight 0 in regime {regimes[b]}"
         flat = reason is not None
-        ans, tot = answered_l[b], total_l[b]
+        ans = answered_l[b]
         contrib = {} if flat else {members[j]: Wok_l[b][j] * P0_l[b][j] / ans for j in range(M) if okb[j]}
-        norm = {members[j]: W_l[b][j] / tot if tot > 0 else 0.0 for j in range(M)}
         out.append(
             FusedSignal(
-                position=0.0 if flat else float(position[b]),
-                confidence=0.0 if flat else float(confidence[b]),
+                position=0.0 if flat else position_l[b],
+                confidence=0.0 if flat else confidence_l[b],
                 regime=str(regimes[b]),
-                coverage=float(coverage[b]),
-                agreement=0.0 if flat else float(agreement[b]),
-                tail_risk=float(tail[b]),
+                coverage=coverage_l[b],
+                agreement=0.0 if flat else agreement_l[b],
+                tail_risk=tail_l[b],
                 positions=got,
                 contributions=contrib,
-                weights=norm,
+                weights=dict(norms[regimes[b]]),
                 failed=reasons[b],
                 reason=reason,
             )

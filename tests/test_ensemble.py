@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.ensemble import Ensemble, ensemble_deployment, get_or_create_ensemble
+from actors.ensemble import BatchingHandle, Ensemble, EnsembleActor, ensemble_deployment, get_or_create_ensemble
 from actors.model_cache import DeviceConfig, OnnxModel
 from actors.registry import ModelRegistry, get_or_create_registry
 from core.baselines import export_onnx, random_model
@@ -180,6 +180,38 @@ def test_corrupted_or_oversized_models_are_refused_and_the_rest_serve(make_setti
     assert not a["hold"] and a["model_versions"] == {"mlp": "v1"}
 
 
+def test_a_batch_answers_each_request_as_it_would_be_answered_alone(make_settings, spy):
+    # The batch's features are computed in one pass (core.features.latest_features);
+    # no row may come out different from that request sent on its own, bad rows included.
+    from core.features import compute_features
+
+    settings = make_settings(ensemble={"rules": [], "python_members": python_members("always_half_long"),
+                                       "max_tail_risk": 1.0})
+    reg = ModelRegistry(settings)
+    _register(reg, "lstm", random_model("lstm", seed=4), 32)
+    ens = Ensemble(settings, reg, profile="cpu")
+    assert ens.window() == 32
+    bad = request(spy, 700)
+    bad["bars"]["close"] = bad["bars"]["close"].copy()
+    bad["bars"]["close"][-3] = -1.0
+    reqs = [request(spy, e, n=n, symbol=f"S{e}") for e, n in ((400, LONG), (450, WARMUP + 32), (500, 300), (520, WARMUP + 31))]
+    reqs.insert(2, bad)
+    batch, errors, _ = ens._prepare(reqs)
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal(batch.features[i], compute_features(reqs[i]["bars"])[-32:])
+    assert errors[:2] == [None, None] and errors[3] is None
+    assert errors[2] == "close prices must be finite and positive" and "not all finite" in errors[4]
+    together = run(ens.predict(reqs))
+    for r, a in zip(reqs, together):
+        (alone,) = run(ens.predict([r]))
+        # ONNX Runtime may pick another GEMM kernel for one row than for five: equal to float32 rounding.
+        assert a["members"].keys() == alone["members"].keys() and a["failed"] == alone["failed"]
+        for name, m in a["members"].items():
+            assert m["position"] == pytest.approx(alone["members"][name]["position"], abs=1e-6)
+        assert a["position"] == pytest.approx(alone["position"], abs=1e-6) and a["hold"] == alone["hold"]
+    assert "lstm" in together[2]["failed"] and "lstm" in together[4]["failed"] and "lstm" not in together[0]["failed"]
+
+
 def test_feedback_scores_members_against_the_next_bar(make_settings, spy):
     n = 60
     settings = make_settings(ensemble={
@@ -299,6 +331,70 @@ def test_promotion_and_rollback_during_concurrent_requests_fail_none(ray_session
     assert 1 in versions[:first2] and 1 in versions[last2 + 1:] and len(versions) > 150
     assert status["largest_batch"] > 1  # concurrent callers were batched
     assert status["generation"] >= 4
+
+
+def test_batching_handle_sends_concurrent_callers_in_one_ray_call_with_their_own_answers(ray_session, make_settings,
+                                                                                            spy):
+    import ray
+
+    settings = make_settings(ensemble={"max_tail_risk": 1.0})  # the default rule members: no imports in the actor
+    actor = EnsembleActor.options(num_cpus=0.25).remote(settings, use_registry=False, profile="cpu")
+    reqs = [request(spy, 300 + 7 * k, symbol=f"S{k}") for k in range(24)]
+    try:
+        want = ray.get([actor.predict_one.remote(r) for r in reqs], timeout=120)
+        handle = BatchingHandle(actor)
+
+        async def callers():
+            return await asyncio.gather(*(handle.predict_one(r) for r in reqs))
+
+        got = run(callers())
+    finally:
+        ray.kill(actor, no_restart=True)
+    assert sum(handle.batch_sizes) == len(reqs) and len(handle.batch_sizes) < len(reqs)
+    for w, g in zip(want, got):
+        assert g["symbol"] == w["symbol"] and g["members"] == w["members"]
+        assert (g["position"], g["confidence"], g["hold"]) == (w["position"], w["confidence"], w["hold"])
+
+
+def test_callers_answered_by_a_batch_form_the_next_one_without_waiting_again():
+    # Only a burst's first batch waits batch_wait_s for company. Callers that
+    # resubmit as soon as they are answered (a closed loop, as the benchmark's
+    # and a busy ingress's are) must not pay it again on every batch.
+    from actors.ensemble import _Batcher
+
+    async def answer(items):
+        return [i * 2 for i in items]
+
+    batcher = _Batcher(answer, max_batch=64, wait_s=0.05)
+
+    async def caller(k):
+        return [await batcher.submit(k) for _ in range(10)]
+
+    async def closed_loop():
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(caller(k) for k in range(8)))
+        return got, time.perf_counter() - t0
+
+    got, took = run(closed_loop())
+    assert got == [[2 * k] * 10 for k in range(8)]
+    assert batcher.batch_sizes == [8] * 10
+    assert took < 0.3, f"{took:.3f} s: ten batches each waited 0.05 s"  # one wait, not ten
+
+
+def test_batching_handle_gives_every_caller_in_a_failed_batch_the_error():
+    class Down:
+        class predict:  # noqa: N801 - shaped like an actor method
+            @staticmethod
+            async def remote(requests):
+                raise ConnectionError(f"ensemble unreachable ({len(requests)} requests)")
+
+    handle = BatchingHandle(Down())
+
+    async def callers():
+        return await asyncio.gather(*(handle.predict_one({"symbol": "SPY"}) for _ in range(5)), return_exceptions=True)
+
+    errors = run(callers())
+    assert [str(e) for e in errors] == ["ensemble unreachable (5 requests)"] * 5
 
 
 def test_serve_deployment_batches_and_reconfigures(ray_session, make_settings, spy, serve_port):

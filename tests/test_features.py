@@ -7,7 +7,16 @@ import pandas as pd
 import pytest
 
 from core import features
-from core.features import FEATURE_NAMES, WARMUP, atr, compute_features, feature_spec_hash, rsi, window
+from core.features import (
+    FEATURE_NAMES,
+    WARMUP,
+    atr,
+    compute_features,
+    feature_spec_hash,
+    latest_features,
+    rsi,
+    window,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +63,29 @@ def test_a_live_window_of_warmup_plus_one_bars_gives_the_backtests_row(goog, goo
     for t in (WARMUP, 777, len(goog) - 1):
         live = compute_features(goog.iloc[t - WARMUP : t + 1])
         np.testing.assert_array_equal(live[-1], goog_features[t])
+
+
+def test_latest_features_of_a_batch_are_bit_identical_to_each_symbols_own(goog, goog_features):
+    # The ensemble computes a batch's features in one pass: every row must be
+    # the row compute_features gives that symbol alone, to the bit.
+    rng = np.random.default_rng(0)
+    arrays = {k: goog[k.capitalize()].to_numpy() for k in ("open", "high", "low", "close", "volume")}
+    windows = []
+    for _ in range(64):  # windows of different lengths from all over the history
+        end = int(rng.integers(WARMUP + 40, len(goog) + 1))
+        start = int(rng.integers(0, end - WARMUP - 32 + 1))
+        windows.append({k: v[start:end] for k, v in arrays.items()})
+    n = 100  # and one whose volume never moves (z-score 0, not NaN)
+    windows.append({"open": np.linspace(10, 12, n), "high": np.linspace(10, 12, n) + 0.1,
+                    "low": np.linspace(10, 12, n) - 0.1, "close": np.linspace(10, 12, n), "volume": np.full(n, 500.0)})
+    for rows in (1, 8, 32):
+        got = latest_features(windows, rows)
+        assert got.shape == (len(windows), rows, len(FEATURE_NAMES)) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.stack([compute_features(w)[-rows:] for w in windows]))
+    full = latest_features([goog], 32)[0]
+    np.testing.assert_array_equal(full, goog_features[-32:])
+    with pytest.raises(ValueError, match=f"need {WARMUP + 32} bars"):
+        latest_features([{k: v[: WARMUP + 31] for k, v in arrays.items()}], 32)
 
 
 def test_feature_values_by_hand(goog, goog_features):

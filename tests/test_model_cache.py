@@ -15,8 +15,10 @@ from actors.model_cache import (
     OnnxModel,
     detect_device,
 )
-from core.baselines import export_onnx, parity, random_model, train_direction_model
+from actors.model_cache import GATE_BUFFER_BYTES
+from core.baselines import _torch_export, export_onnx, parity, random_model, train_direction_model
 from core.features import FEATURE_NAMES
+from core.onnx_graph import gate_bytes_per_row, lean_recurrent
 
 F = len(FEATURE_NAMES)
 
@@ -105,7 +107,7 @@ def test_onnx_matches_torch_at_every_batch_size(kind):
     assert parity(model, data, model.window, F) < 1e-5
     onnx_model = OnnxModel(kind, 1, data, DeviceConfig(), n_features=F)
     rng = np.random.default_rng(0)
-    for batch in (1, 7, 256):  # the batch axis is dynamic
+    for batch in (1, 7, 256, 300):  # the batch axis is dynamic; 300 is not a whole number of LSTM chunks
         # Longer windows than the model reads: the member takes the last rows.
         x = rng.standard_normal((batch, model.window + 5, F)).astype(np.float32)
         with torch.no_grad():
@@ -113,6 +115,84 @@ def test_onnx_matches_torch_at_every_batch_size(kind):
         got = onnx_model.run(x)
         assert got.shape == (batch,)
         assert np.max(np.abs(got - want)) < 1e-5
+
+
+def _ops(data: bytes) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load_from_string(data).graph.node]
+
+
+def _run(data: bytes, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"features": x})[0]
+
+
+def _normalised_model(kind: str, seed: int, spread: float = 1.0):
+    """A random model whose normalisation is not the identity (as a trained one's is not)."""
+    model = random_model(kind, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.std.copy_(torch.rand(F, generator=g) + 0.1)
+        model.mean.copy_(spread * model.std * torch.randn(F, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_export_folds_the_normalisation_into_the_first_layer(kind):
+    model = _normalised_model(kind, seed=11, spread=3.0)  # |mean| / std up to ~3, as real features have
+    data = export_onnx(model, model.window, F)
+    ops = _ops(data)
+    assert "Sub" not in ops and "Div" not in ops
+    assert "Slice" not in ops  # the input is exactly `window` rows: nothing to cut
+    assert parity(model, data, model.window, F) < 1e-5
+    plain = _torch_export(model, model.window, F)
+    assert "Sub" in _ops(plain) and "Div" in _ops(plain)
+
+
+def test_export_keeps_the_subtraction_where_folding_would_lose_precision():
+    # |mean| / std = 1e6: (W / std) x - W mean / std cancels catastrophically in float32.
+    model = _normalised_model("mlp", seed=12)
+    with torch.no_grad():
+        model.mean.fill_(1e3)
+        model.std.fill_(1e-3)
+    with pytest.warns(UserWarning, match="without folding"):
+        data = export_onnx(model, model.window, F)
+    assert "Sub" in _ops(data) and "Div" in _ops(data)
+    assert parity(model, data, model.window, F) < 1e-5
+
+
+def test_lean_recurrent_drops_the_unread_sequence_and_zero_states_and_computes_the_same():
+    model = _normalised_model("lstm", seed=13)
+    raw = _torch_export(model, model.window, F)
+    lean = lean_recurrent(raw)
+    import onnx
+
+    before = [n for n in onnx.load_from_string(raw).graph.node if n.op_type == "LSTM"][0]
+    after = [n for n in onnx.load_from_string(lean).graph.node if n.op_type == "LSTM"][0]
+    assert before.output[0] and len(before.input) == 7  # the exporter names Y and feeds zero states
+    assert list(after.output) == ["", before.output[1]] and len(after.input) == 4
+    assert "ConstantOfShape" in _ops(raw) and "ConstantOfShape" not in _ops(lean)
+    x = np.random.default_rng(1).standard_normal((33, model.window, F)).astype(np.float32)
+    assert np.array_equal(_run(lean, x), _run(raw, x))
+    mlp = _torch_export(random_model("mlp"), 8, F)
+    assert lean_recurrent(mlp) is mlp  # no recurrent node: the bytes as stored
+
+
+def test_recurrent_members_run_large_cpu_batches_in_cache_sized_chunks():
+    lstm, mlp = random_model("lstm", seed=14), random_model("mlp", seed=14)
+    lstm_data = export_onnx(lstm, lstm.window, F)
+    per_row = gate_bytes_per_row(lstm_data, lstm.window)
+    assert per_row == lstm.window * 4 * 32 * 4  # window x 4 gates x hidden 32, float32
+    member = OnnxModel("lstm", 1, lstm_data, DeviceConfig(), n_features=F)
+    assert member.rows_per_run == GATE_BUFFER_BYTES // per_row == 64
+    assert OnnxModel("mlp", 1, export_onnx(mlp, mlp.window, F), DeviceConfig(), n_features=F).rows_per_run is None
+    x = np.random.default_rng(2).standard_normal((300, lstm.window, F)).astype(np.float32)
+    whole = OnnxModel("lstm", 1, lstm_data, DeviceConfig(), n_features=F)
+    whole.rows_per_run = None
+    assert np.max(np.abs(member.run(x) - whole.run(x))) < 1e-6
 
 
 def test_trained_baselines_export_with_parity(tmp_path):
