@@ -71,6 +71,12 @@ DEFAULT_WINDOW = 1
 # Threads per member: enough for overlapping batches, bounded so a member
 # that hangs past its timeout cannot take the process's threads with it.
 THREADS_PER_MEMBER = 4
+# Batches this small run their rule and ONNX members on the event loop, one
+# after another: a member there takes tens of microseconds, a hand-off to a
+# thread and back more than that (much more on a busy machine). Python
+# members (users' code, which may block) always run in their threads.
+INLINE_MAX_ROWS = 8
+INLINE_KINDS = ("rule", "onnx")
 OUTCOME_FLUSH = 50
 
 
@@ -406,10 +412,16 @@ class Ensemble:
             out = await asyncio.wait_for(asyncio.shield(fut), slot.timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(f"no answer within {slot.timeout_s:g}s") from None
-        out = np.asarray(out, dtype=np.float64).reshape(-1)
-        if out.shape[0] != len(batch):
-            raise ValueError(f"returned {out.shape[0]} positions for {len(batch)} rows")
-        return out
+        return _checked(out, batch)
+
+    def _call_inline(self, slot: _Slot, batch: MemberBatch) -> np.ndarray:
+        """A member called on the event loop; one that answered past its timeout is left out all the same."""
+        t0 = time.perf_counter()
+        out = slot.member.predict(batch)
+        took = time.perf_counter() - t0
+        if took > slot.timeout_s:
+            raise TimeoutError(f"answered after {took:.3g}s, past {slot.timeout_s:g}s")
+        return _checked(out, batch)
 
     async def predict(self, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """One answer per request, in order. Never raises for a member's failure."""
@@ -423,7 +435,18 @@ class Ensemble:
         names = [s.member.name for s in slots]
         failures: list[dict[str, str]] = [{} for _ in range(B)]
         positions = np.full((B, M), np.nan)
-        results = await asyncio.gather(*(self._call_member(s, batch) for s in slots), return_exceptions=True)
+        inline = [len(batch) <= INLINE_MAX_ROWS and s.kind in INLINE_KINDS for s in slots]
+        threaded = asyncio.gather(*(self._call_member(s, batch) for s, i in zip(slots, inline) if not i),
+                                  return_exceptions=True)
+        results: list[Any] = []
+        for slot, i in zip(slots, inline):
+            if i:
+                try:
+                    results.append(self._call_inline(slot, batch))
+                except Exception as e:  # noqa: BLE001 - one member's failure is that member's
+                    results.append(e)
+        others = iter(await threaded)
+        results = [results.pop(0) if i else next(others) for i in inline]
         for j, (slot, res) in enumerate(zip(slots, results)):
             if isinstance(res, BaseException):
                 why = f"{type(res).__name__}: {res}" if not isinstance(res, TimeoutError) else f"timeout: {res}"
@@ -530,6 +553,13 @@ def _assigned_gpus() -> list[int]:
     except Exception:  # noqa: BLE001 - not in a worker
         pass
     return []
+
+
+def _checked(out: Any, batch: MemberBatch) -> np.ndarray:
+    out = np.asarray(out, dtype=np.float64).reshape(-1)
+    if out.shape[0] != len(batch):
+        raise ValueError(f"returned {out.shape[0]} positions for {len(batch)} rows")
+    return out
 
 
 def _read_bars(raw: Any) -> dict[str, np.ndarray] | None:

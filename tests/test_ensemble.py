@@ -104,6 +104,37 @@ def test_failing_members_are_left_out_and_confidence_says_so(make_settings, spy)
         assert a["failed"]["too_slow"] == "timeout: no answer within 0.2s"
 
 
+def test_small_batches_run_rule_and_onnx_members_inline_and_a_late_one_is_still_left_out(make_settings, spy):
+    """Rule members of a small batch run on the event loop (no thread): one that answers past its
+    timeout cannot be cut off there, but its late answer is left out as a thread's would be."""
+    import threading
+
+    from actors.ensemble import INLINE_MAX_ROWS, _Slot
+
+    seen = {}
+
+    class Rule:
+        def __init__(self, name, value, sleep_s=0.0):
+            self.name, self.value, self.sleep_s, self.version = name, value, sleep_s, "rule"
+
+        def predict(self, batch):
+            seen[self.name] = threading.current_thread() is threading.main_thread()
+            time.sleep(self.sleep_s)
+            return np.full(len(batch), self.value)
+
+    settings = make_settings(ensemble={"rules": [], "python_members": python_members("always_short"),
+                                       "max_tail_risk": 1.0})
+    ens = Ensemble(settings, use_registry=False, profile="cpu")
+    ens._slots = ens._slots + (_Slot(Rule("quick", 1.0), 1.0, "rule"), _Slot(Rule("late", 1.0, 0.05), 0.01, "rule"))
+    (a,) = run(ens.predict([request(spy, 400)]))
+    assert seen == {"quick": True, "late": True}  # on the loop's thread
+    assert a["failed"]["late"].startswith("timeout: answered after") and "past 0.01s" in a["failed"]["late"]
+    assert set(a["members"]) == {"quick", "always_short"} and a["position"] == pytest.approx(0.0)
+    seen.clear()
+    run(ens.predict([request(spy, e) for e in range(400, 401 + INLINE_MAX_ROWS)]))  # one row too many
+    assert seen == {"quick": False, "late": False}  # in their threads
+
+
 def test_member_weights_from_settings(make_settings, spy):
     members = python_members("always_long", "always_short")
     members[0]["weight"] = 3.0
