@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from core.features import atr, price_arrays, rsi, sma, sma_table
+from core.jit import pick, serial_twin
 
 
 def _broadcast_params(*params) -> tuple[bool, list[np.ndarray]]:
@@ -76,6 +77,9 @@ def _crossover_targets(table, fast_row, slow_row, cross_events, allow_short, out
             out[p, t] = pos
 
 
+_crossover_targets_1 = serial_twin(_crossover_targets)
+
+
 def sma_crossover(
     bars: Any,
     fast,
@@ -111,7 +115,7 @@ def sma_crossover(
     rows = rows.astype(np.int64)
     P = fast_a.shape[0]
     out = np.empty((P, close.shape[0]))
-    _crossover_targets(table, rows[:P], rows[P:], mode == "cross", allow_short, out)
+    pick(_crossover_targets, _crossover_targets_1, P)(table, rows[:P], rows[P:], mode == "cross", allow_short, out)
     return out[0] if scalar else out
 
 
@@ -143,6 +147,9 @@ def _band_targets(signal, mid_row, width_row, multiplier, mid_table, width_table
             out[p, t] = pos
 
 
+_band_targets_1 = serial_twin(_band_targets)
+
+
 def atr_breakout(
     bars: Any,
     window,
@@ -164,7 +171,7 @@ def atr_breakout(
     mid_table, mid_rows = _indicator_table(window_a, lambda n: sma(close, int(n)))
     atr_table, atr_rows = _indicator_table(atr_a, lambda n: atr(p["high"], p["low"], close, int(n)))
     out = np.empty((window_a.shape[0], close.shape[0]))
-    _band_targets(close, mid_rows, atr_rows, mult_a.astype(np.float64), mid_table, atr_table, allow_short, out)
+    pick(_band_targets, _band_targets_1, window_a.shape[0])(close, mid_rows, atr_rows, mult_a.astype(np.float64), mid_table, atr_table, allow_short, out)
     return out[0] if scalar else out
 
 
@@ -191,6 +198,9 @@ def _reversion_targets(table, row, lower, upper, exit_level, allow_short, out):
             out[p, t] = pos
 
 
+_reversion_targets_1 = serial_twin(_reversion_targets)
+
+
 def rsi_reversion(
     bars: Any,
     window=14,
@@ -208,7 +218,7 @@ def rsi_reversion(
     close = price_arrays(bars, ("close",))["close"]
     table, rows = _indicator_table(window_a, lambda n: rsi(close, int(n)))
     out = np.empty((window_a.shape[0], close.shape[0]))
-    _reversion_targets(
+    pick(_reversion_targets, _reversion_targets_1, window_a.shape[0])(
         table, rows, lower_a.astype(np.float64), upper_a.astype(np.float64), exit_a.astype(np.float64),
         allow_short, out,
     )

@@ -57,6 +57,7 @@ def test_rsi_reversion_known_case():
 
 
 def test_parameter_sets_are_vectorised(goog):
+    """A grid runs the parallel build of each kernel, one parameter set its serial twin (core.jit): the same numbers."""
     fast = np.array([5, 10, 20])
     slow = np.array([30, 20, 50])
     batch = sma_crossover(goog, fast, slow)
