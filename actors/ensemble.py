@@ -113,6 +113,7 @@ class Ensemble:
         gpu_ids: list[int] | None = None,
         profile: str | None = None,
         use_registry: bool = True,
+        batch_wait_s: float | None = None,
     ):
         # Settings travel pickled (secrets intact, in memory only).
         self.settings = settings
@@ -158,7 +159,9 @@ class Ensemble:
         self._outcomes: dict[tuple[str, int], list[bool]] = defaultdict(list)
         self._poller: asyncio.Task | None = None
         self._sync_lock: asyncio.Lock | None = None
-        self._batcher = _Batcher(self.predict, cfg.max_batch_size, cfg.batch_wait_s)
+        # batch_wait_s overrides the settings' (the ingress, which must not hold a lone decision back).
+        self._batcher = _Batcher(self.predict, cfg.max_batch_size,
+                                 cfg.batch_wait_s if batch_wait_s is None else batch_wait_s)
         self.requests = 0
         self.started_at = time.time()
         self._warm_up()

@@ -251,7 +251,9 @@ class Ingress:
         if ensemble is None:
             from actors.ensemble import Ensemble
 
-            self._local_ensemble = Ensemble(settings)
+            # No wait for company: a lone decision is not held back, and decisions that arrive
+            # while a batch runs still form the next batch.
+            self._local_ensemble = Ensemble(settings, batch_wait_s=0.0)
         self.keys = KeyRing.from_settings(settings.api_keys, settings.serve.rate_limit_per_s, settings.serve.rate_burst)
         self.ns = settings.ray.namespace
         self.windows: dict[str, deque] = {}
