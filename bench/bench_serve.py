@@ -30,7 +30,7 @@ Targets (issue 6): the decision endpoint's p50 at most 1.5x and p99 at most
 2x the no-op deployment's, and at least 0.7 of its most requests per second.
 Targets are measured in rounds, all four interleaved, and reported as
 medians over rounds. The client shares the machine's cores with what it
-measures; all three pay that alike.
+measures; all four pay that alike.
 
 Not a test: it prints figures, and exits 0 whether or not a target is met.
 """
