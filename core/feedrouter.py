@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from itertools import islice
+from itertools import islice, repeat, takewhile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,6 +49,8 @@ import pandas as pd
 from core.bars import bar_problem
 
 RECENT_PER_SYMBOL = 4096
+RETURNS_WINDOW = 200  # log returns behind the spike filter's standard deviation
+SPACING_DIFFS = 20  # ts differences behind a symbol's median bar spacing
 
 
 def records_after(buffer: deque, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
@@ -188,8 +190,8 @@ class RouterState:
         self.delivered: deque[dict[str, Any]] = deque(maxlen=self.cfg.buffer)
         self.windows: dict[str, deque] = {s: deque(maxlen=self.cfg.window) for s in self.symbols}
         self.last_delivered: dict[str, int] = dict(last_delivered or {})
-        self._returns: dict[str, _RollingStats] = {s: _RollingStats(200) for s in self.symbols}
-        self._diffs: dict[str, deque] = {s: deque(maxlen=20) for s in self.symbols}
+        self._returns: dict[str, _RollingStats] = {s: _RollingStats(RETURNS_WINDOW) for s in self.symbols}
+        self._diffs: dict[str, deque] = {s: deque(maxlen=SPACING_DIFFS) for s in self.symbols}
         self._spacing: dict[str, float] = {}
         self._last_close: dict[str, float] = {}
         self._held_since: dict[tuple, float] = {}
@@ -211,26 +213,32 @@ class RouterState:
         h.received += len(records)
         first_reason: str | None = None
         accepted = 0
+        last_ts, recent, quality = h.last_ts, h.recent, h.quality_window
+        passed = 0  # good bars since the last rejected one, not yet in the quality window
         for rec in records:
             sym = str(rec.get("symbol", "")).upper()
-            problem = bar_problem(rec, h.last_ts.get(sym))
-            h.quality_window.append(problem is None)
+            problem = bar_problem(rec, last_ts.get(sym))
             if problem is not None:
+                quality.extend(repeat(True, min(passed, quality.maxlen)))
+                quality.append(False)
+                passed = 0
                 h.rejected += 1
                 h.last_reject = problem
                 first_reason = first_reason or problem
                 continue
+            passed += 1
             ts = int(rec["ts"])
-            book = h.recent.get(sym)
+            book = recent.get(sym)
             if book is None:
-                book = h.recent[sym] = OrderedDict()
+                book = recent[sym] = OrderedDict()
             # Records arrive freshly deserialised: label them in place, no copy.
             rec["symbol"], rec["ts"], rec["source"] = sym, ts, source
             book[ts] = rec
             if len(book) > RECENT_PER_SYMBOL:
                 book.popitem(last=False)
-            h.last_ts[sym] = ts
+            last_ts[sym] = ts
             accepted += 1
+        quality.extend(repeat(True, min(passed, quality.maxlen)))
         emitted_at = records[-1].get("emitted_at")
         if emitted_at:
             h.transit_s.append(max(0.0, time.time() - float(emitted_at)))
@@ -336,14 +344,21 @@ class RouterState:
             if not book:
                 continue
             last = self.last_delivered.get(sym)
-            # Books are in time order (the gate refuses anything else): walk back to the last delivered bar.
-            pending = []
-            for ts in reversed(book):
-                if last is not None and ts <= last:
-                    break
-                pending.append(ts)
+            # Books are in time order (the gate refuses anything else): walk back to
+            # the last delivered bar (in C: a held spike has this walk repeated every step).
+            pending = list(reversed(book) if last is None else takewhile(last.__lt__, reversed(book)))
+            if not pending:
+                continue
             pending.reverse()
-            for ts in pending:
+            i = 0
+            while True:
+                # The plain bars go in one run; a bar that needs a rule (a gap before
+                # it, a spike candidate) stops the run and is judged here.
+                i = self._deliver_plain(sym, book, pending, i, out)
+                if i == len(pending):
+                    break
+                ts = pending[i]
+                i += 1
                 if self.last_delivered.get(sym) is not None and ts <= self.last_delivered[sym]:
                     continue  # filled from another source meanwhile
                 gap = self._fill_gap(sym, ts, out)
@@ -367,15 +382,99 @@ class RouterState:
                 out.append(self._deliver(sym, bar, flagged=(verdict == "flag")))
         return out
 
+    def _deliver_plain(self, sym: str, book: OrderedDict, pending: list[int], start: int,
+                       out: list[dict[str, Any]]) -> int:
+        """Deliver ``pending[start:]`` (ts of ``book``'s bars) up to the first bar a rule applies to.
+
+        Returns that bar's index in ``pending`` (``len(pending)`` when none):
+        a bar with a gap before it (``_fill_gap``) or a possible spike
+        (``_spike_check``). Every other bar is delivered here exactly as
+        ``_deliver`` would, one after another, with the symbol's running state
+        (return statistics, spacing, last close and ts, the sequence number) in
+        locals and written back once: this is the router's per-bar cost.
+        """
+        stats = self._returns[sym]
+        values, cap = stats.values, stats.values.maxlen
+        total, total_sq = stats.total, stats.total_sq
+        diffs = self._diffs[sym]
+        seq, n_total = self.seq, self.total_delivered
+        last = self.last_delivered.get(sym)
+        prev_close = self._last_close.get(sym)
+        prev_ts = self._prev_ts.get(sym)
+        spacing = self._spacing.get(sym)
+        min_history, sigmas = self.cfg.spike_min_history, self.cfg.spike_sigmas
+        m = len(values)
+        log, sqrt = math.log, math.sqrt
+        run: list[dict[str, Any]] = []
+        i, n = start, len(pending)
+        while i < n:
+            ts = pending[i]
+            if last is not None and ts <= last:
+                i += 1
+                continue  # filled from another source meanwhile
+            if last is not None and spacing is not None and not ts - last <= 1.5 * spacing:
+                break  # a gap before it: _fill_gap
+            bar = book[ts]
+            close = bar["close"]
+            r = None
+            if prev_close is not None and m >= min_history and close > 0:
+                r = log(close / prev_close)
+                if m < 2:
+                    sd = 0.0
+                else:  # _RollingStats.std()
+                    mean = total / m
+                    var = total_sq / m - mean * mean
+                    sd = sqrt(var if var > 0.0 else 0.0)
+                if not (sd <= 0 or abs(r) <= sigmas * sd):
+                    break  # a possible spike: _spike_check
+            # What _deliver does.
+            seq += 1
+            bar["seq"] = seq
+            if prev_close is not None and prev_close > 0:
+                x = r if r is not None else log(close / prev_close)
+                if m == cap:
+                    old = values[0]
+                    total -= old
+                    total_sq -= old * old
+                else:
+                    m += 1
+                values.append(x)
+                total += x
+                total_sq += x * x
+            prev_close = close
+            if prev_ts is not None and ts > prev_ts:  # what _note_spacing does
+                diffs.append(ts - prev_ts)
+                nd = len(diffs)
+                if nd >= 3 and (nd < SPACING_DIFFS or n_total % 8 == 0):
+                    spacing = float(sorted(diffs)[nd // 2])
+            prev_ts = last = ts
+            run.append(bar)
+            n_total += 1
+            i += 1
+        if run:
+            out.extend(run)
+            self.delivered.extend(run)
+            self.windows[sym].extend(run)
+            stats.total, stats.total_sq = total, total_sq
+            self.seq, self.total_delivered = seq, n_total
+            self.last_delivered[sym] = last
+            self._last_close[sym] = prev_close
+            self._prev_ts[sym] = prev_ts
+            if spacing is not None:
+                self._spacing[sym] = spacing
+        return i
+
     def _note_spacing(self, sym: str, ts: int) -> None:
         prev = self._prev_ts.get(sym)
         self._prev_ts[sym] = ts
         if prev is None or ts <= prev:
             return
-        d = self._diffs.setdefault(sym, deque(maxlen=20))
+        d = self._diffs.get(sym)
+        if d is None:
+            d = self._diffs[sym] = deque(maxlen=SPACING_DIFFS)
         d.append(ts - prev)
         # The median moves slowly: refresh it while it is young, then every 8th bar.
-        if len(d) >= 3 and (len(d) < 20 or self.total_delivered % 8 == 0):
+        if len(d) >= 3 and (len(d) < SPACING_DIFFS or self.total_delivered % 8 == 0):
             self._spacing[sym] = float(sorted(d)[len(d) // 2])
 
     def _spacing_ns(self, sym: str) -> float | None:
@@ -474,14 +573,26 @@ class RouterState:
             rec["flagged"] = True
         prev = self._last_close.get(sym)
         if prev is not None and prev > 0:
-            self._returns.setdefault(sym, _RollingStats(200)).push(math.log(rec["close"] / prev))
+            self._stats(sym).push(math.log(rec["close"] / prev))
         self._last_close[sym] = rec["close"]
         self._note_spacing(sym, rec["ts"])
         self.last_delivered[sym] = rec["ts"]
         self.delivered.append(rec)
-        self.windows.setdefault(sym, deque(maxlen=self.cfg.window)).append(rec)
+        self._window(sym).append(rec)
         self.total_delivered += 1
         return rec
+
+    def _stats(self, sym: str) -> _RollingStats:
+        st = self._returns.get(sym)
+        if st is None:
+            st = self._returns[sym] = _RollingStats(RETURNS_WINDOW)
+        return st
+
+    def _window(self, sym: str) -> deque:
+        w = self.windows.get(sym)
+        if w is None:
+            w = self.windows[sym] = deque(maxlen=self.cfg.window)
+        return w
 
     def seed_history(self, bars: list[dict[str, Any]]) -> None:
         """Warm the spike filter and windows from stored bars (after a restart), delivering nothing."""
@@ -489,11 +600,11 @@ class RouterState:
             sym = b["symbol"]
             prev = self._last_close.get(sym)
             if prev is not None and prev > 0:
-                self._returns.setdefault(sym, _RollingStats(200)).push(math.log(b["close"] / prev))
+                self._stats(sym).push(math.log(b["close"] / prev))
             self._last_close[sym] = b["close"]
             self._note_spacing(sym, int(b["ts"]))
 
-            self.windows.setdefault(sym, deque(maxlen=self.cfg.window)).append(b)
+            self._window(sym).append(b)
 
     # -- reading ----------------------------------------------------------------------
     def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
