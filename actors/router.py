@@ -81,6 +81,11 @@ async def answer_or_gone(
     return await asyncio.wait_for(fut, max(0.0, limit_s - (time.monotonic() - t0)))
 
 
+def poll_interval_s(bar_interval_s: float) -> float:
+    """How often the router polls each source: 50 times a bar interval, within 2 to 100 ms."""
+    return min(0.1, max(0.002, bar_interval_s / 50))
+
+
 def router_actor_name(group: str = "default") -> str:
     return f"router:{group}"
 
@@ -116,7 +121,7 @@ class FeedRouter:
         self._handles: dict[str, Any] = {}
         self._task: asyncio.Task | None = None
         self._restarted = bool(ckpt)
-        self.poll_s = min(0.1, max(0.002, self.cfg.interval_s / 50))
+        self.poll_s = poll_interval_s(self.cfg.interval_s)
         # A dead actor's call fails fast (RayActorError, or the GCS lookup after
         # suspect_s); this deadline only catches a registered actor that hangs,
         # which is a stall: give it the stall limit, so a loaded machine's slow
