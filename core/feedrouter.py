@@ -51,6 +51,12 @@ from core.bars import bar_problem
 RECENT_PER_SYMBOL = 4096
 RETURNS_WINDOW = 200  # log returns behind the spike filter's standard deviation
 SPACING_DIFFS = 20  # ts differences behind a symbol's median bar spacing
+# Plain bars go through a loop, a few at a time, and long runs of them (a burst,
+# a backfill) through array operations in chunks; a bar that needs a rule ends a
+# chunk, and the work on the rest of it is lost, so chunks stay short.
+LOOP_BARS = 8
+ARRAY_MIN_BARS = 64
+ARRAY_CHUNK_BARS = 512
 
 
 def records_after(buffer: deque, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
@@ -388,11 +394,27 @@ class RouterState:
 
         Returns that bar's index in ``pending`` (``len(pending)`` when none):
         a bar with a gap before it (``_fill_gap``) or a possible spike
-        (``_spike_check``). Every other bar is delivered here exactly as
-        ``_deliver`` would, one after another, with the symbol's running state
-        (return statistics, spacing, last close and ts, the sequence number) in
-        locals and written back once: this is the router's per-bar cost.
+        (``_spike_check``). Every other bar is delivered exactly as
+        ``_deliver`` would, one after another: this is the router's per-bar
+        cost. Long runs (a burst, a backfill) go through array operations in
+        chunks; a few bars, and a symbol's first bars while its statistics
+        fill, go through a loop.
         """
+        i, n = start, len(pending)
+        while i < n:
+            # A few bars by the loop first: it stops at once at a bar that needs a
+            # rule (a held spike is tried again every step; a chunk ends at one).
+            stop = min(n, i + LOOP_BARS)
+            i = self._deliver_plain_loop(sym, book, pending, i, stop, out)
+            if i < stop:
+                return i
+            if n - i >= ARRAY_MIN_BARS:  # 0 bars when the arrays do not cover the state yet
+                i = self._deliver_plain_arrays(sym, book, pending, i, min(n, i + ARRAY_CHUNK_BARS), out)
+        return i
+
+    def _deliver_plain_loop(self, sym: str, book: OrderedDict, pending: list[int], start: int, stop: int,
+                            out: list[dict[str, Any]]) -> int:
+        """``_deliver_plain`` for ``pending[start:stop]``, bar by bar, the symbol's state in locals."""
         stats = self._returns[sym]
         values, cap = stats.values, stats.values.maxlen
         total, total_sq = stats.total, stats.total_sq
@@ -406,8 +428,8 @@ class RouterState:
         m = len(values)
         log, sqrt = math.log, math.sqrt
         run: list[dict[str, Any]] = []
-        i, n = start, len(pending)
-        while i < n:
+        i = start
+        while i < stop:
             ts = pending[i]
             if last is not None and ts <= last:
                 i += 1
@@ -463,6 +485,91 @@ class RouterState:
             if spacing is not None:
                 self._spacing[sym] = spacing
         return i
+
+    def _deliver_plain_arrays(self, sym: str, book: OrderedDict, pending: list[int], start: int, stop: int,
+                              out: list[dict[str, Any]]) -> int:
+        """``_deliver_plain`` for ``pending[start:stop]`` in array operations, or ``start`` if it cannot.
+
+        It can once the symbol's statistics are full (``RETURNS_WINDOW``
+        returns, ``SPACING_DIFFS`` differences), so that every bar pops one
+        return and one difference, and when the bars are plain numbers. The
+        result is the loop's to the last bit: the same IEEE operations in the
+        same order. Each return is ``math.log`` of the same quotient; the
+        running sums are one sequential ``add.accumulate`` over the pops
+        (negated) and pushes interleaved, as ``total -= old; total += x``;
+        the spacing is the same median, refreshed at the same bars.
+        """
+        stats = self._returns[sym]
+        values, diffs = stats.values, self._diffs[sym]
+        cap = values.maxlen
+        last = self.last_delivered.get(sym)
+        prev_close = self._last_close.get(sym)
+        spacing = self._spacing.get(sym)
+        if (len(values) != cap or len(diffs) != diffs.maxlen or last is None or self._prev_ts.get(sym) != last
+                or spacing is None or type(prev_close) is not float or not prev_close > 0):
+            return start
+        ts_list = pending[start:stop]  # ints: ingest made them so
+        n = len(ts_list)
+        bars = [book[t] for t in ts_list]
+        closes_list = [b["close"] for b in bars]
+        if set(map(type, closes_list)) != {float}:
+            return start
+        try:
+            ts = np.fromiter(ts_list, np.int64, n)
+            d = np.diff(ts, prepend=last)  # ts - the previous bar's ts: the gap rule's and the spacing's
+            all_d = np.concatenate([np.fromiter(diffs, np.int64, len(diffs)), d])
+        except OverflowError:
+            return start  # beyond int64 (a wrapped difference is negative, refused below)
+        closes = np.fromiter(closes_list, np.float64, n)
+        if not (d > 0).all() or d.max() >= 2**53 or not (closes > 0).all():
+            return start  # a bar at or before the last delivered, a gap too wide for exact floats
+        prev = np.empty(n)
+        prev[0] = prev_close
+        prev[1:] = closes[:-1]
+        # math.log, not np.log: numpy's SIMD log differs from it in the last bit for some values.
+        r_list = list(map(math.log, (closes / prev).tolist()))
+        r = np.fromiter(r_list, np.float64, n)
+        # Running sums before each bar's push: total - old + x, in that order, bar after bar.
+        olds = np.concatenate([np.fromiter(values, float, cap), r])[:n]
+        acc = np.empty(2 * n + 1)
+        acc[0], acc[1::2], acc[2::2] = stats.total, -olds, r
+        np.add.accumulate(acc, out=acc)
+        acc_sq = np.empty(2 * n + 1)
+        acc_sq[0], acc_sq[1::2], acc_sq[2::2] = stats.total_sq, -(olds * olds), r * r
+        np.add.accumulate(acc_sq, out=acc_sq)
+        # The spacing each bar is judged with: refreshed after the bars that find
+        # total_delivered % 8 == 0 (the median of the last SPACING_DIFFS differences).
+        after = np.arange((-self.total_delivered) % 8, n, 8)
+        medians = np.sort(np.lib.stride_tricks.sliding_window_view(all_d, len(diffs))[after + 1], axis=1)
+        medians = medians[:, len(diffs) // 2].astype(np.float64)
+        which = np.zeros(n, dtype=np.int64)
+        inside = after + 1 < n
+        which[after[inside] + 1] = np.arange(1, inside.sum() + 1)
+        spacings = np.concatenate([[spacing], medians])
+        rule = ~(d <= 1.5 * spacings[np.maximum.accumulate(which)])  # a gap before the bar
+        if cap >= max(2, self.cfg.spike_min_history):  # a possible spike
+            mean = acc[0:-1:2] / cap
+            var = acc_sq[0:-1:2] / cap - mean * mean
+            sd = np.sqrt(np.where(var > 0.0, var, 0.0))
+            rule |= ~((sd <= 0) | (np.abs(r) <= self.cfg.spike_sigmas * sd))
+        j = int(rule.argmax()) if rule.any() else n
+        if j == 0:
+            return start
+        run = bars[:j]
+        for seq, bar in enumerate(run, self.seq + 1):
+            bar["seq"] = seq
+        values.extend(r_list[:j])
+        stats.total, stats.total_sq = float(acc[2 * j]), float(acc_sq[2 * j])
+        diffs.extend(d[:j].tolist())
+        self._spacing[sym] = float(spacings[int(np.searchsorted(after, j - 1, side="right"))])
+        self._last_close[sym] = closes_list[j - 1]
+        self._prev_ts[sym] = self.last_delivered[sym] = ts_list[j - 1]
+        self.seq += j
+        self.total_delivered += j
+        out.extend(run)
+        self.delivered.extend(run)
+        self.windows[sym].extend(run)
+        return start + j
 
     def _note_spacing(self, sym: str, ts: int) -> None:
         prev = self._prev_ts.get(sym)
