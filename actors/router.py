@@ -73,8 +73,8 @@ async def answer_or_gone(
         pass
     try:
         gone = not await asyncio.wait_for(registered(), max(0.0, limit_s - suspect_s))
-    except asyncio.TimeoutError:
-        gone = False  # the GCS is slow too: no verdict, keep waiting for the answer
+    except Exception:  # noqa: BLE001 - the GCS slow or failing too: no verdict, keep waiting for the answer
+        gone = False
     if gone:
         fut.cancel()
         raise SourceGone(f"no answer for {(time.monotonic() - t0) * 1000:.0f} ms and no actor by that name")
@@ -266,7 +266,11 @@ class FeedRouter:
     async def _poll_forever(self, name: str) -> None:
         # One loop per source: a slow or dead source never delays the others.
         while True:
-            await self._poll_source(name)
+            try:
+                await self._poll_source(name)
+            except Exception as e:  # noqa: BLE001 - e.g. the GCS failing a lookup: this loop must go on
+                self.state.mark_error(name, f"poll failed: {e}")
+                await asyncio.sleep(self.unresponsive_s)
             await asyncio.sleep(self.poll_s)
 
     async def _run(self) -> None:

@@ -228,6 +228,21 @@ def test_slow_but_registered_source_is_not_declared_dead_early():
     assert isinstance(out, TimeoutError) and took >= 0.4 - 0.01  # left to the stall limit
 
 
+def test_a_failing_gcs_lookup_is_no_verdict():
+    import asyncio
+
+    from actors.router import answer_or_gone
+
+    async def call():
+        await asyncio.sleep(0.15)
+        return "bars"
+
+    async def lookup_fails() -> bool:
+        raise RuntimeError("GCS unavailable")
+
+    assert asyncio.run(answer_or_gone(call(), lookup_fails, suspect_s=0.05, limit_s=0.4)) == "bars"
+
+
 def test_fast_answers_and_ray_errors_need_no_lookup():
     from ray.exceptions import ActorDiedError
 
