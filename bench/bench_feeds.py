@@ -23,6 +23,7 @@ pass-through's throughput.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import sys
@@ -81,7 +82,7 @@ def _settings(store: str, interval: float, pace: str = "interval"):
     )
 
 
-def failover_once(s, mode: str) -> tuple[float, float]:
+def failover_once(s, mode: str) -> tuple[float, float, str]:
     from actors.feeds import FeedActor
     from actors.router import FeedRouter
 
@@ -123,7 +124,15 @@ def failover_once(s, mode: str) -> tuple[float, float]:
     detect = (fo[0]["wall"] - t_fault) if fo else float("nan")
     # The first bar from the backup cannot come before it is due.
     deliver = (t_first - max(t_fault, t_next_due)) if t_first else float("nan")
-    return detect, deliver
+    return detect, deliver, (fo[0]["reason"] if fo else "no failover")
+
+
+def _detected_by(reason: str) -> str:
+    if "no actor by that name" in reason:
+        return "GCS lookup"
+    if "died" in reason:
+        return "Ray's death notice"
+    return reason.split(":")[0]
 
 
 def throughput(store: str, n_bars: int, repeats: int) -> list[tuple[float, float, float, float]]:
@@ -210,16 +219,20 @@ def main() -> int:
             res = [failover_once(s, mode) for _ in range(args.repeats)]
             det = [r[0] * 1000 for r in res]
             gap = [r[1] * 1000 for r in res]
+            by = collections.Counter(_detected_by(r[2]) for r in res)
             print(f"{mode:<6} {interval:>7.2f}s {statistics.median(det):>19.1f} {max(det):>8.1f} "
-                  f"{statistics.median(det) / 1000 / interval:>12.2f} {statistics.median(gap):>8.1f} {max(gap):>8.1f}",
+                  f"{statistics.median(det) / 1000 / interval:>12.2f} {statistics.median(gap):>8.1f} {max(gap):>8.1f}"
+                  f"   {len(res)} runs; detected by " + ", ".join(f"{k} {v}" for k, v in by.most_common()),
                   flush=True)
     runs = throughput(store_uri, args.throughput_bars, args.throughput_repeats)
     r, p = (statistics.median(x[k] for x in runs) for k in (0, 1))
     r_cpu, p_cpu = (statistics.median(x[k] for x in runs) for k in (2, 3))
+    pairs = [x[0] / x[1] for x in runs]
     print(f"throughput: router {r:,.0f} bars/s, bare pass-through {p:,.0f} bars/s, ratio {r / p:.2f} "
-          f"(medians of {args.throughput_repeats}, alternating order)")
-    print(f"actor CPU per 1,000 bars: router {r_cpu:.2f} ms, pass-through {p_cpu:.2f} ms, "
-          f"ratio {p_cpu / r_cpu:.2f}; load average {os.getloadavg()[0]:.1f}")
+          f"(medians of {args.throughput_repeats}, alternating order; per pair: median {statistics.median(pairs):.2f}, "
+          f"{min(pairs):.2f} to {max(pairs):.2f})")
+    print(f"actor CPU per 1,000 bars (Ray calls and polling included): router {r_cpu:.2f} ms, "
+          f"pass-through {p_cpu:.2f} ms, ratio {p_cpu / r_cpu:.2f}; load average {os.getloadavg()[0]:.1f} at the end")
     ray.shutdown()
     return 0
 
