@@ -6,8 +6,15 @@ quality gate, gap fill), serves consumers (``since(seq)``, ``window(symbol,
 n)``, ``latest()``) and writes accepted bars to the store in batches.
 
 A source whose actor is gone is marked dead at once (a failed call raises
-``RayActorError``); a source whose actor was restarted (a new incarnation)
-is read again from its beginning, and its old bars are ignored by time.
+``RayActorError``). Polls are never retried by Ray: a poll in flight when its
+actor was killed would otherwise be retried and fail only after Ray's retry
+path, 0.4 to 0.65 s later. A poll unanswered for ``SUSPECT_S`` makes its
+source a suspect: the router asks the GCS whether an actor of that name still
+exists (a killed actor's name is released at once); gone is dead, registered
+is only slow, and a slow source is left to the stall limit, so a loaded
+machine does not churn failovers. A source whose actor was restarted (a new
+incarnation) is read again from its beginning, and its old bars are ignored
+by time.
 
 Restart: the router runs with ``max_restarts=-1``. It checkpoints its sequence
 number, the last delivered time per symbol and the delivered bars not yet in
@@ -22,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -34,10 +41,49 @@ from core.store import BarStore
 
 log = get_logger("router")
 
-SOURCE_CALL_TIMEOUT_S = 2.0
 # A source that does not answer a poll within this (or the stall limit, if
 # longer) is failed over from.
 UNRESPONSIVE_S = 0.25
+# A poll unanswered this long has the GCS asked whether its actor still exists.
+# Ray's own death notice came within 41 ms in 40 kills on the shared 2-core
+# machine (load up to 12), so this is the bound for when it is late: detection
+# within a poll interval, SUSPECT_S and one GCS lookup, well under 250 ms.
+SUSPECT_S = 0.1
+
+
+class SourceGone(Exception):
+    """A source's poll went unanswered and the GCS has no actor by its name."""
+
+
+async def answer_or_gone(
+    call: Awaitable[Any], registered: Callable[[], Awaitable[bool]], suspect_s: float, limit_s: float
+) -> Any:
+    """The answer to ``call`` (a poll), or why there is none.
+
+    Unanswered after ``suspect_s``, ``registered()`` asks the GCS whether the
+    actor still exists: no means it is dead (``SourceGone``), yes means it is
+    only slow, and the call may take up to ``limit_s`` in all before
+    ``asyncio.TimeoutError``. Ray's own errors (``RayActorError``) pass through.
+    """
+    t0 = time.monotonic()
+    fut = asyncio.ensure_future(call)
+    try:
+        return await asyncio.wait_for(asyncio.shield(fut), suspect_s)
+    except asyncio.TimeoutError:
+        pass
+    try:
+        gone = not await asyncio.wait_for(registered(), max(0.0, limit_s - suspect_s))
+    except Exception:  # noqa: BLE001 - the GCS slow or failing too: no verdict, keep waiting for the answer
+        gone = False
+    if gone:
+        fut.cancel()
+        raise SourceGone(f"no answer for {(time.monotonic() - t0) * 1000:.0f} ms and no actor by that name")
+    return await asyncio.wait_for(fut, max(0.0, limit_s - (time.monotonic() - t0)))
+
+
+def poll_interval_s(bar_interval_s: float) -> float:
+    """How often the router polls each source: 50 times a bar interval, within 2 to 100 ms."""
+    return min(0.1, max(0.002, bar_interval_s / 50))
 
 
 def router_actor_name(group: str = "default") -> str:
@@ -75,11 +121,13 @@ class FeedRouter:
         self._handles: dict[str, Any] = {}
         self._task: asyncio.Task | None = None
         self._restarted = bool(ckpt)
-        self.poll_s = min(0.1, max(0.002, self.cfg.interval_s / 50))
-        # A dead actor's call fails fast (RayActorError); this deadline only
-        # catches one that hangs, which is a stall: give it the stall limit, so
-        # a loaded machine's slow answers do not read as deaths.
+        self.poll_s = poll_interval_s(self.cfg.interval_s)
+        # A dead actor's call fails fast (RayActorError, or the GCS lookup after
+        # suspect_s); this deadline only catches a registered actor that hangs,
+        # which is a stall: give it the stall limit, so a loaded machine's slow
+        # answers do not read as deaths.
         self.unresponsive_s = max(UNRESPONSIVE_S, self.cfg.stall_intervals * self.cfg.interval_s)
+        self.suspect_s = min(SUSPECT_S, self.unresponsive_s / 2)
 
     # -- state across restarts ---------------------------------------------------------
     def _load_checkpoint(self) -> dict[str, Any]:
@@ -138,14 +186,23 @@ class FeedRouter:
             log.warning("router %s: store write failed, will retry: %s", self.group, e)
 
     # -- the loop -----------------------------------------------------------------------
-    def _handle(self, name: str) -> Any | None:
+    async def _lookup(self, name: str) -> Any | None:
+        """The named actor's handle from the GCS, or None when no actor has that name.
+
+        Off the event loop: a GCS call on a loaded machine can take tens of
+        milliseconds, and the loop also polls the other sources and serves consumers.
+        """
+        try:
+            return await asyncio.to_thread(ray.get_actor, name, namespace=self.settings.ray.namespace)
+        except ValueError:
+            return None
+
+    async def _handle(self, name: str) -> Any | None:
         h = self._handles.get(name)
         if h is None:
-            try:
-                h = ray.get_actor(name, namespace=self.settings.ray.namespace)
+            h = await self._lookup(name)
+            if h is not None:
                 self._handles[name] = h
-            except ValueError:
-                return None
         return h
 
     async def start(self) -> bool:
@@ -158,42 +215,62 @@ class FeedRouter:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    async def _ask(self, name: str, h: Any, cursor: int) -> tuple[list[dict[str, Any]], str]:
+        """One poll of ``name``: its bars after ``cursor`` and its incarnation."""
+
+        async def registered() -> bool:
+            return await self._lookup(name) is not None
+
+        # No retries: the next poll follows within milliseconds, and a retried
+        # poll reports its actor's death only after Ray's retry path (0.4-0.65 s).
+        call = h.since_with_incarnation.options(max_task_retries=0).remote(cursor)
+        return await answer_or_gone(call, registered, self.suspect_s, self.unresponsive_s)
+
     async def _poll_source(self, name: str) -> None:
-        h = self._handle(name)
+        h = await self._handle(name)
         if h is None:
             self.state.mark_dead(name, "no such actor")
             await asyncio.sleep(self.unresponsive_s)
             return
         try:
-            recs, inc = await asyncio.wait_for(h.since_with_incarnation.remote(self._cursors[name]), self.unresponsive_s)
-        except (RayActorError, ray.exceptions.ActorDiedError) as e:
-            self._handles.pop(name, None)
-            self.state.mark_dead(name, f"actor died ({e.__class__.__name__})")
-            await asyncio.sleep(self.unresponsive_s)
+            recs, inc = await self._ask(name, h, self._cursors[name])
+            if self._incarnation[name] is not None and inc != self._incarnation[name]:
+                log.info("router %s: source %s restarted; reading it from its start", self.group, name)
+                self._cursors[name] = 0
+                recs, inc = await self._ask(name, h, 0)
+        except RayActorError as e:
+            await self._dead(name, f"actor died ({e.__class__.__name__})")
+            return
+        except SourceGone as e:
+            await self._dead(name, f"actor died: {e}")
             return
         except (asyncio.TimeoutError, GetTimeoutError):
-            # A killed actor's calls hang until Ray notices it is gone (about a
-            # second); an answer this late is treated as death, undone by the next answer.
+            # Registered but silent up to the stall limit: treated as death, undone by the next answer.
             self.state.mark_dead(name, f"no answer within {self.unresponsive_s * 1000:.0f} ms")
             return
         except Exception as e:  # noqa: BLE001
             self.state.mark_error(name, f"poll failed: {e}")
             await asyncio.sleep(self.unresponsive_s)
             return
-        if self._incarnation[name] is not None and inc != self._incarnation[name]:
-            log.info("router %s: source %s restarted; reading it from its start", self.group, name)
-            self._cursors[name] = 0
-            recs, inc = await asyncio.wait_for(h.since_with_incarnation.remote(0), SOURCE_CALL_TIMEOUT_S)
         self._incarnation[name] = inc
         self.state.mark_alive(name)
         if recs:
             self._cursors[name] = recs[-1]["seq"]
             self.state.ingest(name, recs)
 
+    async def _dead(self, name: str, reason: str) -> None:
+        self._handles.pop(name, None)
+        self.state.mark_dead(name, reason)
+        await asyncio.sleep(self.unresponsive_s)
+
     async def _poll_forever(self, name: str) -> None:
         # One loop per source: a slow or dead source never delays the others.
         while True:
-            await self._poll_source(name)
+            try:
+                await self._poll_source(name)
+            except Exception as e:  # noqa: BLE001 - e.g. the GCS failing a lookup: this loop must go on
+                self.state.mark_error(name, f"poll failed: {e}")
+                await asyncio.sleep(self.unresponsive_s)
             await asyncio.sleep(self.poll_s)
 
     async def _run(self) -> None:

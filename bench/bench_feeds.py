@@ -8,7 +8,12 @@
    For a stall the fault is the moment the primary's next bar was due.
 2. Throughput: bars per second through the router's quality gate and fan-out,
    against a bare pass-through actor reading the same feed, in the same run;
-   the ratio is the gate's cost.
+   the ratio is the gate's cost. Like for like: the same bars from the same
+   full feed buffer, the same poll call at the same interval, the same
+   ``since`` batches to the consumer; one at a time, in alternating order.
+   Beside wall-clock rates (noisy on a shared machine) it prints each actor
+   process's CPU time per 1,000 bars, whose ratio is the same cost without
+   the neighbours' load.
 
 Targets (issue 3): failover within 2 bar intervals at every interval down to
 1 s and under 250 ms after an actor dies; the router keeps at least half the
@@ -18,6 +23,7 @@ pass-through's throughput.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import sys
@@ -40,10 +46,12 @@ SYMS = ["SPY", "QQQ", "AAPL", "MSFT"]
 
 @ray.remote
 class PassThrough:
-    """The peer: polls a feed and serves ``since`` with no gate, no failover, no store."""
+    """The peer: polls a feed as the router does (the same call, every poll interval) and
+    serves ``since``, with no gate, no failover and no store."""
 
-    def __init__(self, feed_name: str, namespace: str):
+    def __init__(self, feed_name: str, namespace: str, poll_s: float):
         self.feed = ray.get_actor(feed_name, namespace=namespace)
+        self.poll_s = poll_s
         self.buf: list[dict] = []
         self.cursor = 0
         self.task = None
@@ -53,11 +61,11 @@ class PassThrough:
 
         async def run():
             while True:
-                recs = await self.feed.since.remote(self.cursor)
+                recs, _ = await self.feed.since_with_incarnation.options(max_task_retries=0).remote(self.cursor)
                 if recs:
                     self.cursor = recs[-1]["seq"]
                     self.buf.extend(recs)
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(self.poll_s)
 
         self.task = asyncio.get_running_loop().create_task(run())
 
@@ -74,7 +82,7 @@ def _settings(store: str, interval: float, pace: str = "interval"):
     )
 
 
-def failover_once(s, mode: str) -> tuple[float, float]:
+def failover_once(s, mode: str) -> tuple[float, float, str]:
     from actors.feeds import FeedActor
     from actors.router import FeedRouter
 
@@ -116,12 +124,26 @@ def failover_once(s, mode: str) -> tuple[float, float]:
     detect = (fo[0]["wall"] - t_fault) if fo else float("nan")
     # The first bar from the backup cannot come before it is due.
     deliver = (t_first - max(t_fault, t_next_due)) if t_first else float("nan")
-    return detect, deliver
+    return detect, deliver, (fo[0]["reason"] if fo else "no failover")
 
 
-def throughput(store: str, n_bars: int) -> tuple[float, float]:
+def _detected_by(reason: str) -> str:
+    if "no actor by that name" in reason:
+        return "GCS lookup"
+    if "died" in reason:
+        return "Ray's death notice"
+    return reason.split(":")[0]
+
+
+def throughput(store: str, n_bars: int, repeats: int) -> list[tuple[float, float, float, float]]:
+    """Per repeat: router and pass-through bars/s, and each one's CPU ms per 1,000 bars.
+
+    One feed, its buffer full first, read by a fresh router and a fresh
+    pass-through in turn (the order alternates between repeats); each is gone
+    before the other starts, so neither polls in the background of the other's run.
+    """
     from actors.feeds import FeedActor
-    from actors.router import FeedRouter
+    from actors.router import FeedRouter, poll_interval_s
 
     s = _settings(store, 0.01, pace="fast")
     tag = uuid.uuid4().hex[:6]
@@ -132,7 +154,14 @@ def throughput(store: str, n_bars: int) -> tuple[float, float]:
     while ray.get(feed.health.remote())["emitted"] < total:  # the feed's buffer is full first
         time.sleep(0.05)
 
-    def drain(actor) -> float:
+    def cpu_s(actor) -> float:
+        # The actor process's CPU time, all its threads (Ray's serialisation too).
+        return ray.get(actor.__ray_call__.remote(lambda _self: time.process_time()))
+
+    def drain(make) -> tuple[float, float]:
+        actor = make()
+        cpu0 = cpu_s(actor)
+        ray.get(actor.start.remote())
         t0 = time.perf_counter()
         cursor, got = 0, 0
         while got < total:
@@ -141,18 +170,28 @@ def throughput(store: str, n_bars: int) -> tuple[float, float]:
                 cursor, got = recs[-1]["seq"], got + len(recs)
             else:
                 time.sleep(0.001)
-        return total / (time.perf_counter() - t0)
+        rate = total / (time.perf_counter() - t0)
+        cpu_ms = 1e6 * (cpu_s(actor) - cpu0) / total
+        ray.kill(actor)
+        return rate, cpu_ms
 
-    router = FeedRouter.options(**actor_options("feed_router", s, f"router:t-{tag}", detached=False)).remote(
-        f"t-{tag}", [fname], SYMS, s, False)
-    ray.get(router.start.remote())
-    r_rate = drain(router)
-    pt = PassThrough.options(num_cpus=0.1).remote(fname, s.ray.namespace)
-    ray.get(pt.start.remote())
-    p_rate = drain(pt)
-    for a in (router, pt, feed):
-        ray.kill(a)
-    return r_rate, p_rate
+    def router():
+        name = f"t-{tag}-{uuid.uuid4().hex[:4]}"
+        return FeedRouter.options(**actor_options("feed_router", s, f"router:{name}", detached=False)).remote(
+            name, [fname], SYMS, s, False)
+
+    def peer():
+        return PassThrough.options(num_cpus=0.1).remote(fname, s.ray.namespace, poll_interval_s(s.feeds.bar_interval_s))
+
+    out = []
+    for i in range(repeats):
+        if i % 2 == 0:
+            (r_rate, r_cpu), (p_rate, p_cpu) = drain(router), drain(peer)
+        else:
+            (p_rate, p_cpu), (r_rate, r_cpu) = drain(peer), drain(router)
+        out.append((r_rate, p_rate, r_cpu, p_cpu))
+    ray.kill(feed)
+    return out
 
 
 def main() -> int:
@@ -160,7 +199,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--intervals", type=float, nargs="+", default=[1.0, 0.5])
     ap.add_argument("--throughput-bars", type=int, default=4000, help="bars per symbol")
-    ap.add_argument("--throughput-repeats", type=int, default=3)
+    ap.add_argument("--throughput-repeats", type=int, default=5)
     args = ap.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     tmp = tempfile.mkdtemp(prefix="raytrade-bench-")
@@ -168,7 +207,8 @@ def main() -> int:
     BarStore.from_settings(_settings(store_uri, 1.0).store).append(
         generate_bars(SYMS, max(args.throughput_bars, 400), seed=3))
     connect(_settings(store_uri, 1.0), num_cpus=4)
-    print(f"raytrade feed benchmark: {os.cpu_count()} cores, ray {ray.__version__}")
+    print(f"raytrade feed benchmark: {os.cpu_count()} cores, ray {ray.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f} at the start")
     print("fault: time from the fault (kill, or the stalled bar's due time) to the router's failover event;")
     print("gap: time from when the first missed bar was due to its delivery from the backup")
     print(f"{'fault':<6} {'interval':>8} {'fault->failover ms':>19} {'(max)':>8} {'in intervals':>12} "
@@ -179,14 +219,20 @@ def main() -> int:
             res = [failover_once(s, mode) for _ in range(args.repeats)]
             det = [r[0] * 1000 for r in res]
             gap = [r[1] * 1000 for r in res]
+            by = collections.Counter(_detected_by(r[2]) for r in res)
             print(f"{mode:<6} {interval:>7.2f}s {statistics.median(det):>19.1f} {max(det):>8.1f} "
-                  f"{statistics.median(det) / 1000 / interval:>12.2f} {statistics.median(gap):>8.1f} {max(gap):>8.1f}",
+                  f"{statistics.median(det) / 1000 / interval:>12.2f} {statistics.median(gap):>8.1f} {max(gap):>8.1f}"
+                  f"   {len(res)} runs; detected by " + ", ".join(f"{k} {v}" for k, v in by.most_common()),
                   flush=True)
-    rates = [throughput(store_uri, args.throughput_bars) for _ in range(args.throughput_repeats)]
-    r = statistics.median(x[0] for x in rates)
-    p = statistics.median(x[1] for x in rates)
+    runs = throughput(store_uri, args.throughput_bars, args.throughput_repeats)
+    r, p = (statistics.median(x[k] for x in runs) for k in (0, 1))
+    r_cpu, p_cpu = (statistics.median(x[k] for x in runs) for k in (2, 3))
+    pairs = [x[0] / x[1] for x in runs]
     print(f"throughput: router {r:,.0f} bars/s, bare pass-through {p:,.0f} bars/s, ratio {r / p:.2f} "
-          f"(median of {args.throughput_repeats})")
+          f"(medians of {args.throughput_repeats}, alternating order; per pair: median {statistics.median(pairs):.2f}, "
+          f"{min(pairs):.2f} to {max(pairs):.2f})")
+    print(f"actor CPU per 1,000 bars (Ray calls and polling included): router {r_cpu:.2f} ms, "
+          f"pass-through {p_cpu:.2f} ms, ratio {p_cpu / r_cpu:.2f}; load average {os.getloadavg()[0]:.1f} at the end")
     ray.shutdown()
     return 0
 

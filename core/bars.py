@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from math import isfinite as _isfinite
+from math import inf as _INF, isfinite as _isfinite
 
 import numpy as np
 import pandas as pd
@@ -160,17 +160,22 @@ def bar_problem(rec: dict, prev_ts_ns: int | None = None) -> str | None:
         v = float(rec["volume"])
     except (KeyError, TypeError, ValueError):
         return NON_FINITE_PRICE
-    if not (_isfinite(o) and _isfinite(h) and _isfinite(lo) and _isfinite(c)):
+    # The common, good bar in one chained comparison: it holds exactly when none
+    # of the price and volume rules below fires (NaN fails every comparison,
+    # infinity fails ``< inf``), and when it fails they decide as before.
+    if 0.0 < lo <= o <= h < _INF and lo <= c <= h and 0.0 <= v < _INF:
+        pass
+    elif not (_isfinite(o) and _isfinite(h) and _isfinite(lo) and _isfinite(c)):
         return NON_FINITE_PRICE
-    if o <= 0 or h <= 0 or lo <= 0 or c <= 0:
+    elif o <= 0 or h <= 0 or lo <= 0 or c <= 0:
         return NON_POSITIVE_PRICE
-    if h < o or h < c:
+    elif h < o or h < c:
         return HIGH_BELOW
-    if lo > o or lo > c:
+    elif lo > o or lo > c:
         return LOW_ABOVE
-    if not _isfinite(v):
+    elif not _isfinite(v):
         return NON_FINITE_VOLUME
-    if v < 0:
+    elif v < 0:
         return NEGATIVE_VOLUME
     if prev_ts_ns is not None:
         t = int(ts)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from itertools import islice
+from itertools import islice, repeat, takewhile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,6 +49,14 @@ import pandas as pd
 from core.bars import bar_problem
 
 RECENT_PER_SYMBOL = 4096
+RETURNS_WINDOW = 200  # log returns behind the spike filter's standard deviation
+SPACING_DIFFS = 20  # ts differences behind a symbol's median bar spacing
+# Plain bars go through a loop, a few at a time, and long runs of them (a burst,
+# a backfill) through array operations in chunks; a bar that needs a rule ends a
+# chunk, and the work on the rest of it is lost, so chunks stay short.
+LOOP_BARS = 8
+ARRAY_MIN_BARS = 64
+ARRAY_CHUNK_BARS = 512
 
 
 def records_after(buffer: deque, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:
@@ -188,8 +196,8 @@ class RouterState:
         self.delivered: deque[dict[str, Any]] = deque(maxlen=self.cfg.buffer)
         self.windows: dict[str, deque] = {s: deque(maxlen=self.cfg.window) for s in self.symbols}
         self.last_delivered: dict[str, int] = dict(last_delivered or {})
-        self._returns: dict[str, _RollingStats] = {s: _RollingStats(200) for s in self.symbols}
-        self._diffs: dict[str, deque] = {s: deque(maxlen=20) for s in self.symbols}
+        self._returns: dict[str, _RollingStats] = {s: _RollingStats(RETURNS_WINDOW) for s in self.symbols}
+        self._diffs: dict[str, deque] = {s: deque(maxlen=SPACING_DIFFS) for s in self.symbols}
         self._spacing: dict[str, float] = {}
         self._last_close: dict[str, float] = {}
         self._held_since: dict[tuple, float] = {}
@@ -211,26 +219,32 @@ class RouterState:
         h.received += len(records)
         first_reason: str | None = None
         accepted = 0
+        last_ts, recent, quality = h.last_ts, h.recent, h.quality_window
+        passed = 0  # good bars since the last rejected one, not yet in the quality window
         for rec in records:
             sym = str(rec.get("symbol", "")).upper()
-            problem = bar_problem(rec, h.last_ts.get(sym))
-            h.quality_window.append(problem is None)
+            problem = bar_problem(rec, last_ts.get(sym))
             if problem is not None:
+                quality.extend(repeat(True, min(passed, quality.maxlen)))
+                quality.append(False)
+                passed = 0
                 h.rejected += 1
                 h.last_reject = problem
                 first_reason = first_reason or problem
                 continue
+            passed += 1
             ts = int(rec["ts"])
-            book = h.recent.get(sym)
+            book = recent.get(sym)
             if book is None:
-                book = h.recent[sym] = OrderedDict()
+                book = recent[sym] = OrderedDict()
             # Records arrive freshly deserialised: label them in place, no copy.
             rec["symbol"], rec["ts"], rec["source"] = sym, ts, source
             book[ts] = rec
             if len(book) > RECENT_PER_SYMBOL:
                 book.popitem(last=False)
-            h.last_ts[sym] = ts
+            last_ts[sym] = ts
             accepted += 1
+        quality.extend(repeat(True, min(passed, quality.maxlen)))
         emitted_at = records[-1].get("emitted_at")
         if emitted_at:
             h.transit_s.append(max(0.0, time.time() - float(emitted_at)))
@@ -336,14 +350,21 @@ class RouterState:
             if not book:
                 continue
             last = self.last_delivered.get(sym)
-            # Books are in time order (the gate refuses anything else): walk back to the last delivered bar.
-            pending = []
-            for ts in reversed(book):
-                if last is not None and ts <= last:
-                    break
-                pending.append(ts)
+            # Books are in time order (the gate refuses anything else): walk back to
+            # the last delivered bar (in C: a held spike has this walk repeated every step).
+            pending = list(reversed(book) if last is None else takewhile(last.__lt__, reversed(book)))
+            if not pending:
+                continue
             pending.reverse()
-            for ts in pending:
+            i = 0
+            while True:
+                # The plain bars go in one run; a bar that needs a rule (a gap before
+                # it, a spike candidate) stops the run and is judged here.
+                i = self._deliver_plain(sym, book, pending, i, out)
+                if i == len(pending):
+                    break
+                ts = pending[i]
+                i += 1
                 if self.last_delivered.get(sym) is not None and ts <= self.last_delivered[sym]:
                     continue  # filled from another source meanwhile
                 gap = self._fill_gap(sym, ts, out)
@@ -367,15 +388,200 @@ class RouterState:
                 out.append(self._deliver(sym, bar, flagged=(verdict == "flag")))
         return out
 
+    def _deliver_plain(self, sym: str, book: OrderedDict, pending: list[int], start: int,
+                       out: list[dict[str, Any]]) -> int:
+        """Deliver ``pending[start:]`` (ts of ``book``'s bars) up to the first bar a rule applies to.
+
+        Returns that bar's index in ``pending`` (``len(pending)`` when none):
+        a bar with a gap before it (``_fill_gap``) or a possible spike
+        (``_spike_check``). Every other bar is delivered exactly as
+        ``_deliver`` would, one after another: this is the router's per-bar
+        cost. Long runs (a burst, a backfill) go through array operations in
+        chunks; a few bars, and a symbol's first bars while its statistics
+        fill, go through a loop.
+        """
+        i, n = start, len(pending)
+        while i < n:
+            # A few bars by the loop first: it stops at once at a bar that needs a
+            # rule (a held spike is tried again every step; a chunk ends at one).
+            stop = min(n, i + LOOP_BARS)
+            i = self._deliver_plain_loop(sym, book, pending, i, stop, out)
+            if i < stop:
+                return i
+            if n - i >= ARRAY_MIN_BARS:  # 0 bars when the arrays do not cover the state yet
+                i = self._deliver_plain_arrays(sym, book, pending, i, min(n, i + ARRAY_CHUNK_BARS), out)
+        return i
+
+    def _deliver_plain_loop(self, sym: str, book: OrderedDict, pending: list[int], start: int, stop: int,
+                            out: list[dict[str, Any]]) -> int:
+        """``_deliver_plain`` for ``pending[start:stop]``, bar by bar, the symbol's state in locals."""
+        stats = self._returns[sym]
+        values, cap = stats.values, stats.values.maxlen
+        total, total_sq = stats.total, stats.total_sq
+        diffs = self._diffs[sym]
+        seq, n_total = self.seq, self.total_delivered
+        last = self.last_delivered.get(sym)
+        prev_close = self._last_close.get(sym)
+        prev_ts = self._prev_ts.get(sym)
+        spacing = self._spacing.get(sym)
+        min_history, sigmas = self.cfg.spike_min_history, self.cfg.spike_sigmas
+        m = len(values)
+        log, sqrt = math.log, math.sqrt
+        run: list[dict[str, Any]] = []
+        i = start
+        while i < stop:
+            ts = pending[i]
+            if last is not None and ts <= last:
+                i += 1
+                continue  # filled from another source meanwhile
+            if last is not None and spacing is not None and not ts - last <= 1.5 * spacing:
+                break  # a gap before it: _fill_gap
+            bar = book[ts]
+            close = bar["close"]
+            r = None
+            if prev_close is not None and m >= min_history and close > 0:
+                r = log(close / prev_close)
+                if m < 2:
+                    sd = 0.0
+                else:  # _RollingStats.std()
+                    mean = total / m
+                    var = total_sq / m - mean * mean
+                    sd = sqrt(var if var > 0.0 else 0.0)
+                if not (sd <= 0 or abs(r) <= sigmas * sd):
+                    break  # a possible spike: _spike_check
+            # What _deliver does.
+            seq += 1
+            bar["seq"] = seq
+            if prev_close is not None and prev_close > 0:
+                x = r if r is not None else log(close / prev_close)
+                if m == cap:
+                    old = values[0]
+                    total -= old
+                    total_sq -= old * old
+                else:
+                    m += 1
+                values.append(x)
+                total += x
+                total_sq += x * x
+            prev_close = close
+            if prev_ts is not None and ts > prev_ts:  # what _note_spacing does
+                diffs.append(ts - prev_ts)
+                nd = len(diffs)
+                if nd >= 3 and (nd < SPACING_DIFFS or n_total % 8 == 0):
+                    spacing = float(sorted(diffs)[nd // 2])
+            prev_ts = last = ts
+            run.append(bar)
+            n_total += 1
+            i += 1
+        if run:
+            out.extend(run)
+            self.delivered.extend(run)
+            self.windows[sym].extend(run)
+            stats.total, stats.total_sq = total, total_sq
+            self.seq, self.total_delivered = seq, n_total
+            self.last_delivered[sym] = last
+            self._last_close[sym] = prev_close
+            self._prev_ts[sym] = prev_ts
+            if spacing is not None:
+                self._spacing[sym] = spacing
+        return i
+
+    def _deliver_plain_arrays(self, sym: str, book: OrderedDict, pending: list[int], start: int, stop: int,
+                              out: list[dict[str, Any]]) -> int:
+        """``_deliver_plain`` for ``pending[start:stop]`` in array operations, or ``start`` if it cannot.
+
+        It can once the symbol's statistics are full (``RETURNS_WINDOW``
+        returns, ``SPACING_DIFFS`` differences), so that every bar pops one
+        return and one difference, and when the bars are plain numbers. The
+        result is the loop's to the last bit: the same IEEE operations in the
+        same order. Each return is ``math.log`` of the same quotient; the
+        running sums are one sequential ``add.accumulate`` over the pops
+        (negated) and pushes interleaved, as ``total -= old; total += x``;
+        the spacing is the same median, refreshed at the same bars.
+        """
+        stats = self._returns[sym]
+        values, diffs = stats.values, self._diffs[sym]
+        cap = values.maxlen
+        last = self.last_delivered.get(sym)
+        prev_close = self._last_close.get(sym)
+        spacing = self._spacing.get(sym)
+        if (len(values) != cap or len(diffs) != diffs.maxlen or last is None or self._prev_ts.get(sym) != last
+                or spacing is None or type(prev_close) is not float or not prev_close > 0):
+            return start
+        ts_list = pending[start:stop]  # ints: ingest made them so
+        n = len(ts_list)
+        bars = [book[t] for t in ts_list]
+        closes_list = [b["close"] for b in bars]
+        if set(map(type, closes_list)) != {float}:
+            return start
+        try:
+            ts = np.fromiter(ts_list, np.int64, n)
+            d = np.diff(ts, prepend=last)  # ts - the previous bar's ts: the gap rule's and the spacing's
+            all_d = np.concatenate([np.fromiter(diffs, np.int64, len(diffs)), d])
+        except OverflowError:
+            return start  # beyond int64 (a wrapped difference is negative, refused below)
+        closes = np.fromiter(closes_list, np.float64, n)
+        if not (d > 0).all() or d.max() >= 2**53 or not (closes > 0).all():
+            return start  # a bar at or before the last delivered, a gap too wide for exact floats
+        prev = np.empty(n)
+        prev[0] = prev_close
+        prev[1:] = closes[:-1]
+        # math.log, not np.log: numpy's SIMD log differs from it in the last bit for some values.
+        r_list = list(map(math.log, (closes / prev).tolist()))
+        r = np.fromiter(r_list, np.float64, n)
+        # Running sums before each bar's push: total - old + x, in that order, bar after bar.
+        olds = np.concatenate([np.fromiter(values, float, cap), r])[:n]
+        acc = np.empty(2 * n + 1)
+        acc[0], acc[1::2], acc[2::2] = stats.total, -olds, r
+        np.add.accumulate(acc, out=acc)
+        acc_sq = np.empty(2 * n + 1)
+        acc_sq[0], acc_sq[1::2], acc_sq[2::2] = stats.total_sq, -(olds * olds), r * r
+        np.add.accumulate(acc_sq, out=acc_sq)
+        # The spacing each bar is judged with: refreshed after the bars that find
+        # total_delivered % 8 == 0 (the median of the last SPACING_DIFFS differences).
+        after = np.arange((-self.total_delivered) % 8, n, 8)
+        medians = np.sort(np.lib.stride_tricks.sliding_window_view(all_d, len(diffs))[after + 1], axis=1)
+        medians = medians[:, len(diffs) // 2].astype(np.float64)
+        which = np.zeros(n, dtype=np.int64)
+        inside = after + 1 < n
+        which[after[inside] + 1] = np.arange(1, inside.sum() + 1)
+        spacings = np.concatenate([[spacing], medians])
+        rule = ~(d <= 1.5 * spacings[np.maximum.accumulate(which)])  # a gap before the bar
+        if cap >= max(2, self.cfg.spike_min_history):  # a possible spike
+            mean = acc[0:-1:2] / cap
+            var = acc_sq[0:-1:2] / cap - mean * mean
+            sd = np.sqrt(np.where(var > 0.0, var, 0.0))
+            rule |= ~((sd <= 0) | (np.abs(r) <= self.cfg.spike_sigmas * sd))
+        j = int(rule.argmax()) if rule.any() else n
+        if j == 0:
+            return start
+        run = bars[:j]
+        for seq, bar in enumerate(run, self.seq + 1):
+            bar["seq"] = seq
+        values.extend(r_list[:j])
+        stats.total, stats.total_sq = float(acc[2 * j]), float(acc_sq[2 * j])
+        diffs.extend(d[:j].tolist())
+        self._spacing[sym] = float(spacings[int(np.searchsorted(after, j - 1, side="right"))])
+        self._last_close[sym] = closes_list[j - 1]
+        self._prev_ts[sym] = self.last_delivered[sym] = ts_list[j - 1]
+        self.seq += j
+        self.total_delivered += j
+        out.extend(run)
+        self.delivered.extend(run)
+        self.windows[sym].extend(run)
+        return start + j
+
     def _note_spacing(self, sym: str, ts: int) -> None:
         prev = self._prev_ts.get(sym)
         self._prev_ts[sym] = ts
         if prev is None or ts <= prev:
             return
-        d = self._diffs.setdefault(sym, deque(maxlen=20))
+        d = self._diffs.get(sym)
+        if d is None:
+            d = self._diffs[sym] = deque(maxlen=SPACING_DIFFS)
         d.append(ts - prev)
         # The median moves slowly: refresh it while it is young, then every 8th bar.
-        if len(d) >= 3 and (len(d) < 20 or self.total_delivered % 8 == 0):
+        if len(d) >= 3 and (len(d) < SPACING_DIFFS or self.total_delivered % 8 == 0):
             self._spacing[sym] = float(sorted(d)[len(d) // 2])
 
     def _spacing_ns(self, sym: str) -> float | None:
@@ -474,14 +680,26 @@ class RouterState:
             rec["flagged"] = True
         prev = self._last_close.get(sym)
         if prev is not None and prev > 0:
-            self._returns.setdefault(sym, _RollingStats(200)).push(math.log(rec["close"] / prev))
+            self._stats(sym).push(math.log(rec["close"] / prev))
         self._last_close[sym] = rec["close"]
         self._note_spacing(sym, rec["ts"])
         self.last_delivered[sym] = rec["ts"]
         self.delivered.append(rec)
-        self.windows.setdefault(sym, deque(maxlen=self.cfg.window)).append(rec)
+        self._window(sym).append(rec)
         self.total_delivered += 1
         return rec
+
+    def _stats(self, sym: str) -> _RollingStats:
+        st = self._returns.get(sym)
+        if st is None:
+            st = self._returns[sym] = _RollingStats(RETURNS_WINDOW)
+        return st
+
+    def _window(self, sym: str) -> deque:
+        w = self.windows.get(sym)
+        if w is None:
+            w = self.windows[sym] = deque(maxlen=self.cfg.window)
+        return w
 
     def seed_history(self, bars: list[dict[str, Any]]) -> None:
         """Warm the spike filter and windows from stored bars (after a restart), delivering nothing."""
@@ -489,11 +707,11 @@ class RouterState:
             sym = b["symbol"]
             prev = self._last_close.get(sym)
             if prev is not None and prev > 0:
-                self._returns.setdefault(sym, _RollingStats(200)).push(math.log(b["close"] / prev))
+                self._stats(sym).push(math.log(b["close"] / prev))
             self._last_close[sym] = b["close"]
             self._note_spacing(sym, int(b["ts"]))
 
-            self.windows.setdefault(sym, deque(maxlen=self.cfg.window)).append(b)
+            self._window(sym).append(b)
 
     # -- reading ----------------------------------------------------------------------
     def since(self, seq: int, limit: int = 10_000) -> list[dict[str, Any]]:

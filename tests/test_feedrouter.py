@@ -249,3 +249,78 @@ def test_window_and_since():
     after = router.since(100)
     assert [b["seq"] for b in after] == list(range(101, 2 * N_TICKS + 1))
     assert router.since(2 * N_TICKS) == []
+
+
+# -- bursts: the array path delivers exactly what the bar-by-bar loop does ------------
+def _burst_run(seed: int) -> tuple[list, list, dict]:
+    """Two sources sending long bursts (a backfill, a replay) with gaps, real and false spikes."""
+    rng = random.Random(seed)
+    ticks = [list(t) for t in truth_ticks_n(seed, 900)]
+    for k in rng.sample(range(250, 900), 4):  # gaps in the market: no source has these
+        ticks[k] = []
+    for k in [*range(400, 520, 2), *range(700, 790, 3), *range(791, 800, 2)]:  # slower stretches:
+        ticks[k] = []  # the median spacing moves, so when it is refreshed matters
+    for k in rng.sample(range(250, 900), 3):  # real moves both sources see
+        for b in ticks[k]:
+            b.update(corrupt(b, "spike"))
+    primary = [[dict(b) for b in t] for t in ticks]
+    backup = [[dict(b) for b in t] for t in ticks]
+    for k in rng.sample(range(250, 900), 3):  # false spikes and holes in the primary only
+        primary[k] = [corrupt(b, "spike") for b in primary[k]]
+    for k in rng.sample(range(250, 900), 3):
+        primary[k] = []
+    clock = Clock()
+    router = RouterState(["primary", "backup"], SYMS, RouterConfig(interval_s=I, spike_sigmas=6.0), clock=clock)
+    out = []
+    for start in range(0, 900, 300):  # three bursts of 300 bars a symbol
+        clock.t = start + 300.0
+        router.ingest("backup", [b for t in backup[start:start + 300] for b in t])
+        router.ingest("primary", [b for t in primary[start:start + 300] for b in t])
+        for _ in range(60):
+            out.extend(router.step())
+            clock.t += 0.5
+    delivered = [(b["symbol"], b["ts"], b["close"], b["seq"], b["source"], b.get("flagged")) for b in out]
+    events = [(e.at, e.from_source, e.to_source, e.reason, e.kind) for e in router.events]
+    state = {
+        "stats": {s: (list(st.values), st.total, st.total_sq) for s, st in router._returns.items()},
+        "spacing": dict(router._spacing), "diffs": {s: list(d) for s, d in router._diffs.items()},
+        "windows": {s: [b["seq"] for b in w] for s, w in router.windows.items()},
+        "last": dict(router.last_delivered), "seq": router.seq,
+    }
+    return delivered, events, state
+
+
+def truth_ticks_n(seed: int, n: int) -> list[list[dict]]:
+    recs = bars_to_records(generate_bars(SYMS, n, seed=seed, interval="1min"))
+    ticks: list[list[dict]] = [[] for _ in range(n)]
+    for r in recs:
+        ticks[r["seq"]].append(r)
+    return ticks
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bursts_through_the_array_path_equal_the_loop_to_the_bit(seed, monkeypatch):
+    import core.feedrouter as fr
+
+    calls = []
+    arrays = fr.RouterState._deliver_plain_arrays
+
+    def counted(self, *a):
+        j = arrays(self, *a)
+        calls.append(j - a[3])
+        return j
+
+    monkeypatch.setattr(fr.RouterState, "_deliver_plain_arrays", counted)
+    monkeypatch.setattr(fr, "ARRAY_MIN_BARS", 10**9)
+    loop = _burst_run(seed)
+    assert calls == []
+    for loop_bars, min_bars, chunk in ((8, 64, 512), (1, 2, 7)):  # as shipped; every chunk edge
+        monkeypatch.setattr(fr, "LOOP_BARS", loop_bars)
+        monkeypatch.setattr(fr, "ARRAY_MIN_BARS", min_bars)
+        monkeypatch.setattr(fr, "ARRAY_CHUNK_BARS", chunk)
+        calls.clear()
+        assert _burst_run(seed) == loop
+        assert sum(calls) > len(loop[0]) / 3  # a good share of the bars went through the arrays
+    delivered, events, _ = loop
+    assert len({(d[0], d[1]) for d in delivered}) == len(delivered)
+    assert any(e[4] == "spike_rejected" or "spike" in e[3] for e in events)

@@ -181,3 +181,72 @@ def test_restarted_router_emits_nothing_twice(feed_env):
     ray.kill(router)
     for f in feeds:
         ray.kill(f)
+
+
+# -- dead or slow: how an unanswered poll is judged (no Ray needed) --------------------
+def _judge(answer_after: float | None, registered: bool, error: Exception | None = None):
+    import asyncio
+
+    from actors.router import answer_or_gone
+
+    lookups = []
+
+    async def call():
+        if error is not None:
+            raise error
+        await asyncio.sleep(3600 if answer_after is None else answer_after)
+        return "bars"
+
+    async def is_registered() -> bool:
+        lookups.append(time.monotonic())
+        return registered
+
+    async def run():
+        t0 = time.monotonic()
+        try:
+            out = await answer_or_gone(call(), is_registered, suspect_s=0.05, limit_s=0.4)
+        except Exception as e:  # noqa: BLE001 - the verdict is the exception
+            out = e
+        return out, time.monotonic() - t0
+
+    out, took = asyncio.run(run())
+    return out, took, lookups
+
+
+def test_unanswered_poll_of_an_actor_the_gcs_no_longer_knows_is_a_death_within_the_suspect_time():
+    from actors.router import SourceGone
+
+    out, took, lookups = _judge(None, registered=False)
+    assert isinstance(out, SourceGone) and "no actor by that name" in str(out)
+    assert 0.05 <= took < 0.25 and len(lookups) == 1
+
+
+def test_slow_but_registered_source_is_not_declared_dead_early():
+    out, took, lookups = _judge(0.15, registered=True)
+    assert out == "bars" and len(lookups) == 1
+    out, took, _ = _judge(None, registered=True)
+    assert isinstance(out, TimeoutError) and took >= 0.4 - 0.01  # left to the stall limit
+
+
+def test_a_failing_gcs_lookup_is_no_verdict():
+    import asyncio
+
+    from actors.router import answer_or_gone
+
+    async def call():
+        await asyncio.sleep(0.15)
+        return "bars"
+
+    async def lookup_fails() -> bool:
+        raise RuntimeError("GCS unavailable")
+
+    assert asyncio.run(answer_or_gone(call(), lookup_fails, suspect_s=0.05, limit_s=0.4)) == "bars"
+
+
+def test_fast_answers_and_ray_errors_need_no_lookup():
+    from ray.exceptions import ActorDiedError
+
+    out, _, lookups = _judge(0.0, registered=False)
+    assert out == "bars" and lookups == []
+    out, _, lookups = _judge(None, registered=True, error=ActorDiedError())
+    assert isinstance(out, ActorDiedError) and lookups == []
