@@ -142,71 +142,99 @@ def rolling_std(x: np.ndarray, n: int) -> np.ndarray:
     return _pad_front(_window_view(x, n).std(axis=-1, ddof=1), x.shape[-1])
 
 
-@njit(cache=True, parallel=True)
-def _pandas_rolling_means(values, windows, out):
-    """pandas' ``Series.rolling(n).mean()`` for each n in ``windows``, bit for bit.
+@njit(cache=True, inline="always")
+def _rolling_mean_step(values, i, n, state):
+    """One bar of pandas' fixed-window ``roll_mean`` for window ``n``: (new state, the mean or NaN).
 
-    The same operations in the same order as pandas' ``roll_mean`` for a fixed
-    window: a Kahan-compensated running sum (separate compensations for adding
-    and removing), divided by the count, with pandas' rules that a window of
-    one repeated value returns that value exactly and that an all-positive
-    (all-negative) window never averages below (above) zero. ``values`` must
-    be finite; the caller checks.
+    ``state`` is (sum, add compensation, remove compensation, count,
+    negatives, run of equal values, previous value). The same operations in
+    the same order as pandas: a Kahan-compensated running sum (separate
+    compensations for adding and removing), divided by the count, with
+    pandas' rules that a window of one repeated value returns that value
+    exactly and that an all-positive (all-negative) window never averages
+    below (above) zero.
     """
-    T = values.shape[0]
-    for w in prange(windows.shape[0]):
-        n = windows[w]
-        row = out[w]
+    sum_x, comp_add, comp_remove, nobs, neg_ct, same_run, prev_value = state
+    if n == 1:
+        # Every window starts after the previous one ended: pandas starts afresh.
         sum_x = 0.0
         comp_add = 0.0
         comp_remove = 0.0
         nobs = 0
         neg_ct = 0
         same_run = 0
-        prev_value = values[0]
-        for i in range(T):
-            if n == 1:
-                # Every window starts after the previous one ended: pandas starts afresh.
-                sum_x = 0.0
-                comp_add = 0.0
-                comp_remove = 0.0
-                nobs = 0
-                neg_ct = 0
-                same_run = 0
-                prev_value = values[i]
-            elif i >= n:
-                val = values[i - n]
-                nobs -= 1
-                y = -val - comp_remove
-                t = sum_x + y
-                comp_remove = t - sum_x - y
-                sum_x = t
-                if math.copysign(1.0, val) < 0.0:
-                    neg_ct -= 1
-            val = values[i]
-            nobs += 1
-            y = val - comp_add
-            t = sum_x + y
-            comp_add = t - sum_x - y
-            sum_x = t
-            if math.copysign(1.0, val) < 0.0:
-                neg_ct += 1
-            if val == prev_value:
-                same_run += 1
-            else:
-                same_run = 1
-            prev_value = val
-            if nobs >= n:
-                result = sum_x / nobs
-                if same_run >= nobs:
-                    result = prev_value
-                elif neg_ct == 0 and result < 0.0:
-                    result = 0.0
-                elif neg_ct == nobs and result > 0.0:
-                    result = 0.0
-                row[i] = result
-            else:
-                row[i] = np.nan
+        prev_value = values[i]
+    elif i >= n:
+        val = values[i - n]
+        nobs -= 1
+        y = -val - comp_remove
+        t = sum_x + y
+        comp_remove = t - sum_x - y
+        sum_x = t
+        if math.copysign(1.0, val) < 0.0:
+            neg_ct -= 1
+    val = values[i]
+    nobs += 1
+    y = val - comp_add
+    t = sum_x + y
+    comp_add = t - sum_x - y
+    sum_x = t
+    if math.copysign(1.0, val) < 0.0:
+        neg_ct += 1
+    if val == prev_value:
+        same_run += 1
+    else:
+        same_run = 1
+    prev_value = val
+    result = np.nan
+    if nobs >= n:
+        result = sum_x / nobs
+        if same_run >= nobs:
+            result = prev_value
+        elif neg_ct == 0 and result < 0.0:
+            result = 0.0
+        elif neg_ct == nobs and result > 0.0:
+            result = 0.0
+    return (sum_x, comp_add, comp_remove, nobs, neg_ct, same_run, prev_value), result
+
+
+@njit(cache=True)
+def _rolling_means_4(values, n0, n1, n2, n3, row0, row1, row2, row3):
+    """Four windows advanced together through the bars (``_rolling_mean_step``).
+
+    Each window's running sum is one long chain of dependent additions;
+    four independent chains keep the core busy where one would leave it
+    waiting on each addition.
+    """
+    first = values[0] if values.shape[0] > 0 else 0.0
+    s0 = (0.0, 0.0, 0.0, 0, 0, 0, first)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    for i in range(values.shape[0]):
+        s0, x0 = _rolling_mean_step(values, i, n0, s0)
+        s1, x1 = _rolling_mean_step(values, i, n1, s1)
+        s2, x2 = _rolling_mean_step(values, i, n2, s2)
+        s3, x3 = _rolling_mean_step(values, i, n3, s3)
+        row0[i] = x0
+        row1[i] = x1
+        row2[i] = x2
+        row3[i] = x3
+
+
+@njit(cache=True, parallel=True)
+def _pandas_rolling_means(values, windows, out):
+    """pandas' ``Series.rolling(n).mean()`` for each n in ``windows``, bit for bit (``_rolling_mean_step``),
+    four windows at a time. ``values`` must be finite; the caller checks."""
+    W = windows.shape[0]
+    for g in prange((W + 3) // 4):
+        # A short last group repeats its last window (computing that row twice).
+        w0 = 4 * g
+        w1 = min(w0 + 1, W - 1)
+        w2 = min(w0 + 2, W - 1)
+        w3 = min(w0 + 3, W - 1)
+        _rolling_means_4(values, windows[w0], windows[w1], windows[w2], windows[w3], out[w0], out[w1], out[w2],
+                         out[w3])
 
 
 def sma_table(close: np.ndarray, windows, method: str = "window") -> np.ndarray:
