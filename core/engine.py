@@ -65,11 +65,13 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import numba
 from numba import njit, prange
 
 from core import metrics as _metrics
-from core.metrics import summary_row
-from core.features import price_arrays
+from core.metrics import summary_core
+from core.features import price_arrays, sma_table
+from core.strategies import sma_cross_changes
 
 # Columns of the raw trade array [P, K, N_TRADE_FIELDS].
 ENTRY_BAR, EXIT_BAR, ENTRY_PRICE, EXIT_PRICE, SIZE, PNL, COMMISSION, IS_OPEN = range(8)
@@ -81,6 +83,7 @@ _FULL = 1.0 - 2.0**-52
 
 # Indices into the per-run state vector of the compiled loop.
 _CASH, _UNITS, _EP_ENTRY_BAR, _EP_IN_UNITS, _EP_IN_VALUE, _EP_OUT_UNITS, _EP_OUT_VALUE, _EP_COMM, _EP_SIGN = range(9)
+_N_STATE = 9
 
 
 @njit(cache=True, inline="always")
@@ -166,61 +169,96 @@ def _rebalance(state, target, price, bar, commission, slippage, whole_units, tra
     return n_trades
 
 
-@njit(cache=True)
-def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash0, close_at_end,
-             equity_out, units_out, trades):
+@njit(cache=True, error_model="numpy")
+def _mark_to_market(close, cash, units, start, stop, equity_out):
+    """Equity over bars [start, stop) with no order among them; returns how many are <= 0.
+
+    This loop runs on every bar, so it must vectorise: it walks slices from
+    0, because an index the compiler cannot prove non-negative (numba wraps
+    negative indices) turns every load and store into a gather or scatter.
+    """
+    prices = close[start:stop]
+    marks = equity_out[start:stop]
+    broke = 0
+    for t in range(prices.shape[0]):
+        e = cash + units * prices[t]
+        marks[t] = e
+        broke += e <= 0.0
+    return broke
+
+
+@njit(cache=True, error_model="numpy")
+def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, slippage, whole_units, cash0,
+              close_at_end, equity_out, units_out, trades, state):
+    """One backtest, driven by the bars where the target changes.
+
+    ``ev_bar[:n_ev]`` are the bars (increasing) whose target differs from
+    the previous bar's, ``ev_target`` the new targets: what a strategy
+    decided, not when it fills. Between two orders nothing trades, so the
+    equity of that stretch is one plain loop (vectorised); the order logic
+    runs only on the bars that have one. ``units_out`` may have length 0
+    (not kept). Returns ``(trades, bars held)``, or ``(-1, 0)`` when an
+    order's target is outside [-1, 1] or NaN.
+    """
     T = close.shape[0]
-    state = np.zeros(9)
-    # Cash and units live in locals on the hot path (most bars trade nothing)
-    # and in ``state`` only around fills.
+    keep_units = units_out.shape[0] > 0
+    lag = 0 if fill_on_close else 1  # an order fills on its own bar's close, or at the next open
     cash = cash0
-    units = 0.0
-    acted = 0.0  # the last target turned into an order
+    units = 0.0  # cash and units live in locals, and in ``state`` only around fills
     n_trades = 0
-    t = 0
-    while t < T:
-        if fill_on_close:
-            target = targets[t]
-            price = close[t]
-            pending = target != acted
-        else:
-            target = targets[t - 1] if t > 0 else 0.0
-            price = open_[t]
-            pending = t > 0 and target != acted
-        if pending:
-            if not (-1.0 <= target <= 1.0):  # NaN fails too; only a change needs checking
-                return -1
-            state[_CASH] = cash
-            state[_UNITS] = units
-            n_trades = _rebalance(state, target, price, t, commission, slippage, whole_units, trades, n_trades)
-            cash = state[_CASH]
-            units = state[_UNITS]
-            acted = target
-        equity = cash + units * close[t]
-        if equity <= 0.0:
+    held = 0
+    start = 0
+    k = 0
+    while True:
+        stop = ev_bar[k] + lag if k < n_ev else T
+        if stop > T:
+            stop = T  # the last bar's order, with next-open fills: never filled
+        # No order in [start, stop): mark to market, and look for ruin.
+        broke = _mark_to_market(close, cash, units, start, stop, equity_out)
+        if keep_units:
+            units_out[start:stop] = units
+        if broke:
+            t = start
+            while equity_out[t] > 0.0:
+                t += 1
+            if units != 0.0:
+                held += t - start
             # Out of money: liquidate at this close and stop, as a broker would.
             state[_CASH] = cash
             state[_UNITS] = units
             n_trades = _fill(state, -units, close[t], t, commission, slippage, trades, n_trades)
-            cash = 0.0
-            units = 0.0
             equity_out[t:] = 0.0
-            units_out[t:] = 0.0
+            if keep_units:
+                units_out[t:] = 0.0
+            return n_trades, held
+        if units != 0.0:
+            held += stop - start
+        if stop == T:
             break
-        equity_out[t] = equity
-        units_out[t] = units
-        t += 1
+        target = ev_target[k]
+        k += 1
+        if not (-1.0 <= target <= 1.0):  # NaN fails too; only an order needs checking
+            return -1, 0
+        state[_CASH] = cash
+        state[_UNITS] = units
+        price = close[stop] if fill_on_close else open_[stop]
+        n_trades = _rebalance(state, target, price, stop, commission, slippage, whole_units, trades, n_trades)
+        cash = state[_CASH]
+        units = state[_UNITS]
+        start = stop
     state[_CASH] = cash
     state[_UNITS] = units
     if units != 0.0:
         if close_at_end:
             n_trades = _fill(state, -units, close[T - 1], T - 1, commission, slippage, trades, n_trades)
             equity_out[T - 1] = state[_CASH]
-            units_out[T - 1] = 0.0
+            if keep_units:
+                units_out[T - 1] = 0.0
+            held -= 1
         else:
             if n_trades < trades.shape[0]:
                 sign = state[_EP_SIGN]
-                held = abs(units)
+                qty = abs(units)
                 row = trades[n_trades]
                 row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
                 row[EXIT_BAR] = -1.0
@@ -228,41 +266,138 @@ def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_u
                 row[EXIT_PRICE] = close[T - 1]
                 row[SIZE] = sign * state[_EP_IN_UNITS]
                 # Unrealised: what closing at the last close would give, before exit commission.
-                row[PNL] = (sign * (state[_EP_OUT_VALUE] + held * close[T - 1] - state[_EP_IN_VALUE])
+                row[PNL] = (sign * (state[_EP_OUT_VALUE] + qty * close[T - 1] - state[_EP_IN_VALUE])
                             - state[_EP_COMM])
                 row[COMMISSION] = state[_EP_COMM]
                 row[IS_OPEN] = 1.0
             n_trades += 1
-    return n_trades
+    return n_trades, held
+
+
+@njit(cache=True, inline="always")
+def _target_changes(targets, ev_bar, ev_target):
+    """The bars where ``targets`` differs from the bar before (the first bar: from 0), into ``ev_*``.
+
+    Branch-free: every bar is written and the count moves on only at a
+    change, so a target that flips every other bar costs no mispredictions.
+    """
+    n = 0
+    prev = 0.0
+    for t in range(targets.shape[0]):
+        x = targets[t]
+        ev_bar[n] = t
+        ev_target[n] = x
+        n += x != prev  # NaN differs from everything, so it becomes an order and is refused there
+        prev = x
+    return n
+
+
+@njit(cache=True, inline="always")
+def _closed_trade_stats(trades, n):
+    """``core.metrics`` trade statistics (count, wins, gross profit, gross loss) of the closed trades among ``trades[:n]``."""
+    closed = 0
+    wins = 0
+    gains = 0.0
+    losses = 0.0
+    for k in range(min(n, trades.shape[0])):
+        if trades[k, IS_OPEN] == 0.0:
+            x = trades[k, PNL]
+            closed += 1
+            if x > 0.0:
+                wins += 1
+                gains += x
+            elif x < 0.0:
+                losses -= x
+    return closed, wins, gains, losses
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
+               keep_curves, equity_out, units_out, trades, trade_offsets, n_trades,
+               compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, metrics_out, n_chunks):
+    P, T = targets.shape
+    last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
+    per = -(-P // n_chunks)
+    for c in prange(n_chunks):
+        ev_bar = np.empty(T, dtype=np.int64)
+        ev_target = np.empty(T)
+        state = np.zeros(_N_STATE)
+        r = np.empty(T if compute_metrics else 0)
+        kept = np.empty(T if compute_metrics else 0)
+        bits_cell = np.empty(1, dtype=np.int64)
+        # A sweep that wants only metrics keeps one curve at a time, in cache.
+        scratch = np.empty(0 if keep_curves else T)
+        no_units = np.empty(0)
+        for p in range(c * per, min(P, (c + 1) * per)):
+            row = min(np.int64(p), last_row)
+            equity = equity_out[p] if keep_curves else scratch
+            units = units_out[p] if keep_curves else no_units
+            mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
+            n_ev = _target_changes(targets[p], ev_bar, ev_target)
+            n, held = _simulate(open_[row], close[row], ev_bar, ev_target, n_ev, fill_on_close, commission,
+                                slippage, whole_units, cash, close_at_end, equity, units, mine, state)
+            n_trades[p] = n
+            if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
+                closed, wins, gains, losses = _closed_trade_stats(mine, n)
+                summary_core(equity, cash, held, closed, wins, gains, losses, periods_per_year, tail_k,
+                             tail_frac, tail_mass, tail_z, r, kept, bits_cell, metrics_out[p])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, short, fill_on_close, commission,
+                  slippage, whole_units, cash, close_at_end, keep_curves, equity_out, units_out, trades,
+                  trade_offsets, n_trades, compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass,
+                  tail_z, metrics_out, n_chunks):
+    """``_run_batch`` for SMA crossover targets, read from the SMA table instead of a ``[P, T]`` target matrix.
+
+    Runs the parameter sets ``sets`` (indices into ``fast_row``/``slow_row``).
+    A set whose rows in ``trades`` cannot hold its trades (none reserved:
+    ``record_trades=False``) keeps them in scratch, for its metrics.
+    """
+    n_sets = sets.shape[0]
+    T = close.shape[0]
+    per = -(-n_sets // n_chunks)
+    for c in prange(n_chunks):
+        ev_bar = np.empty(T, dtype=np.int64)
+        ev_target = np.empty(T)
+        state = np.zeros(_N_STATE)
+        r = np.empty(T if compute_metrics else 0)
+        kept = np.empty(T if compute_metrics else 0)
+        bits_cell = np.empty(1, dtype=np.int64)
+        scratch = np.empty(0 if keep_curves else T)
+        no_units = np.empty(0)
+        spare = np.empty((T + 1, N_TRADE_FIELDS))  # at most one trade per change, plus the open one
+        flips = np.empty((T + 7) // 8 * 8, dtype=np.uint8)
+        for i in range(c * per, min(n_sets, (c + 1) * per)):
+            p = sets[i]
+            n_ev = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target,
+                                     flips)
+            room = trade_offsets[p + 1] - trade_offsets[p]
+            mine = trades[trade_offsets[p]:trade_offsets[p + 1]] if n_ev + 1 <= room else spare
+            equity = equity_out[p] if keep_curves else scratch
+            units = units_out[p] if keep_curves else no_units
+            n, held = _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, slippage,
+                                whole_units, cash, close_at_end, equity, units, mine, state)
+            n_trades[p] = n
+            if compute_metrics:
+                closed, wins, gains, losses = _closed_trade_stats(mine, n)
+                summary_core(equity, cash, held, closed, wins, gains, losses, periods_per_year, tail_k,
+                             tail_frac, tail_mass, tail_z, r, kept, bits_cell, metrics_out[p])
 
 
 @njit(cache=True, parallel=True)
-def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
-               keep_curves, equity_out, units_out, trades, trade_offsets, n_trades,
-               compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, metrics_out):
-    P, T = targets.shape
-    last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
-    for p in prange(P):
-        row = min(np.int64(p), last_row)
-        if keep_curves:
-            equity = equity_out[p]
-            units = units_out[p]
-        else:
-            # A sweep that wants only metrics keeps one row at a time, in cache.
-            equity = np.empty(T)
-            units = np.empty(T)
-        mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
-        n = _run_one(open_[row], close[row], targets[p], fill_on_close, commission, slippage,
-                     whole_units, cash, close_at_end, equity, units, mine)
-        n_trades[p] = n
-        if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
-            recorded = min(n, mine.shape[0])
-            pnl = np.full(recorded, np.nan)
-            for k in range(recorded):
-                if mine[k, IS_OPEN] == 0.0:
-                    pnl[k] = mine[k, PNL]
-            summary_row(equity, cash, units, pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z,
-                        metrics_out[p])
+def _count_sma_changes(table, fast_row, slow_row, cross_events, short, changes, n_chunks):
+    """How often each set's crossover target changes: the bound that sizes its trade table."""
+    P = changes.shape[0]
+    T = table.shape[1]
+    per = -(-P // n_chunks)
+    for c in prange(n_chunks):
+        ev_bar = np.empty(T, dtype=np.int64)
+        ev_target = np.empty(T)
+        flips = np.empty((T + 7) // 8 * 8, dtype=np.uint8)
+        for p in range(c * per, min(P, (c + 1) * per)):
+            changes[p] = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar,
+                                           ev_target, flips)
 
 
 @dataclass
@@ -389,6 +524,12 @@ def _all_positive_finite(a):
     return True
 
 
+def _n_chunks(n: int) -> int:
+    """How many contiguous chunks a compiled loop splits ``n`` runs into: a few per
+    thread, for balance; each chunk allocates its scratch arrays once."""
+    return max(1, min(n, 4 * numba.get_num_threads()))
+
+
 def _check_targets(targets: np.ndarray) -> np.ndarray:
     """Refuse NaN or out-of-range targets; return the number of target changes per row."""
     changes = np.empty(targets.shape[0], dtype=np.int64)
@@ -405,6 +546,15 @@ def _bar_times(bars: Any) -> np.ndarray | None:
         if isinstance(bars.index, pd.DatetimeIndex):
             return bars.index.to_numpy()
     return None
+
+
+def _check_costs(cash: float, commission: float, slippage: float, fill: str) -> None:
+    if fill not in ("open", "close"):
+        raise ValueError(f"fill must be 'open' or 'close', got {fill!r}")
+    if cash <= 0:
+        raise ValueError("cash must be positive")
+    if commission < 0 or slippage < 0 or slippage >= 1:
+        raise ValueError("commission must be >= 0 and slippage in [0, 1)")
 
 
 def run_batch(
@@ -439,12 +589,7 @@ def run_batch(
     trades, the open one included), for Monte Carlo runs that want only the
     distribution of outcomes; win rate and profit factor are then absent.
     """
-    if fill not in ("open", "close"):
-        raise ValueError(f"fill must be 'open' or 'close', got {fill!r}")
-    if cash <= 0:
-        raise ValueError("cash must be positive")
-    if commission < 0 or slippage < 0 or slippage >= 1:
-        raise ValueError("commission must be >= 0 and slippage in [0, 1)")
+    _check_costs(cash, commission, slippage, fill)
     # Writable C-contiguous float64, so numba compiles one signature (pandas
     # hands out read-only views, a different type to numba).
     targets, close, open_ = (
@@ -479,7 +624,7 @@ def run_batch(
     _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
                float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets, n_trades,
                bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]),
-               float(tail[3]), table)
+               float(tail[3]), table, _n_chunks(P))
     if np.any(n_trades < 0):
         _check_targets(targets)  # raises, naming the problem
     metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
@@ -506,6 +651,87 @@ def backtest(bars: Any, targets: np.ndarray, **kwargs) -> BacktestResult:
     if targets.ndim != 1:
         raise ValueError("backtest() takes one series of targets [T]; use backtest_batch for [P, T]")
     return backtest_batch(bars, targets[None, :], **kwargs)[0]
+
+
+def backtest_sma_grid(
+    bars: Any,
+    fast,
+    slow,
+    *,
+    mode: str = "cross",
+    sma_method: str = "window",
+    allow_short: bool = True,
+    cash: float = 10_000.0,
+    commission: float = 0.0,
+    slippage: float = 0.0,
+    fill: str = "open",
+    whole_units: bool = True,
+    close_at_end: bool = False,
+    compute_metrics: bool = True,
+    keep_curves: bool = True,
+    record_trades: bool = True,
+    periods_per_year: float = _metrics.TRADING_DAYS_PER_YEAR,
+    alpha: float = 0.05,
+) -> BatchResult:
+    """A grid of SMA crossovers in one compiled pass, from bars and windows to metrics.
+
+    The same result as ``backtest_batch(bars, sma_crossover(bars, fast, slow,
+    mode=mode, sma_method=sma_method, allow_short=allow_short), ...)`` (the
+    tests hold the two equal), without its ``[P, T]`` target matrix: each
+    distinct window's SMA is computed once, and each parameter set's target
+    changes are read off its two SMA rows (``core.strategies.sma_cross_changes``,
+    the rule ``sma_crossover`` uses) and fed straight to the simulation,
+    which computes the metrics while the curve is in cache. ``fast`` and
+    ``slow`` broadcast together to P sets (``core.strategies.pair_grid``
+    makes a grid). Keyword arguments are ``run_batch``'s; with
+    ``record_trades=False`` the trade list is not kept, but ``n_trades``,
+    ``win_rate`` and ``profit_factor`` are still computed.
+    """
+    if mode not in ("cross", "state"):
+        raise ValueError(f"mode must be 'cross' or 'state', got {mode!r}")
+    _check_costs(cash, commission, slippage, fill)
+    fast_a, slow_a = (np.ascontiguousarray(a.ravel()) for a in
+                      np.broadcast_arrays(np.atleast_1d(np.asarray(fast)), np.atleast_1d(np.asarray(slow))))
+    if np.any(fast_a < 1) or np.any(slow_a < 1):
+        raise ValueError("SMA windows must be >= 1")
+    p = price_arrays(bars, ("open", "close"))
+    open_, close = (np.require(p[k], requirements=("C", "W")) for k in ("open", "close"))
+    T = close.shape[0]
+    if T == 0:
+        raise ValueError("no bars")
+    if not (_all_positive_finite(close) and _all_positive_finite(open_)):
+        raise ValueError("open and close prices must be finite and positive")
+    P = fast_a.shape[0]
+    windows, rows = np.unique(np.concatenate([fast_a, slow_a]), return_inverse=True)
+    table = np.require(sma_table(close, windows, sma_method), requirements=("C", "W"))
+    rows = rows.astype(np.int64)
+    fast_row, slow_row = rows[:P].copy(), rows[P:].copy()
+    cross_events = mode == "cross"
+    short = -1.0 if allow_short else 0.0
+    chunks = _n_chunks(P)
+    if record_trades:
+        changes = np.empty(P, dtype=np.int64)
+        _count_sma_changes(table, fast_row, slow_row, cross_events, short, changes, chunks)
+        trade_offsets = np.concatenate(([0], np.cumsum(changes + 1))).astype(np.int64)
+    else:
+        trade_offsets = np.zeros(P + 1, dtype=np.int64)
+    trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
+    curve_shape = (P, T) if keep_curves else (0, 0)
+    equity = np.empty(curve_shape)
+    units = np.empty(curve_shape)
+    n_trades = np.zeros(P, dtype=np.int64)
+    metrics_table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0, 0.0)
+    _run_sma_grid(open_, close, table, fast_row, slow_row, np.arange(P), cross_events, short, fill == "close",
+                  float(commission), float(slippage), bool(whole_units), float(cash), bool(close_at_end),
+                  bool(keep_curves), equity, units, trades, trade_offsets, n_trades, bool(compute_metrics),
+                  float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]), float(tail[3]),
+                  metrics_table, chunks)
+    metrics = ({name: metrics_table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)}
+               if compute_metrics else {})
+    return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
+                       trade_array=trades, trade_offsets=trade_offsets, n_trades=n_trades, cash=float(cash),
+                       metrics=metrics, times=_bar_times(bars))
 
 
 def simulate_paths(

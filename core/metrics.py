@@ -212,41 +212,162 @@ def cvar(returns, alpha: float = 0.05) -> np.ndarray:
     return tail / m
 
 
-@njit(cache=True)
-def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, out):
-    """``summary`` for one series, compiled, writing ``out[i]`` for ``SUMMARY_NAMES[i]``.
+@njit(cache=True, fastmath={"reassoc"})
+def _sum(x, n):
+    """Sum of ``x[:n]``, vectorised.
 
-    ``tail_k``, ``tail_frac``, ``tail_mass`` and ``tail_z`` come from ``tail_weights``.
-    The backtest engine calls this inside its own compiled loop, right after
-    simulating a row, so a sweep never has to keep every equity curve.
+    ``reassoc`` lets the compiler split the sum into vector lanes instead of
+    one chain of dependent additions; that changes the rounding of the sum,
+    not what is summed (the last bits may differ from numpy's pairwise sum,
+    and between CPUs with different vector widths). Nothing else in a
+    function this small can be reordered.
+    """
+    total = 0.0
+    for t in range(n):
+        total += x[t]
+    return total
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _deviation_sums(x, n, mean):
+    """(sum of (x - mean)^2, sum of min(x, 0)^2) over ``x[:n]``, vectorised as ``_sum``."""
+    sq = 0.0
+    down = 0.0
+    for t in range(n):
+        a = x[t] - mean
+        sq += a * a
+        b = min(x[t], 0.0)
+        down += b * b
+    return sq, down
+
+
+@njit(cache=True)
+def _smallest_first(a, n, k, buf):
+    """Reorder ``a[:n]`` so that ``a[:k]`` holds its k smallest values (in no particular order).
+
+    Quickselect around a median of three, partitioning out of place into
+    ``buf`` (scratch, at least n long) without branches: every value is
+    written to both ends of the gap and only the matching end moves on. The
+    tail measures need the k smallest returns, not a sorted copy, and a
+    branchy partition of returns mispredicts on every other value.
+    """
+    lo = 0
+    hi = n
+    while hi - lo > 1 and lo < k < hi:
+        mid = (lo + hi) >> 1
+        x, y, z = a[lo], a[mid], a[hi - 1]
+        pivot = max(min(x, y), min(max(x, y), z))
+        left = lo
+        right = hi
+        for v in a[lo:hi]:
+            buf[left] = v
+            buf[right - 1] = v
+            below = v < pivot
+            left += below
+            right -= 1 - below
+        if left == lo:
+            # Nothing below the pivot, so it is the smallest value: split off
+            # every copy of it instead (at least the pivot itself moves).
+            right = hi
+            for v in a[lo:hi]:
+                buf[left] = v
+                buf[right - 1] = v
+                below = v <= pivot
+                left += below
+                right -= 1 - below
+            a[lo:hi] = buf[lo:hi]
+            if k <= left:
+                break  # a[lo:left] are all that smallest value
+            lo = left
+            continue
+        a[lo:hi] = buf[lo:hi]
+        if k <= left:
+            hi = left
+        else:
+            lo = left
+
+
+_DRAWDOWN_BLOCK = 64
+
+
+@njit(cache=True, error_model="numpy")
+def _floor_ratio(equity, initial, bits_cell):
+    """(lowest equity / running peak, the final peak), the peak starting at ``initial``.
+
+    Exactly min over t of ``equity[t] / peak[t]`` as each division rounds,
+    so ``1 - `` it is ``max_drawdown``'s number to the last bit. A running
+    peak is a chain of dependent steps with a hard-to-predict branch per
+    bar; instead, blocks of bars are tested at once. A block whose highest
+    equity does not exceed the peak so far leaves the peak alone, and
+    dividing by a fixed positive peak keeps order, so its lowest ratio is
+    its lowest equity over the peak: one division per block. Highest and
+    lowest come from the bits: non-negative doubles order as their int64
+    bit patterns do, and integer min/max vectorise (float min/max do not,
+    in numba). A block with a new high, or with a negative value, is walked
+    bar by bar. ``bits_cell`` is a one-element int64 scratch, the place
+    where bits turn back into a double.
+    """
+    T = equity.shape[0]
+    bits = equity.view(np.int64)
+    as_float = bits_cell.view(np.float64)
+    as_float[0] = initial
+    peak = initial
+    peak_bits = bits_cell[0]
+    ratio = 1.0
+    for start in range(0, T, _DRAWDOWN_BLOCK):
+        block = bits[start:start + _DRAWDOWN_BLOCK]
+        lo = block[0]
+        hi = block[0]
+        for i in range(block.shape[0]):
+            lo = min(lo, block[i])
+            hi = max(hi, block[i])
+        if peak > 0.0 and lo >= 0 and hi <= peak_bits:
+            bits_cell[0] = lo
+            ratio = min(ratio, as_float[0] / peak)
+            continue
+        values = equity[start:start + _DRAWDOWN_BLOCK]
+        for i in range(values.shape[0]):
+            e = values[i]
+            if e > peak:
+                peak = e
+                peak_bits = block[i]
+            elif e <= peak * ratio:
+                # Only here can e / peak fall below the ratio (for peak > 0:
+                # e / peak < ratio implies e <= peak * ratio as rounded).
+                ratio = min(ratio, e / peak)
+    return ratio, peak
+
+
+@njit(cache=True, error_model="numpy")
+def summary_core(equity, initial, held, n_closed, wins, gains, losses, periods_per_year, tail_k, tail_frac,
+                 tail_mass, tail_z, r, kept, bits_cell, out):
+    """The metrics of one equity curve, writing ``out[i]`` for ``SUMMARY_NAMES[i]``.
+
+    ``held`` is the number of bars with a position (exposure's numerator);
+    ``n_closed``, ``wins``, ``gains`` and ``losses`` summarise the closed
+    trades (``_trade_stats``); ``tail_*`` come from ``tail_weights``; ``r``
+    and ``kept`` are scratch arrays of at least ``len(equity)``, ``bits_cell``
+    one int64 (``_floor_ratio``). The backtest
+    engine calls this inside its compiled loop, right after simulating a
+    series, so a sweep never has to keep every equity curve; ``summary_row``
+    and ``summary`` call it too, so every caller gets the same numbers.
+
+    Each pass is a plain loop over the returns that the compiler vectorises
+    (error_model="numpy": a division is IEEE, with no zero check in the
+    loop); the sums are vectorised too (``_sum``).
     """
     T = equity.shape[0]
     root = np.sqrt(periods_per_year)
-    r = np.empty(T)
-    prev = initial
-    total = 0.0
-    peak = initial
-    floor_ratio = 1.0  # lowest equity / running peak so far
-    for t in range(T):
-        e = equity[t]
-        r[t] = e / prev - 1.0 if prev != 0.0 else 0.0
-        prev = e
-        total += r[t]
-        if e > peak:
-            peak = e
-        elif e < peak * floor_ratio:
-            # Divide only when a deeper drawdown is certain.
-            floor_ratio = e / peak
+    r[0] = equity[0] / initial - 1.0 if initial != 0.0 else 0.0
+    for t in range(1, T):
+        prev = equity[t - 1]
+        x = equity[t] / prev - 1.0
+        # Once equity is gone (ruin) it stays 0; 0/0 is a zero return.
+        r[t] = x if prev != 0.0 else 0.0
+    mean = _sum(r, T) / T
+    sq, down = _deviation_sums(r, T, mean)
+    floor_ratio, peak = _floor_ratio(equity, initial, bits_cell)
     worst = 1.0 - floor_ratio if peak > 0.0 else 0.0
-    mean = total / T
-    sq = 0.0
-    down = 0.0
-    for t in range(T):
-        x = r[t]
-        d = x - mean
-        sq += d * d
-        if x < 0.0:
-            down += x * x
     std = np.sqrt(sq / (T - 1)) if T > 1 else np.nan
     downside = np.sqrt(down / T)
     # Compounded growth is the ratio of last to first equity; the product of
@@ -265,33 +386,38 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tai
     # weighting). Select, don't sort: first keep the returns below a guess at
     # the tail's edge (twice the tail mass under a normal fit), then select
     # among those few; if fat tails or flat stretches leave too few below the
-    # guess, select among all returns.
+    # guess, select among all returns. The keep is branch-free: every return
+    # is written, and the count moves on only for those below the edge.
     need = tail_k + 1 if tail_frac > 0.0 else tail_k
     edge = mean + tail_z * (std if std == std else 0.0)
-    kept = np.empty(T)
     n_kept = 0
     for t in range(T):
-        if r[t] <= edge:
-            kept[n_kept] = r[t]
-            n_kept += 1
-    pool = kept[:n_kept] if n_kept >= need else r
-    if need < pool.shape[0]:
-        pool = np.partition(pool, need - 1)
+        x = r[t]
+        kept[n_kept] = x
+        n_kept += 1 if x <= edge else 0
+    if n_kept < need:
+        kept[:T] = r[:T]
+        n_kept = T
+    _smallest_first(kept, n_kept, need, r)  # r is done with: it is the scratch
     tail = 0.0
     var = -np.inf  # the ceil(n alpha)-th smallest return: the largest of the tail
     for i in range(need):
-        tail += pool[i]
-        if pool[i] > var:
-            var = pool[i]
+        tail += kept[i]
+        if kept[i] > var:
+            var = kept[i]
     if tail_frac > 0.0:
         tail -= (1.0 - tail_frac) * var
     out[8] = var
     out[9] = tail / tail_mass
-    held = 0
-    for t in range(units.shape[0]):
-        if units[t] != 0.0:
-            held += 1
     out[10] = held / T
+    out[11] = n_closed
+    out[12] = wins / n_closed if n_closed > 0 else np.nan
+    out[13] = gains / losses if losses > 0.0 else (np.inf if gains > 0.0 else np.nan)
+
+
+@njit(cache=True, inline="always")
+def _trade_stats(trade_pnl):
+    """(closed trades, wins, gross profit, gross loss) of a NaN-padded P&L row."""
     n = 0
     wins = 0
     gains = 0.0
@@ -305,9 +431,21 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tai
                 gains += x
             elif x < 0.0:
                 losses -= x
-    out[11] = n
-    out[12] = wins / n if n > 0 else np.nan
-    out[13] = gains / losses if losses > 0.0 else (np.inf if gains > 0.0 else np.nan)
+    return n, wins, gains, losses
+
+
+@njit(cache=True)
+def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, out):
+    """``summary`` for one series, compiled: ``summary_core`` with the exposure and
+    trade statistics counted from a position series and a P&L row."""
+    held = 0
+    for t in range(units.shape[0]):
+        if units[t] != 0.0:
+            held += 1
+    n, wins, gains, losses = _trade_stats(trade_pnl)
+    T = equity.shape[0]
+    summary_core(equity, initial, held, n, wins, gains, losses, periods_per_year, tail_k, tail_frac, tail_mass,
+                 tail_z, np.empty(T), np.empty(T), np.empty(1, dtype=np.int64), out)
 
 
 @njit(cache=True, parallel=True)

@@ -47,33 +47,94 @@ def pair_grid(fast, slow) -> tuple[np.ndarray, np.ndarray]:
     return f[keep].astype(np.int64), s[keep].astype(np.int64)
 
 
+@njit(cache=True, error_model="numpy")
+def _view_flips(fast, slow, flips):
+    """Mark the bars where the sign of fast - slow changes: ``flips[t] = now | before << 2``, else 0.
+
+    ``now`` is 1 when fast > slow on bar t, 2 when fast < slow, 0 when
+    neither (equal, or NaN in the warm-up); ``before`` is the same on bar
+    t - 1 (0 before bar 0). Comparisons only, no branches: one vectorised
+    pass, where testing every bar for a crossing would be a branch per bar.
+    """
+    T = fast.shape[0]
+    if T > 0:
+        now = np.uint8(fast[0] > slow[0]) | (np.uint8(fast[0] < slow[0]) << np.uint8(1))
+        flips[0] = now
+    for t in range(1, T):
+        now = np.uint8(fast[t] > slow[t]) | (np.uint8(fast[t] < slow[t]) << np.uint8(1))
+        before = np.uint8(fast[t - 1] > slow[t - 1]) | (np.uint8(fast[t - 1] < slow[t - 1]) << np.uint8(1))
+        flips[t] = (now | (before << np.uint8(2))) if now != before else np.uint8(0)
+    flips[T:] = 0
+
+
+@njit(cache=True)
+def sma_cross_changes(fast, slow, cross_events, short, ev_bar, ev_target, flips):
+    """The crossover rule as the bars where its target changes: ``ev_bar[:n]``, ``ev_target[:n]``; returns n.
+
+    The one implementation of the rule (see ``sma_crossover``): the target
+    series it describes is 0 until ``ev_bar[0]``, then ``ev_target[k]``
+    from ``ev_bar[k]`` on. ``sma_crossover`` spells it out bar by bar; the
+    engine's grid path (``core.engine.backtest_sma_grid``) feeds the changes
+    straight to its simulation. ``flips`` is uint8 scratch of at least
+    ``len(fast)`` rounded up to a multiple of 8.
+
+    Only a bar where the sign of fast - slow changes can move the target,
+    so those are marked in one vectorised pass (``_view_flips``) and the
+    rule runs on them alone, found eight bars at a time.
+    """
+    T = fast.shape[0]
+    n_words = (T + 7) // 8
+    _view_flips(fast, slow, flips)
+    words = flips[:8 * n_words].view(np.uint64)
+    n = 0
+    held = 0.0  # the target as of the last change
+    for i in range(n_words):
+        if words[i] == 0:
+            continue
+        for t in range(8 * i, min(8 * i + 8, T)):
+            flip = flips[t]
+            if flip == 0:
+                continue
+            now = flip & 3
+            before = flip >> 2
+            if cross_events:
+                # backtesting.py's crossover(): strictly below on the previous
+                # bar and strictly above on this one (NaN compares False, so
+                # nothing fires in the warm-up); otherwise hold.
+                if before == 2 and now == 1:
+                    pos = 1.0
+                elif before == 1 and now == 2:
+                    pos = short
+                else:
+                    continue
+            else:
+                # Equal averages or warm-up: no view, no position.
+                pos = 1.0 if now == 1 else (short if now == 2 else 0.0)
+            if pos != held:
+                ev_bar[n] = t
+                ev_target[n] = pos
+                n += 1
+                held = pos
+    return n
+
+
 @njit(cache=True, parallel=True)
 def _crossover_targets(table, fast_row, slow_row, cross_events, allow_short, out):
     P, T = out.shape
     short = -1.0 if allow_short else 0.0
     for p in prange(P):
-        f = table[fast_row[p]]
-        s = table[slow_row[p]]
+        ev_bar = np.empty(T, dtype=np.int64)
+        ev_target = np.empty(T)
+        flips = np.empty((T + 7) // 8 * 8, dtype=np.uint8)
+        n = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target, flips)
+        row = out[p]
+        start = 0
         pos = 0.0
-        for t in range(T):
-            if cross_events:
-                # backtesting.py's crossover(): strictly below on the previous
-                # bar and strictly above on this one. NaN compares False, so
-                # nothing fires during warm-up.
-                if t > 0:
-                    if f[t - 1] < s[t - 1] and f[t] > s[t]:
-                        pos = 1.0
-                    elif f[t - 1] > s[t - 1] and f[t] < s[t]:
-                        pos = short
-            else:
-                if f[t] > s[t]:
-                    pos = 1.0
-                elif f[t] < s[t]:
-                    pos = short
-                else:
-                    # Equal averages or warm-up: no view, no position.
-                    pos = 0.0
-            out[p, t] = pos
+        for k in range(n):
+            row[start:ev_bar[k]] = pos
+            start = ev_bar[k]
+            pos = ev_target[k]
+        row[start:] = pos
 
 
 def sma_crossover(
