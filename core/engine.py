@@ -314,7 +314,7 @@ def _closed_trade_stats(trades, n):
 @njit(cache=True, parallel=True, error_model="numpy")
 def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
                keep_curves, equity_out, units_out, trades, trade_offsets, n_trades,
-               compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, metrics_out, n_chunks):
+               compute_metrics, periods_per_year, tail, metrics_out, n_chunks):
     P, T = targets.shape
     last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
     per = -(-P // n_chunks)
@@ -322,9 +322,7 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
         state = np.zeros(_N_STATE)
-        r = np.empty(T if compute_metrics else 0)
-        kept = np.empty(T if compute_metrics else 0)
-        bits_cell = np.empty(1, dtype=np.int64)
+        scratch_m = np.empty(2 * T + (T + 63) // 64 + 1 if compute_metrics else 0)  # metrics.scratch_size
         # A sweep that wants only metrics keeps one curve at a time, in cache.
         scratch = np.empty(0 if keep_curves else T)
         no_units = np.empty(0)
@@ -339,15 +337,14 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
             n_trades[p] = n
             if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
                 closed, wins, gains, losses = _closed_trade_stats(mine, n)
-                summary_core(equity, cash, held, closed, wins, gains, losses, periods_per_year, tail_k,
-                             tail_frac, tail_mass, tail_z, r, kept, bits_cell, metrics_out[p])
+                summary_core(equity, cash, held, closed, wins, gains, losses, periods_per_year, tail, scratch_m,
+                             metrics_out[p])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, short, fill_on_close, commission,
                   slippage, whole_units, cash, close_at_end, keep_curves, equity_out, units_out, trades,
-                  trade_offsets, n_trades, compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass,
-                  tail_z, metrics_out, n_chunks):
+                  trade_offsets, n_trades, compute_metrics, periods_per_year, tail, metrics_out, n_chunks):
     """``_run_batch`` for SMA crossover targets, read from the SMA table instead of a ``[P, T]`` target matrix.
 
     Runs the parameter sets ``sets`` (indices into ``fast_row``/``slow_row``).
@@ -361,17 +358,15 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
         state = np.zeros(_N_STATE)
-        r = np.empty(T if compute_metrics else 0)
-        kept = np.empty(T if compute_metrics else 0)
-        bits_cell = np.empty(1, dtype=np.int64)
+        scratch_m = np.empty(2 * T + (T + 63) // 64 + 1 if compute_metrics else 0)  # metrics.scratch_size
         scratch = np.empty(0 if keep_curves else T)
         no_units = np.empty(0)
         spare = np.empty((T + 1, N_TRADE_FIELDS))  # at most one trade per change, plus the open one
-        flips = np.empty((T + 7) // 8 * 8, dtype=np.uint8)
+        masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # strategies.cross_scratch_size
         for i in range(c * per, min(n_sets, (c + 1) * per)):
             p = sets[i]
             n_ev = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target,
-                                     flips)
+                                     masks)
             room = trade_offsets[p + 1] - trade_offsets[p]
             mine = trades[trade_offsets[p]:trade_offsets[p + 1]] if n_ev + 1 <= room else spare
             equity = equity_out[p] if keep_curves else scratch
@@ -381,8 +376,8 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
             n_trades[p] = n
             if compute_metrics:
                 closed, wins, gains, losses = _closed_trade_stats(mine, n)
-                summary_core(equity, cash, held, closed, wins, gains, losses, periods_per_year, tail_k,
-                             tail_frac, tail_mass, tail_z, r, kept, bits_cell, metrics_out[p])
+                summary_core(equity, cash, held, closed, wins, gains, losses, periods_per_year, tail, scratch_m,
+                             metrics_out[p])
 
 
 @njit(cache=True, parallel=True)
@@ -394,10 +389,10 @@ def _count_sma_changes(table, fast_row, slow_row, cross_events, short, changes, 
     for c in prange(n_chunks):
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
-        flips = np.empty((T + 7) // 8 * 8, dtype=np.uint8)
+        masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # strategies.cross_scratch_size
         for p in range(c * per, min(P, (c + 1) * per)):
             changes[p] = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar,
-                                           ev_target, flips)
+                                           ev_target, masks)
 
 
 @dataclass
@@ -620,11 +615,10 @@ def run_batch(
     trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
     n_trades = np.zeros(P, dtype=np.int64)
     table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
-    tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0, 0.0)
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(5)
     _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
                float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets, n_trades,
-               bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]),
-               float(tail[3]), table, _n_chunks(P))
+               bool(compute_metrics), float(periods_per_year), tail, table, _n_chunks(P))
     if np.any(n_trades < 0):
         _check_targets(targets)  # raises, naming the problem
     metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
@@ -721,12 +715,11 @@ def backtest_sma_grid(
     units = np.empty(curve_shape)
     n_trades = np.zeros(P, dtype=np.int64)
     metrics_table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
-    tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0, 0.0)
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(5)
     _run_sma_grid(open_, close, table, fast_row, slow_row, np.arange(P), cross_events, short, fill == "close",
                   float(commission), float(slippage), bool(whole_units), float(cash), bool(close_at_end),
                   bool(keep_curves), equity, units, trades, trade_offsets, n_trades, bool(compute_metrics),
-                  float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]), float(tail[3]),
-                  metrics_table, chunks)
+                  float(periods_per_year), tail, metrics_table, chunks)
     metrics = ({name: metrics_table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)}
                if compute_metrics else {})
     return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,

@@ -28,6 +28,8 @@ from statistics import NormalDist
 import numpy as np
 from numba import njit, prange
 
+from core.bitmask import gather_set, mask_at_most
+
 TRADING_DAYS_PER_YEAR = 252
 
 
@@ -338,25 +340,33 @@ def _floor_ratio(equity, initial, bits_cell):
     return ratio, peak
 
 
+def scratch_size(n: int) -> int:
+    """Length of the float64 scratch array ``summary_core`` needs for n bars."""
+    return 2 * n + (n + 63) // 64 + 1
+
+
 @njit(cache=True, error_model="numpy")
-def summary_core(equity, initial, held, n_closed, wins, gains, losses, periods_per_year, tail_k, tail_frac,
-                 tail_mass, tail_z, r, kept, bits_cell, out):
+def summary_core(equity, initial, held, n_closed, wins, gains, losses, periods_per_year, tail, scratch, out):
     """The metrics of one equity curve, writing ``out[i]`` for ``SUMMARY_NAMES[i]``.
 
     ``held`` is the number of bars with a position (exposure's numerator);
     ``n_closed``, ``wins``, ``gains`` and ``losses`` summarise the closed
-    trades (``_trade_stats``); ``tail_*`` come from ``tail_weights``; ``r``
-    and ``kept`` are scratch arrays of at least ``len(equity)``, ``bits_cell``
-    one int64 (``_floor_ratio``). The backtest
-    engine calls this inside its compiled loop, right after simulating a
-    series, so a sweep never has to keep every equity curve; ``summary_row``
-    and ``summary`` call it too, so every caller gets the same numbers.
+    trades (``_trade_stats``); ``tail`` comes from ``tail_weights``;
+    ``scratch`` is a float64 array of ``scratch_size(len(equity))``. The
+    backtest engine calls this inside its compiled loop, right after
+    simulating a series, so a sweep never has to keep every equity curve;
+    ``summary_row`` and ``summary`` call it too, so every caller gets the
+    same numbers.
 
     Each pass is a plain loop over the returns that the compiler vectorises
     (error_model="numpy": a division is IEEE, with no zero check in the
     loop); the sums are vectorised too (``_sum``).
     """
     T = equity.shape[0]
+    r = scratch[:T]
+    kept = scratch[T:2 * T]
+    masks = scratch[2 * T:2 * T + (T + 63) // 64].view(np.uint64)
+    bits_cell = scratch[scratch.shape[0] - 1:].view(np.int64)
     root = np.sqrt(periods_per_year)
     r[0] = equity[0] / initial - 1.0 if initial != 0.0 else 0.0
     for t in range(1, T):
@@ -383,32 +393,32 @@ def summary_core(equity, initial, held, n_closed, wins, gains, losses, periods_p
     out[6] = worst
     out[7] = cagr_ / worst if worst > 0.0 else np.nan
     # VaR and CVaR need the ceil(n alpha) smallest returns (see cvar() for the
-    # weighting). Select, don't sort: first keep the returns below a guess at
-    # the tail's edge (twice the tail mass under a normal fit), then select
-    # among those few; if fat tails or flat stretches leave too few below the
-    # guess, select among all returns. The keep is branch-free: every return
-    # is written, and the count moves on only for those below the edge.
+    # weighting). Select, don't sort: keep the returns below a guess at the
+    # tail's edge (a normal fit's quantile at 1.5 alpha, then at 2 alpha),
+    # marked in bit masks and gathered; select among those few. If fat
+    # tails or flat stretches leave too few below both guesses, select among
+    # all returns.
+    tail_k, tail_frac, tail_mass, z_near, z_far = int(tail[0]), tail[1], tail[2], tail[3], tail[4]
     need = tail_k + 1 if tail_frac > 0.0 else tail_k
-    edge = mean + tail_z * (std if std == std else 0.0)
+    spread = std if std == std else 0.0
     n_kept = 0
-    for t in range(T):
-        x = r[t]
-        kept[n_kept] = x
-        n_kept += 1 if x <= edge else 0
-    if n_kept < need:
-        kept[:T] = r[:T]
+    if mask_at_most(r, mean + z_near * spread, masks) >= need or mask_at_most(r, mean + z_far * spread,
+                                                                              masks) >= need:
+        n_kept = gather_set(r, masks, kept)
+    else:
+        kept[:] = r
         n_kept = T
     _smallest_first(kept, n_kept, need, r)  # r is done with: it is the scratch
-    tail = 0.0
+    tail_sum = 0.0
     var = -np.inf  # the ceil(n alpha)-th smallest return: the largest of the tail
     for i in range(need):
-        tail += kept[i]
+        tail_sum += kept[i]
         if kept[i] > var:
             var = kept[i]
     if tail_frac > 0.0:
-        tail -= (1.0 - tail_frac) * var
+        tail_sum -= (1.0 - tail_frac) * var
     out[8] = var
-    out[9] = tail / tail_mass
+    out[9] = tail_sum / tail_mass
     out[10] = held / T
     out[11] = n_closed
     out[12] = wins / n_closed if n_closed > 0 else np.nan
@@ -435,7 +445,7 @@ def _trade_stats(trade_pnl):
 
 
 @njit(cache=True)
-def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, out):
+def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail, out):
     """``summary`` for one series, compiled: ``summary_core`` with the exposure and
     trade statistics counted from a position series and a P&L row."""
     held = 0
@@ -444,24 +454,23 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail_k, tai
             held += 1
     n, wins, gains, losses = _trade_stats(trade_pnl)
     T = equity.shape[0]
-    summary_core(equity, initial, held, n, wins, gains, losses, periods_per_year, tail_k, tail_frac, tail_mass,
-                 tail_z, np.empty(T), np.empty(T), np.empty(1, dtype=np.int64), out)
+    summary_core(equity, initial, held, n, wins, gains, losses, periods_per_year, tail,
+                 np.empty(2 * T + (T + 63) // 64 + 1), out)
 
 
 @njit(cache=True, parallel=True)
-def _summary_rows(equity, initial, units, trade_pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, out):
+def _summary_rows(equity, initial, units, trade_pnl, periods_per_year, tail, out):
     for p in prange(equity.shape[0]):
-        summary_row(equity[p], initial, units[p], trade_pnl[p], periods_per_year, tail_k, tail_frac, tail_mass,
-                    tail_z, out[p])
+        summary_row(equity[p], initial, units[p], trade_pnl[p], periods_per_year, tail, out[p])
 
 
-def tail_weights(n: int, alpha: float) -> tuple[int, float, float, float]:
-    """For ``summary_row``: (whole returns in the alpha tail, weight of the boundary
-    return, tail mass n * alpha, normal z-score of twice the tail mass)."""
+def tail_weights(n: int, alpha: float) -> np.ndarray:
+    """For ``summary_core``: [whole returns in the alpha tail, weight of the boundary
+    return, tail mass n * alpha, normal z-scores of 1.5 and of 2 times alpha]."""
     mass = _tail_mass(n, alpha)
     k = int(np.floor(mass))
-    z = NormalDist().inv_cdf(min(0.5, 2.0 * alpha))
-    return k, mass - k, mass, z
+    normal = NormalDist()
+    return np.array([k, mass - k, mass, normal.inv_cdf(min(0.5, 1.5 * alpha)), normal.inv_cdf(min(0.5, 2.0 * alpha))])
 
 
 SUMMARY_NAMES = (
@@ -503,7 +512,7 @@ def summary(
     pnl = (np.require(_as_float(trade_pnl).reshape(P, -1), requirements=("C", "W"))
            if trade_pnl is not None else np.full((P, 0), np.nan))
     out = np.empty((P, len(SUMMARY_NAMES)))
-    _summary_rows(table, float(initial_cash), units, pnl, float(periods_per_year), *tail_weights(T, alpha), out)
+    _summary_rows(table, float(initial_cash), units, pnl, float(periods_per_year), tail_weights(T, alpha), out)
     result = {name: out[:, i].reshape(lead) for i, name in enumerate(SUMMARY_NAMES)}
     if positions is None:
         del result["exposure"]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from core.bitmask import trailing_zeros
 from core.features import atr, price_arrays, rsi, sma, sma_table
 
 
@@ -48,73 +49,88 @@ def pair_grid(fast, slow) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, error_model="numpy")
-def _view_flips(fast, slow, flips):
-    """Mark the bars where the sign of fast - slow changes: ``flips[t] = now | before << 2``, else 0.
+def _sign_masks(fast, slow, above, below):
+    """Bit masks (``core.bitmask``) of the bars where fast > slow and where fast < slow.
 
-    ``now`` is 1 when fast > slow on bar t, 2 when fast < slow, 0 when
-    neither (equal, or NaN in the warm-up); ``before`` is the same on bar
-    t - 1 (0 before bar 0). Comparisons only, no branches: one vectorised
-    pass, where testing every bar for a crossing would be a branch per bar.
+    Neither bit is set where they are equal or NaN (the warm-up).
     """
-    T = fast.shape[0]
-    if T > 0:
-        now = np.uint8(fast[0] > slow[0]) | (np.uint8(fast[0] < slow[0]) << np.uint8(1))
-        flips[0] = now
-    for t in range(1, T):
-        now = np.uint8(fast[t] > slow[t]) | (np.uint8(fast[t] < slow[t]) << np.uint8(1))
-        before = np.uint8(fast[t - 1] > slow[t - 1]) | (np.uint8(fast[t - 1] < slow[t - 1]) << np.uint8(1))
-        flips[t] = (now | (before << np.uint8(2))) if now != before else np.uint8(0)
-    flips[T:] = 0
+    for i in range(above.shape[0]):
+        f = fast[64 * i:64 * i + 64]
+        s = slow[64 * i:64 * i + 64]
+        a = np.uint64(0)
+        b = np.uint64(0)
+        for j in range(f.shape[0]):
+            a |= np.uint64(f[j] > s[j]) << np.uint64(j)
+            b |= np.uint64(f[j] < s[j]) << np.uint64(j)
+        above[i] = a
+        below[i] = b
+
+
+def cross_scratch_size(n: int) -> int:
+    """Length of the uint64 scratch ``sma_cross_changes`` needs for n bars."""
+    return 2 * ((n + 63) // 64)
 
 
 @njit(cache=True)
-def sma_cross_changes(fast, slow, cross_events, short, ev_bar, ev_target, flips):
+def sma_cross_changes(fast, slow, cross_events, short, ev_bar, ev_target, masks):
     """The crossover rule as the bars where its target changes: ``ev_bar[:n]``, ``ev_target[:n]``; returns n.
 
     The one implementation of the rule (see ``sma_crossover``): the target
     series it describes is 0 until ``ev_bar[0]``, then ``ev_target[k]``
     from ``ev_bar[k]`` on. ``sma_crossover`` spells it out bar by bar; the
     engine's grid path (``core.engine.backtest_sma_grid``) feeds the changes
-    straight to its simulation. ``flips`` is uint8 scratch of at least
-    ``len(fast)`` rounded up to a multiple of 8.
+    straight to its simulation. ``masks`` is uint64 scratch of
+    ``cross_scratch_size(len(fast))``.
 
-    Only a bar where the sign of fast - slow changes can move the target,
-    so those are marked in one vectorised pass (``_view_flips``) and the
-    rule runs on them alone, found eight bars at a time.
+    Only a bar where the sign of fast - slow changes can move the target.
+    The signs of all bars go into bit masks in one vectorised pass; shifted
+    by one bar they give the previous bar's, so the crossings of 64 bars
+    are a few word operations, and the rule runs on those bars alone.
     """
     T = fast.shape[0]
-    n_words = (T + 7) // 8
-    _view_flips(fast, slow, flips)
-    words = flips[:8 * n_words].view(np.uint64)
+    n_words = (T + 63) // 64
+    above = masks[:n_words]
+    below = masks[n_words:2 * n_words]
+    _sign_masks(fast, slow, above, below)
+    one = np.uint64(1)
+    above_carry = np.uint64(0)  # the previous word's last bar (before bar 0: no view)
+    below_carry = np.uint64(0)
     n = 0
     held = 0.0  # the target as of the last change
     for i in range(n_words):
-        if words[i] == 0:
-            continue
-        for t in range(8 * i, min(8 * i + 8, T)):
-            flip = flips[t]
-            if flip == 0:
-                continue
-            now = flip & 3
-            before = flip >> 2
-            if cross_events:
-                # backtesting.py's crossover(): strictly below on the previous
-                # bar and strictly above on this one (NaN compares False, so
-                # nothing fires in the warm-up); otherwise hold.
-                if before == 2 and now == 1:
-                    pos = 1.0
-                elif before == 1 and now == 2:
-                    pos = short
-                else:
-                    continue
+        a = above[i]
+        b = below[i]
+        a_before = (a << one) | above_carry
+        b_before = (b << one) | below_carry
+        above_carry = a >> np.uint64(63)
+        below_carry = b >> np.uint64(63)
+        if cross_events:
+            # backtesting.py's crossover(): strictly below on the previous bar
+            # and strictly above on this one (NaN compares False, so nothing
+            # fires in the warm-up); between crossings the position holds.
+            up = b_before & a
+            bars = up | (a_before & b)
+        else:
+            # Any change of sign, including to equal (no view, no position).
+            up = a
+            bars = (a ^ a_before) | (b ^ b_before)
+            if T - 64 * i < 64:
+                bars &= (one << np.uint64(T - 64 * i)) - one  # no bar past the end
+        while bars:
+            j = trailing_zeros(bars)
+            bit = one << j
+            if up & bit:
+                pos = 1.0
+            elif b & bit:
+                pos = short
             else:
-                # Equal averages or warm-up: no view, no position.
-                pos = 1.0 if now == 1 else (short if now == 2 else 0.0)
+                pos = 0.0
             if pos != held:
-                ev_bar[n] = t
+                ev_bar[n] = 64 * i + np.int64(j)
                 ev_target[n] = pos
                 n += 1
                 held = pos
+            bars &= bars - one
     return n
 
 
@@ -125,8 +141,8 @@ def _crossover_targets(table, fast_row, slow_row, cross_events, allow_short, out
     for p in prange(P):
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
-        flips = np.empty((T + 7) // 8 * 8, dtype=np.uint8)
-        n = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target, flips)
+        masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # cross_scratch_size
+        n = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target, masks)
         row = out[p]
         start = 0
         pos = 0.0
