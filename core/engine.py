@@ -69,7 +69,7 @@ import numba
 from numba import njit, prange
 
 from core import metrics as _metrics
-from core.metrics import summary_core
+from core.metrics import floor_ratio, returns_into, summary_core
 from core.features import price_arrays, sma_table
 from core.strategies import sma_cross_changes
 
@@ -140,15 +140,16 @@ def _target_units(equity, target, price, commission, slippage, whole_units, curr
     direction = 1.0 if target > 0 else -1.0
     budget = equity * abs(target) * _FULL
     add_price = price * (1.0 + direction * slippage)
-    cut_price = price * (1.0 - direction * slippage)
     size_add = budget / (add_price * (1.0 + commission))
-    size_cut = budget / (cut_price * (1.0 + commission))
     if whole_units:
         size_add = np.floor(size_add)
-        size_cut = np.floor(size_cut)
     held = abs(current)
     if held < size_add:
-        return direction * size_add
+        return direction * size_add  # the usual case, opening: no need for the other side of the band
+    cut_price = price * (1.0 - direction * slippage)
+    size_cut = budget / (cut_price * (1.0 + commission))
+    if whole_units:
+        size_cut = np.floor(size_cut)
     if held > size_cut:
         return direction * size_cut
     return current
@@ -311,6 +312,16 @@ def _closed_trade_stats(trades, n):
     return closed, wins, gains, losses
 
 
+@njit(cache=True, error_model="numpy")
+def _metrics_of(equity, cash, held, trades, n, periods_per_year, tail, scratch, cell, out):
+    """``core.metrics.summary_core`` of a curve ``_simulate`` just wrote (still in cache), as ``summary_row`` would."""
+    returns_into(equity, cash, scratch)
+    lowest, peak = floor_ratio(equity, cash, cell)
+    closed, wins, gains, losses = _closed_trade_stats(trades, n)
+    summary_core(equity, cash, lowest, peak, held, closed, wins, gains, losses, periods_per_year, tail, scratch,
+                 out)
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
                keep_curves, equity_out, units_out, trades, trade_offsets, n_trades,
@@ -322,7 +333,8 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
         state = np.zeros(_N_STATE)
-        scratch_m = np.empty(2 * T + (T + 63) // 64 + 1 if compute_metrics else 0)  # metrics.scratch_size
+        scratch_m = np.empty(2 * T + (T + 63) // 64 if compute_metrics else 0)  # metrics.scratch_size
+        cell = np.empty(1, dtype=np.int64)
         # A sweep that wants only metrics keeps one curve at a time, in cache.
         scratch = np.empty(0 if keep_curves else T)
         no_units = np.empty(0)
@@ -336,9 +348,7 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
                                 slippage, whole_units, cash, close_at_end, equity, units, mine, state)
             n_trades[p] = n
             if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
-                closed, wins, gains, losses = _closed_trade_stats(mine, n)
-                summary_core(equity, cash, held, closed, wins, gains, losses, periods_per_year, tail, scratch_m,
-                             metrics_out[p])
+                _metrics_of(equity, cash, held, mine, n, periods_per_year, tail, scratch_m, cell, metrics_out[p])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -358,7 +368,8 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
         state = np.zeros(_N_STATE)
-        scratch_m = np.empty(2 * T + (T + 63) // 64 + 1 if compute_metrics else 0)  # metrics.scratch_size
+        scratch_m = np.empty(2 * T + (T + 63) // 64 if compute_metrics else 0)  # metrics.scratch_size
+        cell = np.empty(1, dtype=np.int64)
         scratch = np.empty(0 if keep_curves else T)
         no_units = np.empty(0)
         spare = np.empty((T + 1, N_TRADE_FIELDS))  # at most one trade per change, plus the open one
@@ -375,9 +386,7 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
                                 whole_units, cash, close_at_end, equity, units, mine, state)
             n_trades[p] = n
             if compute_metrics:
-                closed, wins, gains, losses = _closed_trade_stats(mine, n)
-                summary_core(equity, cash, held, closed, wins, gains, losses, periods_per_year, tail, scratch_m,
-                             metrics_out[p])
+                _metrics_of(equity, cash, held, mine, n, periods_per_year, tail, scratch_m, cell, metrics_out[p])
 
 
 @njit(cache=True, parallel=True)

@@ -290,49 +290,62 @@ def _smallest_first(a, n, k, buf):
 
 
 _DRAWDOWN_BLOCK = 64
+_NO_BITS = np.iinfo(np.int64).max
+
+
+@njit(cache=True, inline="always")
+def _double_to_bits(x, cell):
+    cell.view(np.float64)[0] = x
+    return cell[0]
+
+
+@njit(cache=True, inline="always")
+def _bits_to_double(bits, cell):
+    cell[0] = bits
+    return cell.view(np.float64)[0]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _bit_range(bits):
+    """(lowest, highest) of int64 bit patterns: for non-negative doubles, their order."""
+    lo = _NO_BITS
+    hi = -_NO_BITS
+    for i in range(bits.shape[0]):
+        lo = min(lo, bits[i])
+        hi = max(hi, bits[i])
+    return lo, hi
 
 
 @njit(cache=True, error_model="numpy")
-def _floor_ratio(equity, initial, bits_cell):
-    """(lowest equity / running peak, the final peak), the peak starting at ``initial``.
+def floor_ratio(equity, initial, cell):
+    """(lowest equity / running peak, final peak) of a curve, the peak starting at ``initial``.
 
     Exactly min over t of ``equity[t] / peak[t]`` as each division rounds,
     so ``1 - `` it is ``max_drawdown``'s number to the last bit. A running
     peak is a chain of dependent steps with a hard-to-predict branch per
-    bar; instead, blocks of bars are tested at once. A block whose highest
-    equity does not exceed the peak so far leaves the peak alone, and
-    dividing by a fixed positive peak keeps order, so its lowest ratio is
-    its lowest equity over the peak: one division per block. Highest and
-    lowest come from the bits: non-negative doubles order as their int64
-    bit patterns do, and integer min/max vectorise (float min/max do not,
-    in numba). A block with a new high, or with a negative value, is walked
-    bar by bar. ``bits_cell`` is a one-element int64 scratch, the place
-    where bits turn back into a double.
+    bar; instead, blocks of 64 bars are tested at once. A block whose
+    highest equity does not exceed the peak so far leaves the peak alone,
+    and dividing by a fixed positive peak keeps order, so its lowest ratio
+    is its lowest equity over the peak: one division per block. Highest
+    and lowest come from the bits: non-negative doubles order as their
+    int64 bit patterns do, and integer min/max vectorise (float min/max do
+    not, in numba). A block with a new high, or with a negative value, is
+    walked bar by bar. ``cell`` is one int64 of scratch, where bits turn
+    back into doubles.
     """
-    T = equity.shape[0]
     bits = equity.view(np.int64)
-    as_float = bits_cell.view(np.float64)
-    as_float[0] = initial
     peak = initial
-    peak_bits = bits_cell[0]
     ratio = 1.0
-    for start in range(0, T, _DRAWDOWN_BLOCK):
-        block = bits[start:start + _DRAWDOWN_BLOCK]
-        lo = block[0]
-        hi = block[0]
-        for i in range(block.shape[0]):
-            lo = min(lo, block[i])
-            hi = max(hi, block[i])
-        if peak > 0.0 and lo >= 0 and hi <= peak_bits:
-            bits_cell[0] = lo
-            ratio = min(ratio, as_float[0] / peak)
+    for start in range(0, equity.shape[0], _DRAWDOWN_BLOCK):
+        lo, hi = _bit_range(bits[start:start + _DRAWDOWN_BLOCK])
+        if peak > 0.0 and lo >= 0 and hi <= _double_to_bits(peak, cell):
+            ratio = min(ratio, _bits_to_double(lo, cell) / peak)
             continue
-        values = equity[start:start + _DRAWDOWN_BLOCK]
-        for i in range(values.shape[0]):
-            e = values[i]
+        block = equity[start:start + _DRAWDOWN_BLOCK]
+        for i in range(block.shape[0]):
+            e = block[i]
             if e > peak:
                 peak = e
-                peak_bits = block[i]
             elif e <= peak * ratio:
                 # Only here can e / peak fall below the ratio (for peak > 0:
                 # e / peak < ratio implies e <= peak * ratio as rounded).
@@ -340,19 +353,39 @@ def _floor_ratio(equity, initial, bits_cell):
     return ratio, peak
 
 
+@njit(cache=True, error_model="numpy")
+def returns_into(equity, before, out):
+    """``out[:T]`` = simple returns of ``equity`` [T], the first measured from ``before``.
+
+    Once equity is gone (ruin) it stays 0; 0/0 is a zero return.
+    """
+    T = equity.shape[0]
+    if T == 0:
+        return
+    out[0] = equity[0] / before - 1.0 if before != 0.0 else 0.0
+    for t in range(1, T):
+        prev = equity[t - 1]
+        x = equity[t] / prev - 1.0
+        out[t] = x if prev != 0.0 else 0.0
+
+
 def scratch_size(n: int) -> int:
     """Length of the float64 scratch array ``summary_core`` needs for n bars."""
-    return 2 * n + (n + 63) // 64 + 1
+    return 2 * n + (n + 63) // 64
 
 
 @njit(cache=True, error_model="numpy")
-def summary_core(equity, initial, held, n_closed, wins, gains, losses, periods_per_year, tail, scratch, out):
+def summary_core(equity, initial, lowest, peak, held, n_closed, wins, gains, losses, periods_per_year, tail,
+                 scratch, out):
     """The metrics of one equity curve, writing ``out[i]`` for ``SUMMARY_NAMES[i]``.
 
+    ``scratch`` is a float64 array of ``scratch_size(len(equity))`` whose
+    first T entries hold the curve's returns (``returns_into``, from
+    ``initial``); ``lowest`` and ``peak`` are the curve's lowest equity / running
+    peak and its final peak (``floor_ratio``, from ``initial``);
     ``held`` is the number of bars with a position (exposure's numerator);
     ``n_closed``, ``wins``, ``gains`` and ``losses`` summarise the closed
-    trades (``_trade_stats``); ``tail`` comes from ``tail_weights``;
-    ``scratch`` is a float64 array of ``scratch_size(len(equity))``. The
+    trades (``_trade_stats``); ``tail`` comes from ``tail_weights``. The
     backtest engine calls this inside its compiled loop, right after
     simulating a series, so a sweep never has to keep every equity curve;
     ``summary_row`` and ``summary`` call it too, so every caller gets the
@@ -366,18 +399,10 @@ def summary_core(equity, initial, held, n_closed, wins, gains, losses, periods_p
     r = scratch[:T]
     kept = scratch[T:2 * T]
     masks = scratch[2 * T:2 * T + (T + 63) // 64].view(np.uint64)
-    bits_cell = scratch[scratch.shape[0] - 1:].view(np.int64)
     root = np.sqrt(periods_per_year)
-    r[0] = equity[0] / initial - 1.0 if initial != 0.0 else 0.0
-    for t in range(1, T):
-        prev = equity[t - 1]
-        x = equity[t] / prev - 1.0
-        # Once equity is gone (ruin) it stays 0; 0/0 is a zero return.
-        r[t] = x if prev != 0.0 else 0.0
     mean = _sum(r, T) / T
     sq, down = _deviation_sums(r, T, mean)
-    floor_ratio, peak = _floor_ratio(equity, initial, bits_cell)
-    worst = 1.0 - floor_ratio if peak > 0.0 else 0.0
+    worst = 1.0 - lowest if peak > 0.0 else 0.0
     std = np.sqrt(sq / (T - 1)) if T > 1 else np.nan
     downside = np.sqrt(down / T)
     # Compounded growth is the ratio of last to first equity; the product of
@@ -446,16 +471,19 @@ def _trade_stats(trade_pnl):
 
 @njit(cache=True)
 def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail, out):
-    """``summary`` for one series, compiled: ``summary_core`` with the exposure and
-    trade statistics counted from a position series and a P&L row."""
+    """``summary`` for one series, compiled: ``summary_core`` with the returns, the drawdown,
+    the exposure and the trade statistics computed from the curve, a position series and a P&L row."""
     held = 0
     for t in range(units.shape[0]):
         if units[t] != 0.0:
             held += 1
     n, wins, gains, losses = _trade_stats(trade_pnl)
     T = equity.shape[0]
-    summary_core(equity, initial, held, n, wins, gains, losses, periods_per_year, tail,
-                 np.empty(2 * T + (T + 63) // 64 + 1), out)
+    scratch = np.empty(2 * T + (T + 63) // 64)  # scratch_size
+    returns_into(equity, initial, scratch)
+    lowest, peak = floor_ratio(equity, initial, np.empty(1, dtype=np.int64))
+    summary_core(equity, initial, lowest, peak, held, n, wins, gains, losses, periods_per_year, tail, scratch,
+                 out)
 
 
 @njit(cache=True, parallel=True)
