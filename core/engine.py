@@ -70,6 +70,7 @@ from numba import njit, prange
 
 from core import metrics as _metrics
 from core.metrics import floor_ratio, returns_into, summary_core
+from core.bitmask import trailing_zeros
 from core.features import price_arrays, sma_table
 from core.strategies import sma_cross_changes
 
@@ -87,13 +88,19 @@ _N_STATE = 9
 
 
 @njit(cache=True, inline="always")
+def _fill_terms(units_delta, price, commission, slippage):
+    """(fill price, quantity, commission) of trading ``units_delta`` at ``price`` before slippage."""
+    fill_price = price * (1.0 + slippage) if units_delta > 0 else price * (1.0 - slippage)
+    qty = abs(units_delta)
+    return fill_price, qty, qty * fill_price * commission
+
+
+@njit(cache=True, inline="always")
 def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades):
     """Trade ``units_delta`` at ``price`` (before slippage); returns the new trade count."""
     if units_delta == 0.0:
         return n_trades
-    fill_price = price * (1.0 + slippage) if units_delta > 0 else price * (1.0 - slippage)
-    qty = abs(units_delta)
-    fee = qty * fill_price * commission
+    fill_price, qty, fee = _fill_terms(units_delta, price, commission, slippage)
     state[_CASH] -= units_delta * fill_price + fee
     before = state[_UNITS]
     after = before + units_delta
@@ -520,12 +527,146 @@ def _scan_targets(targets, changes):
     return bad
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _rebalance_cash(cash, units, target, price, commission, slippage, whole_units):
+    """``_rebalance`` for cash and units alone: (cash, units, positions closed). No trade list, no
+    bookkeeping of trades: the same fills, with the same arithmetic (``_fill_terms``)."""
+    closed = 0
+    if units != 0.0 and (target == 0.0 or (target > 0) != (units > 0)):
+        fill_price, qty, fee = _fill_terms(-units, price, commission, slippage)
+        cash -= -units * fill_price + fee
+        units = units + -units
+        closed += 1
+    if target != 0.0:
+        equity = cash + units * price
+        if equity > 0:
+            delta = _target_units(equity, target, price, commission, slippage, whole_units, units) - units
+            if delta != 0.0:
+                fill_price, qty, fee = _fill_terms(delta, price, commission, slippage)
+                cash -= delta * fill_price + fee
+                units = units + delta
+                closed += units == 0.0
+    return cash, units, closed
+
+
+@njit(cache=True, inline="always")
+def _path_end(closes, commission, slippage, close_at_end, keep_curves, equity, held, cash, units, trades):
+    """The trade count after a path's last bar, closing the position there if asked."""
+    if trades >= 0 and units != 0.0:
+        trades += 1  # the open position, or its close at the end
+        if close_at_end:
+            T = closes.shape[0]
+            fill_price, qty, fee = _fill_terms(-units, closes[T - 1], commission, slippage)
+            cash -= -units * fill_price + fee
+            if keep_curves:
+                equity[T - 1] = cash
+                held[T - 1] = 0.0
+    return trades
+
+
+@njit(cache=True, error_model="numpy")
+def _change_masks(targets, masks):
+    """Bit masks (``core.bitmask``) of the bars whose target differs from the bar before (bar 0: from 0)."""
+    T = targets.shape[0]
+    for i in range((T + 63) // 64):
+        now = targets[64 * i:64 * i + 64]
+        word = np.uint64(0)
+        if i == 0:
+            word = np.uint64(now[0] != 0.0)
+            for j in range(1, now.shape[0]):
+                word |= np.uint64(now[j] != now[j - 1]) << np.uint64(j)
+        else:
+            before = targets[64 * i - 1:64 * i + 63]
+            for j in range(now.shape[0]):
+                word |= np.uint64(now[j] != before[j]) << np.uint64(j)
+        masks[i] = word
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _run_paths(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash0, close_at_end,
+               keep_curves, equity_out, units_out, n_trades, n_chunks):
+    """``_run_batch`` without trade lists or metrics, for Monte Carlo.
+
+    A Monte Carlo rule may trade every few bars, so finding its orders must
+    cost little per bar: the changes of target go into bit masks in one
+    vectorised pass and are visited a set bit at a time; between two
+    orders equity is marked bar by bar, and an order costs its fills
+    (``_rebalance_cash``, the engine's arithmetic without the trade
+    bookkeeping). Equity, units and trade counts equal ``_run_batch``'s
+    (tested).
+    """
+    P, T = targets.shape
+    last_row = close.shape[0] - 1
+    n_words = (T + 63) // 64
+    lag = 0 if fill_on_close else 1  # an order fills on its own bar's close, or at the next open
+    per = -(-P // n_chunks)
+    for c in prange(n_chunks):
+        no_curve = np.empty(0)
+        masks = np.empty(n_words, dtype=np.uint64)
+        for p in range(c * per, min(P, (c + 1) * per)):
+            row = min(np.int64(p), last_row)
+            closes = close[row]
+            opens = open_[row]
+            wanted = targets[p]
+            equity = equity_out[p] if keep_curves else no_curve
+            held = units_out[p] if keep_curves else no_curve
+            _change_masks(wanted, masks)
+            cash = cash0
+            units = 0.0
+            trades = 0
+            start = 0
+            trading = True
+            for i in range(n_words + 1):
+                word = masks[i] if i < n_words else np.uint64(1)  # past the last word: the end, as an order at T
+                while trading and word:
+                    stop = T if i == n_words else min(T, 64 * i + np.int64(trailing_zeros(word)) + lag)
+                    word &= word - np.uint64(1)
+                    for t in range(start, stop):
+                        e = cash + units * closes[t]
+                        if e <= 0.0:
+                            # Out of money: liquidate at this close and stop.
+                            if units != 0.0:
+                                fill_price, qty, fee = _fill_terms(-units, closes[t], commission, slippage)
+                                cash -= -units * fill_price + fee
+                                trades += 1
+                            units = 0.0
+                            if keep_curves:
+                                equity[t:] = 0.0
+                                held[t:] = 0.0
+                            trading = False
+                            break
+                        if keep_curves:
+                            equity[t] = e
+                            held[t] = units
+                    start = stop
+                    if not trading or stop == T:
+                        trading = False
+                        break
+                    target = wanted[stop - lag]
+                    if not (-1.0 <= target <= 1.0):  # NaN fails too
+                        trades = -1
+                        trading = False
+                        break
+                    price = closes[stop] if fill_on_close else opens[stop]
+                    cash, units, closed = _rebalance_cash(cash, units, target, price, commission, slippage,
+                                                          whole_units)
+                    trades += closed
+                if not trading:
+                    break
+            n_trades[p] = _path_end(closes, commission, slippage, close_at_end, keep_curves, equity, held, cash,
+                                    units, trades)
+
+
+@njit(cache=True, error_model="numpy")
 def _all_positive_finite(a):
-    for x in a.ravel():
-        if not (0.0 < x < np.inf):
-            return False
-    return True
+    # Counted, not searched: a loop without an early exit vectorises, and
+    # prices are almost always fine (this runs over every Monte Carlo path).
+    flat = a.ravel()
+    bad = 0
+    for i in range(flat.shape[0]):
+        x = flat[i]
+        bad += not (0.0 < x < np.inf)
+    return bad == 0
 
 
 def _n_chunks(n: int) -> int:
@@ -625,9 +766,14 @@ def run_batch(
     n_trades = np.zeros(P, dtype=np.int64)
     table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
     tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(5)
-    _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
-               float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets, n_trades,
-               bool(compute_metrics), float(periods_per_year), tail, table, _n_chunks(P))
+    if compute_metrics or record_trades:
+        _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
+                   float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets,
+                   n_trades, bool(compute_metrics), float(periods_per_year), tail, table, _n_chunks(P))
+    else:
+        # Monte Carlo: outcomes only.
+        _run_paths(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
+                   float(cash), bool(close_at_end), bool(keep_curves), equity, units, n_trades, _n_chunks(P))
     if np.any(n_trades < 0):
         _check_targets(targets)  # raises, naming the problem
     metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
