@@ -851,10 +851,21 @@ def backtest_sma_grid(
     if not (_all_positive_finite(close) and _all_positive_finite(open_)):
         raise ValueError("open and close prices must be finite and positive")
     P = fast_a.shape[0]
-    windows, rows = np.unique(np.concatenate([fast_a, slow_a]), return_inverse=True)
+    # Each distinct window's SMA once. Windows are small integers, so a
+    # presence table maps them to rows without sorting the grid.
+    fast_a, slow_a = fast_a.astype(np.int64), slow_a.astype(np.int64)
+    longest = int(max(fast_a.max(initial=0), slow_a.max(initial=0)))
+    if longest <= 1_000_000:
+        present = np.zeros(longest + 1, dtype=bool)
+        present[fast_a] = True
+        present[slow_a] = True
+        windows = np.flatnonzero(present)
+        row_of = np.cumsum(present) - 1
+        fast_row, slow_row = row_of[fast_a], row_of[slow_a]
+    else:
+        windows, rows = np.unique(np.concatenate([fast_a, slow_a]), return_inverse=True)
+        fast_row, slow_row = rows[:P].astype(np.int64), rows[P:].astype(np.int64)
     table = np.require(sma_table(close, windows, sma_method), requirements=("C", "W"))
-    rows = rows.astype(np.int64)
-    fast_row, slow_row = rows[:P].copy(), rows[P:].copy()
     cross_events = mode == "cross"
     short = -1.0 if allow_short else 0.0
     chunks = _n_chunks(P)

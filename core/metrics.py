@@ -289,7 +289,8 @@ def _smallest_first(a, n, k, buf):
             lo = left
 
 
-_DRAWDOWN_BLOCK = 64
+# floor_ratio tests this many bars at once, and then pieces of this many.
+_DRAWDOWN_STRETCH, _DRAWDOWN_PIECE = 256, 32
 _NO_BITS = np.iinfo(np.int64).max
 
 
@@ -323,33 +324,42 @@ def floor_ratio(equity, initial, cell):
     Exactly min over t of ``equity[t] / peak[t]`` as each division rounds,
     so ``1 - `` it is ``max_drawdown``'s number to the last bit. A running
     peak is a chain of dependent steps with a hard-to-predict branch per
-    bar; instead, blocks of 64 bars are tested at once. A block whose
+    bar; instead, stretches of bars are tested at once. A stretch whose
     highest equity does not exceed the peak so far leaves the peak alone,
     and dividing by a fixed positive peak keeps order, so its lowest ratio
-    is its lowest equity over the peak: one division per block. Highest
-    and lowest come from the bits: non-negative doubles order as their
-    int64 bit patterns do, and integer min/max vectorise (float min/max do
-    not, in numba). A block with a new high, or with a negative value, is
+    is its lowest equity over the peak: one division. Highest and lowest
+    come from the bits: non-negative doubles order as their int64 bit
+    patterns do, and integer min/max vectorise (float min/max do not, in
+    numba). Stretches of 256 bars are tested, then the 32-bar pieces of
+    those that fail; a piece with a new high (or a negative value) is
     walked bar by bar. ``cell`` is one int64 of scratch, where bits turn
     back into doubles.
     """
     bits = equity.view(np.int64)
+    T = equity.shape[0]
     peak = initial
     ratio = 1.0
-    for start in range(0, equity.shape[0], _DRAWDOWN_BLOCK):
-        lo, hi = _bit_range(bits[start:start + _DRAWDOWN_BLOCK])
-        if peak > 0.0 and lo >= 0 and hi <= _double_to_bits(peak, cell):
+    for start in range(0, T, _DRAWDOWN_STRETCH):
+        lo, hi = _bit_range(bits[start:start + _DRAWDOWN_STRETCH])
+        peak_bits = _double_to_bits(peak, cell)
+        if peak > 0.0 and lo >= 0 and hi <= peak_bits:
             ratio = min(ratio, _bits_to_double(lo, cell) / peak)
             continue
-        block = equity[start:start + _DRAWDOWN_BLOCK]
-        for i in range(block.shape[0]):
-            e = block[i]
-            if e > peak:
-                peak = e
-            elif e <= peak * ratio:
-                # Only here can e / peak fall below the ratio (for peak > 0:
-                # e / peak < ratio implies e <= peak * ratio as rounded).
-                ratio = min(ratio, e / peak)
+        for piece in range(start, min(start + _DRAWDOWN_STRETCH, T), _DRAWDOWN_PIECE):
+            lo, hi = _bit_range(bits[piece:piece + _DRAWDOWN_PIECE])
+            if peak > 0.0 and lo >= 0 and hi <= peak_bits:
+                ratio = min(ratio, _bits_to_double(lo, cell) / peak)
+                continue
+            values = equity[piece:piece + _DRAWDOWN_PIECE]
+            for i in range(values.shape[0]):
+                e = values[i]
+                if e > peak:
+                    peak = e
+                elif e <= peak * ratio:
+                    # Only here can e / peak fall below the ratio (for peak > 0:
+                    # e / peak < ratio implies e <= peak * ratio as rounded).
+                    ratio = min(ratio, e / peak)
+            peak_bits = _double_to_bits(peak, cell)
     return ratio, peak
 
 
