@@ -765,7 +765,7 @@ def run_batch(
     trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
     n_trades = np.zeros(P, dtype=np.int64)
     table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
-    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(5)
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(6)
     if compute_metrics or record_trades:
         _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
                    float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets,
@@ -881,7 +881,7 @@ def backtest_sma_grid(
     units = np.empty(curve_shape)
     n_trades = np.zeros(P, dtype=np.int64)
     metrics_table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
-    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(5)
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(6)
     _run_sma_grid(open_, close, table, fast_row, slow_row, np.arange(P), cross_events, short, fill == "close",
                   float(commission), float(slippage), bool(whole_units), float(cash), bool(close_at_end),
                   bool(keep_curves), equity, units, trades, trade_offsets, n_trades, bool(compute_metrics),

@@ -243,50 +243,64 @@ def _deviation_sums(x, n, mean):
     return sq, down
 
 
-@njit(cache=True)
-def _smallest_first(a, n, k, buf):
+@njit(cache=True, error_model="numpy")
+def _smallest_first(a, n, k, buf, guess):
     """Reorder ``a[:n]`` so that ``a[:k]`` holds its k smallest values (in no particular order).
 
-    Quickselect around a median of three, partitioning out of place into
-    ``buf`` (scratch, at least n long) without branches: every value is
-    written to both ends of the gap and only the matching end moves on. The
-    tail measures need the k smallest returns, not a sorted copy, and a
-    branchy partition of returns mispredicts on every other value.
+    Quickselect, partitioning out of place into ``buf`` (scratch, at least
+    n long) without branches: every value is written to both ends of the
+    gap and only the matching end moves on (a branchy partition of returns
+    mispredicts on every other value). The first pivot is ``guess``, a
+    value expected near the k-th smallest (NaN: none), so the first pass
+    leaves only the values between the guess and the k-th; later pivots
+    are medians of three. The tail measures need the k smallest returns,
+    not a sorted copy.
     """
     lo = 0
     hi = n
     while hi - lo > 1 and lo < k < hi:
-        mid = (lo + hi) >> 1
-        x, y, z = a[lo], a[mid], a[hi - 1]
-        pivot = max(min(x, y), min(max(x, y), z))
-        left = lo
-        right = hi
-        for v in a[lo:hi]:
-            buf[left] = v
-            buf[right - 1] = v
+        size = hi - lo
+        values = a[lo:hi]
+        parted = buf[lo:hi]
+        element = guess != guess
+        if element:
+            x, y, z = values[0], values[size >> 1], values[size - 1]
+            pivot = max(min(x, y), min(max(x, y), z))
+        else:
+            pivot = guess
+            guess = np.nan
+        left = 0
+        right = size
+        for i in range(size):
+            v = values[i]
+            parted[left] = v
+            parted[right - 1] = v
             below = v < pivot
             left += below
             right -= 1 - below
-        if left == lo:
+        if not element and (left == 0 or left == size):
+            continue  # the guess split nothing off; values untouched
+        if left == 0:
             # Nothing below the pivot, so it is the smallest value: split off
             # every copy of it instead (at least the pivot itself moves).
-            right = hi
-            for v in a[lo:hi]:
-                buf[left] = v
-                buf[right - 1] = v
+            right = size
+            for i in range(size):
+                v = values[i]
+                parted[left] = v
+                parted[right - 1] = v
                 below = v <= pivot
                 left += below
                 right -= 1 - below
-            a[lo:hi] = buf[lo:hi]
-            if k <= left:
-                break  # a[lo:left] are all that smallest value
-            lo = left
+            values[:] = parted
+            if k <= lo + left:
+                break  # a[lo:lo + left] all hold that smallest value
+            lo += left
             continue
-        a[lo:hi] = buf[lo:hi]
-        if k <= left:
-            hi = left
+        values[:] = parted
+        if k <= lo + left:
+            hi = lo + left
         else:
-            lo = left
+            lo += left
 
 
 # floor_ratio tests this many bars at once, and then pieces of this many.
@@ -433,7 +447,7 @@ def summary_core(equity, initial, lowest, peak, held, n_closed, wins, gains, los
     # marked in bit masks and gathered; select among those few. If fat
     # tails or flat stretches leave too few below both guesses, select among
     # all returns.
-    tail_k, tail_frac, tail_mass, z_near, z_far = int(tail[0]), tail[1], tail[2], tail[3], tail[4]
+    tail_k, tail_frac, tail_mass, z_near, z_far, z_at = int(tail[0]), tail[1], tail[2], tail[3], tail[4], tail[5]
     need = tail_k + 1 if tail_frac > 0.0 else tail_k
     spread = std if std == std else 0.0
     n_kept = 0
@@ -443,7 +457,8 @@ def summary_core(equity, initial, lowest, peak, held, n_closed, wins, gains, los
     else:
         kept[:] = r
         n_kept = T
-    _smallest_first(kept, n_kept, need, r)  # r is done with: it is the scratch
+    # r is done with: it is the scratch. First pivot: the normal fit's alpha quantile.
+    _smallest_first(kept, n_kept, need, r, mean + z_at * spread)
     tail_sum = 0.0
     var = -np.inf  # the ceil(n alpha)-th smallest return: the largest of the tail
     for i in range(need):
@@ -504,11 +519,12 @@ def _summary_rows(equity, initial, units, trade_pnl, periods_per_year, tail, out
 
 def tail_weights(n: int, alpha: float) -> np.ndarray:
     """For ``summary_core``: [whole returns in the alpha tail, weight of the boundary
-    return, tail mass n * alpha, normal z-scores of 1.5 and of 2 times alpha]."""
+    return, tail mass n * alpha, normal z-scores of 1.5, 2 and 1 times alpha]."""
     mass = _tail_mass(n, alpha)
     k = int(np.floor(mass))
     normal = NormalDist()
-    return np.array([k, mass - k, mass, normal.inv_cdf(min(0.5, 1.5 * alpha)), normal.inv_cdf(min(0.5, 2.0 * alpha))])
+    return np.array([k, mass - k, mass, normal.inv_cdf(min(0.5, 1.5 * alpha)), normal.inv_cdf(min(0.5, 2.0 * alpha)),
+                     normal.inv_cdf(min(0.5, alpha))])
 
 
 SUMMARY_NAMES = (

@@ -277,7 +277,8 @@ def test_the_tail_selection_is_numpys_sort():
         k = int(rng.integers(1, n + 1))
         x = [rng.normal(size=n), rng.integers(0, 4, n).astype(float), np.zeros(n)][trial % 3]
         a = x.copy()
-        m._smallest_first(a, n, k, buf)
+        guess = [np.nan, rng.normal(), 0.0][trial % 3]  # none, a value maybe outside, an exact value
+        m._smallest_first(a, n, k, buf, guess)
         np.testing.assert_array_equal(np.sort(a), np.sort(x))  # a permutation...
         np.testing.assert_array_equal(np.sort(a[:k]), np.sort(x)[:k])  # ...with the k smallest first
 
