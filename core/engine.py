@@ -82,9 +82,6 @@ N_TRADE_FIELDS = 8
 # price can round up past what the cash pays for.
 _FULL = 1.0 - 2.0**-52
 
-# Indices into the per-run state vector of the compiled loop.
-_CASH, _UNITS, _EP_ENTRY_BAR, _EP_IN_UNITS, _EP_IN_VALUE, _EP_OUT_UNITS, _EP_OUT_VALUE, _EP_COMM, _EP_SIGN = range(9)
-_N_STATE = 9
 
 
 @njit(cache=True, inline="always")
@@ -96,44 +93,49 @@ def _fill_terms(units_delta, price, commission, slippage):
 
 
 @njit(cache=True, inline="always")
-def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades):
-    """Trade ``units_delta`` at ``price`` (before slippage); returns the new trade count."""
+def _fill(book, units_delta, price, bar, commission, slippage, trades, n_trades):
+    """Trade ``units_delta`` at ``price`` (before slippage); returns (the new book, the new trade count).
+
+    ``book`` is the account and its open trade, as a tuple of numbers (they
+    stay in registers): cash, units, and the open trade's entry bar, side,
+    units and value bought into it, units and value sold out of it, and
+    commission paid. A fill that leaves the account flat closes the trade
+    into ``trades[n_trades]`` (a zero-row table records nothing).
+    """
+    cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid = book
     if units_delta == 0.0:
-        return n_trades
+        return book, n_trades
     fill_price, qty, fee = _fill_terms(units_delta, price, commission, slippage)
-    state[_CASH] -= units_delta * fill_price + fee
-    before = state[_UNITS]
-    after = before + units_delta
-    if before == 0.0:
-        state[_EP_ENTRY_BAR] = bar
-        state[_EP_SIGN] = 1.0 if units_delta > 0 else -1.0
-        state[_EP_IN_UNITS] = 0.0
-        state[_EP_IN_VALUE] = 0.0
-        state[_EP_OUT_UNITS] = 0.0
-        state[_EP_OUT_VALUE] = 0.0
-        state[_EP_COMM] = 0.0
-    state[_EP_COMM] += fee
-    if units_delta * state[_EP_SIGN] > 0:
-        state[_EP_IN_UNITS] += qty
-        state[_EP_IN_VALUE] += qty * fill_price
+    cash -= units_delta * fill_price + fee
+    if units == 0.0:
+        entry_bar = bar
+        sign = 1.0 if units_delta > 0 else -1.0
+        in_units = 0.0
+        in_value = 0.0
+        out_units = 0.0
+        out_value = 0.0
+        paid = 0.0
+    paid += fee
+    if units_delta * sign > 0:
+        in_units += qty
+        in_value += qty * fill_price
     else:
-        state[_EP_OUT_UNITS] += qty
-        state[_EP_OUT_VALUE] += qty * fill_price
-    state[_UNITS] = after
-    if after == 0.0 and n_trades < trades.shape[0]:  # a zero-row table records nothing (Monte Carlo)
-        sign = state[_EP_SIGN]
-        row = trades[n_trades]
-        row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
-        row[EXIT_BAR] = bar
-        row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
-        row[EXIT_PRICE] = state[_EP_OUT_VALUE] / state[_EP_OUT_UNITS]
-        row[SIZE] = sign * state[_EP_IN_UNITS]
-        row[PNL] = sign * (state[_EP_OUT_VALUE] - state[_EP_IN_VALUE]) - state[_EP_COMM]
-        row[COMMISSION] = state[_EP_COMM]
-        row[IS_OPEN] = 0.0
-    if after == 0.0:
+        out_units += qty
+        out_value += qty * fill_price
+    units = units + units_delta
+    if units == 0.0:
+        if n_trades < trades.shape[0]:
+            row = trades[n_trades]
+            row[ENTRY_BAR] = entry_bar
+            row[EXIT_BAR] = bar
+            row[ENTRY_PRICE] = in_value / in_units
+            row[EXIT_PRICE] = out_value / out_units
+            row[SIZE] = sign * in_units
+            row[PNL] = sign * (out_value - in_value) - paid
+            row[COMMISSION] = paid
+            row[IS_OPEN] = 0.0
         n_trades += 1
-    return n_trades
+    return (cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid), n_trades
 
 
 @njit(cache=True, inline="always")
@@ -163,18 +165,18 @@ def _target_units(equity, target, price, commission, slippage, whole_units, curr
 
 
 @njit(cache=True, inline="always")
-def _rebalance(state, target, price, bar, commission, slippage, whole_units, trades, n_trades):
-    """Turn a new target into fills at ``price``; returns the new trade count."""
-    units = state[_UNITS]
+def _rebalance(book, target, price, bar, commission, slippage, whole_units, trades, n_trades):
+    """Turn a new target into fills at ``price``; returns (the new book, the new trade count)."""
+    units = book[1]
     if units != 0.0 and (target == 0.0 or (target > 0) != (units > 0)):
-        n_trades = _fill(state, -units, price, bar, commission, slippage, trades, n_trades)
+        book, n_trades = _fill(book, -units, price, bar, commission, slippage, trades, n_trades)
     if target != 0.0:
-        units = state[_UNITS]
-        equity = state[_CASH] + units * price
+        units = book[1]
+        equity = book[0] + units * price
         if equity > 0:
             goal = _target_units(equity, target, price, commission, slippage, whole_units, units)
-            n_trades = _fill(state, goal - units, price, bar, commission, slippage, trades, n_trades)
-    return n_trades
+            book, n_trades = _fill(book, goal - units, price, bar, commission, slippage, trades, n_trades)
+    return book, n_trades
 
 
 @njit(cache=True, error_model="numpy")
@@ -197,7 +199,7 @@ def _mark_to_market(close, cash, units, start, stop, equity_out):
 
 @njit(cache=True, error_model="numpy")
 def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, slippage, whole_units, cash0,
-              close_at_end, equity_out, units_out, trades, state):
+              close_at_end, equity_out, units_out, trades):
     """One backtest, driven by the bars where the target changes.
 
     ``ev_bar[:n_ev]`` are the bars (increasing) whose target differs from
@@ -211,8 +213,7 @@ def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, 
     T = close.shape[0]
     keep_units = units_out.shape[0] > 0
     lag = 0 if fill_on_close else 1  # an order fills on its own bar's close, or at the next open
-    cash = cash0
-    units = 0.0  # cash and units live in locals, and in ``state`` only around fills
+    book = (cash0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # see _fill
     n_trades = 0
     held = 0
     start = 0
@@ -222,6 +223,7 @@ def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, 
         if stop > T:
             stop = T  # the last bar's order, with next-open fills: never filled
         # No order in [start, stop): mark to market, and look for ruin.
+        cash, units = book[0], book[1]
         broke = _mark_to_market(close, cash, units, start, stop, equity_out)
         if keep_units:
             units_out[start:stop] = units
@@ -232,9 +234,7 @@ def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, 
             if units != 0.0:
                 held += t - start
             # Out of money: liquidate at this close and stop, as a broker would.
-            state[_CASH] = cash
-            state[_UNITS] = units
-            n_trades = _fill(state, -units, close[t], t, commission, slippage, trades, n_trades)
+            book, n_trades = _fill(book, -units, close[t], t, commission, slippage, trades, n_trades)
             equity_out[t:] = 0.0
             if keep_units:
                 units_out[t:] = 0.0
@@ -247,36 +247,29 @@ def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, 
         k += 1
         if not (-1.0 <= target <= 1.0):  # NaN fails too; only an order needs checking
             return -1, 0
-        state[_CASH] = cash
-        state[_UNITS] = units
         price = close[stop] if fill_on_close else open_[stop]
-        n_trades = _rebalance(state, target, price, stop, commission, slippage, whole_units, trades, n_trades)
-        cash = state[_CASH]
-        units = state[_UNITS]
+        book, n_trades = _rebalance(book, target, price, stop, commission, slippage, whole_units, trades, n_trades)
         start = stop
-    state[_CASH] = cash
-    state[_UNITS] = units
+    cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid = book
     if units != 0.0:
         if close_at_end:
-            n_trades = _fill(state, -units, close[T - 1], T - 1, commission, slippage, trades, n_trades)
-            equity_out[T - 1] = state[_CASH]
+            book, n_trades = _fill(book, -units, close[T - 1], T - 1, commission, slippage, trades, n_trades)
+            equity_out[T - 1] = book[0]
             if keep_units:
                 units_out[T - 1] = 0.0
             held -= 1
         else:
             if n_trades < trades.shape[0]:
-                sign = state[_EP_SIGN]
                 qty = abs(units)
                 row = trades[n_trades]
-                row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
+                row[ENTRY_BAR] = entry_bar
                 row[EXIT_BAR] = -1.0
-                row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
+                row[ENTRY_PRICE] = in_value / in_units
                 row[EXIT_PRICE] = close[T - 1]
-                row[SIZE] = sign * state[_EP_IN_UNITS]
+                row[SIZE] = sign * in_units
                 # Unrealised: what closing at the last close would give, before exit commission.
-                row[PNL] = (sign * (state[_EP_OUT_VALUE] + qty * close[T - 1] - state[_EP_IN_VALUE])
-                            - state[_EP_COMM])
-                row[COMMISSION] = state[_EP_COMM]
+                row[PNL] = sign * (out_value + qty * close[T - 1] - in_value) - paid
+                row[COMMISSION] = paid
                 row[IS_OPEN] = 1.0
             n_trades += 1
     return n_trades, held
@@ -339,7 +332,6 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
     for c in prange(n_chunks):
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
-        state = np.zeros(_N_STATE)
         scratch_m = np.empty(2 * T + (T + 63) // 64 if compute_metrics else 0)  # metrics.scratch_size
         cell = np.empty(1, dtype=np.int64)
         # A sweep that wants only metrics keeps one curve at a time, in cache.
@@ -352,7 +344,7 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
             mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
             n_ev = _target_changes(targets[p], ev_bar, ev_target)
             n, held = _simulate(open_[row], close[row], ev_bar, ev_target, n_ev, fill_on_close, commission,
-                                slippage, whole_units, cash, close_at_end, equity, units, mine, state)
+                                slippage, whole_units, cash, close_at_end, equity, units, mine)
             n_trades[p] = n
             if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
                 _metrics_of(equity, cash, held, mine, n, periods_per_year, tail, scratch_m, cell, metrics_out[p])
@@ -374,7 +366,6 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
     for c in prange(n_chunks):
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
-        state = np.zeros(_N_STATE)
         scratch_m = np.empty(2 * T + (T + 63) // 64 if compute_metrics else 0)  # metrics.scratch_size
         cell = np.empty(1, dtype=np.int64)
         scratch = np.empty(0 if keep_curves else T)
@@ -390,7 +381,7 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
             equity = equity_out[p] if keep_curves else scratch
             units = units_out[p] if keep_curves else no_units
             n, held = _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, slippage,
-                                whole_units, cash, close_at_end, equity, units, mine, state)
+                                whole_units, cash, close_at_end, equity, units, mine)
             n_trades[p] = n
             if compute_metrics:
                 _metrics_of(equity, cash, held, mine, n, periods_per_year, tail, scratch_m, cell, metrics_out[p])
