@@ -6,6 +6,10 @@ Two verbs::
     result = backtest(bars, targets, cash=10_000, commission=0.001)
     batch = backtest_batch(bars, targets_for_many_parameter_sets)   # [P, T]
 
+and, for a parameter sweep of the SMA crossover, one fused call::
+
+    grid = backtest_sma_grid(bars, *pair_grid(range(2, 101), range(3, 251)), keep_curves=False)
+
 A *target* is the fraction of equity to hold after bar ``t``'s close, in
 [-1, 1], decided from bars ``<= t`` (what ``core.strategies`` and the ensemble
 produce). The rules, which the tests pin down to the cent:
@@ -40,11 +44,19 @@ produce). The rules, which the tests pin down to the cent:
 
 Fills use only ``open`` and ``close``: there are no stop or limit orders, so
 ``high`` and ``low`` are not needed. The inner loop is compiled with numba
-(``cache=True``) and runs parameter sets in parallel; each set's metrics
-(``core.metrics.summary_row``) are computed in the same loop, while its
-curve is still in cache. ``simulate_paths`` runs the same loop over Monte
-Carlo price paths, and ``simulate_paths_torch`` runs the same rules in torch
-for large batches on a GPU (tested equal to the compiled loop).
+(``cache=True``) and runs parameter sets in parallel. It is driven by the
+bars where a target changes: between two orders equity is one vectorised
+loop, and the order logic runs only where there is an order. Each set's
+metrics (``core.metrics.summary_core``) are computed right after its
+simulation, while its curve is still in cache. ``backtest_sma_grid`` runs a
+grid of SMA crossovers from bars and windows, feeding the crossover's
+change bars straight to the simulation (no ``[P, T]`` target matrix), with
+the same results as ``backtest_batch(bars, sma_crossover(...))``.
+``simulate_paths`` runs Monte Carlo price paths through a kernel that
+keeps no trade list (the same fills and equity as the general loop), and
+``simulate_paths_torch`` runs the same rules in torch for large batches on a
+GPU (tested equal to the compiled loop). tests/test_engine_fast_paths.py
+holds all of these to the rules walked bar by bar in plain Python.
 
 With its defaults the engine reproduces backtesting.py (0.6) running an
 always-in-the-market strategy with ``buy()``/``sell()`` after
