@@ -54,11 +54,13 @@ def n_words(n: int) -> int:
 def mask_at_most(x, edge, masks):
     """``masks[i]`` bit j set where ``x[64 i + j] <= edge`` (NaN: unset); returns how many are set."""
     count = 0
+    T = np.uint64(x.shape[0])
     for i in range((x.shape[0] + 63) // 64):
-        block = x[64 * i:64 * i + 64]
+        # Unsigned indices: known non-negative, so the loads vectorise (no slices to count references to).
+        start = np.uint64(64) * np.uint64(i)
         word = np.uint64(0)
-        for j in range(block.shape[0]):
-            word |= np.uint64(block[j] <= edge) << np.uint64(j)
+        for t in range(start, min(start + np.uint64(64), T)):
+            word |= np.uint64(x[t] <= edge) << (t - start)
         masks[i] = word
         count += popcount(word)
     return count

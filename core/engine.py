@@ -195,16 +195,15 @@ def _rebalance(book, target, price, bar, commission, slippage, whole_units, trad
 def _mark_to_market(close, cash, units, start, stop, equity_out):
     """Equity over bars [start, stop) with no order among them; returns how many are <= 0.
 
-    This loop runs on every bar, so it must vectorise: it walks slices from
-    0, because an index the compiler cannot prove non-negative (numba wraps
-    negative indices) turns every load and store into a gather or scatter.
+    This loop runs on every bar, so it must vectorise: its index is
+    unsigned, because one the compiler cannot prove non-negative (numba
+    wraps negative indices) turns every load and store into a gather or
+    scatter, and slicing instead costs reference counting on every call.
     """
-    prices = close[start:stop]
-    marks = equity_out[start:stop]
     broke = 0
-    for t in range(prices.shape[0]):
-        e = cash + units * prices[t]
-        marks[t] = e
+    for t in range(np.uint64(start), np.uint64(stop)):
+        e = cash + units * close[t]
+        equity_out[t] = e
         broke += e <= 0.0
     return broke
 

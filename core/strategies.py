@@ -52,16 +52,20 @@ def pair_grid(fast, slow) -> tuple[np.ndarray, np.ndarray]:
 def _sign_masks(fast, slow, above, below):
     """Bit masks (``core.bitmask``) of the bars where fast > slow and where fast < slow.
 
-    Neither bit is set where they are equal or NaN (the warm-up).
+    Neither bit is set where they are equal or NaN (the warm-up). Indices
+    are unsigned: the compiler then knows they are not negative (numba
+    wraps negative indices, which would turn the loads into gathers)
+    without slicing, whose reference counting costs more than these loops.
     """
+    T = np.uint64(fast.shape[0])
     for i in range(above.shape[0]):
-        f = fast[64 * i:64 * i + 64]
-        s = slow[64 * i:64 * i + 64]
+        start = np.uint64(64) * np.uint64(i)
         a = np.uint64(0)
         b = np.uint64(0)
-        for j in range(f.shape[0]):
-            a |= np.uint64(f[j] > s[j]) << np.uint64(j)
-            b |= np.uint64(f[j] < s[j]) << np.uint64(j)
+        for t in range(start, min(start + np.uint64(64), T)):
+            j = t - start
+            a |= np.uint64(fast[t] > slow[t]) << j
+            b |= np.uint64(fast[t] < slow[t]) << j
         above[i] = a
         below[i] = b
 
