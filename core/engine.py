@@ -108,13 +108,17 @@ def _fill_terms(units_delta, price, commission, slippage):
 def _fill(book, units_delta, price, bar, commission, slippage, trades, n_trades):
     """Trade ``units_delta`` at ``price`` (before slippage); returns (the new book, the new trade count).
 
-    ``book`` is the account and its open trade, as a tuple of numbers (they
-    stay in registers): cash, units, and the open trade's entry bar, side,
-    units and value bought into it, units and value sold out of it, and
-    commission paid. A fill that leaves the account flat closes the trade
-    into ``trades[n_trades]`` (a zero-row table records nothing).
+    ``book`` is the account, its open trade and its closed trades, as a
+    tuple of numbers (they stay in registers): cash, units; the open
+    trade's entry bar, side, units and value bought into it, units and
+    value sold out of it, and commission paid; then ``core.metrics``' trade
+    statistics of the closed trades (count, wins, gross profit, gross
+    loss). A fill that leaves the account flat closes the trade: into the
+    statistics, and into ``trades[n_trades]`` (a zero-row table records
+    nothing).
     """
-    cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid = book
+    (cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid,
+     closed, wins, gains, losses) = book
     if units_delta == 0.0:
         return book, n_trades
     fill_price, qty, fee = _fill_terms(units_delta, price, commission, slippage)
@@ -136,6 +140,13 @@ def _fill(book, units_delta, price, bar, commission, slippage, trades, n_trades)
         out_value += qty * fill_price
     units = units + units_delta
     if units == 0.0:
+        pnl = sign * (out_value - in_value) - paid
+        closed += 1.0
+        if pnl > 0.0:
+            wins += 1.0
+            gains += pnl
+        elif pnl < 0.0:
+            losses -= pnl
         if n_trades < trades.shape[0]:
             row = trades[n_trades]
             row[ENTRY_BAR] = entry_bar
@@ -143,11 +154,21 @@ def _fill(book, units_delta, price, bar, commission, slippage, trades, n_trades)
             row[ENTRY_PRICE] = in_value / in_units
             row[EXIT_PRICE] = out_value / out_units
             row[SIZE] = sign * in_units
-            row[PNL] = sign * (out_value - in_value) - paid
+            row[PNL] = pnl
             row[COMMISSION] = paid
             row[IS_OPEN] = 0.0
         n_trades += 1
-    return (cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid), n_trades
+    return (cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid,
+            closed, wins, gains, losses), n_trades
+
+
+@njit(cache=True, inline="always")
+def _closed_into(book, closed_stats):
+    """Copy the book's closed-trade statistics (see ``_fill``) out."""
+    closed_stats[0] = book[9]
+    closed_stats[1] = book[10]
+    closed_stats[2] = book[11]
+    closed_stats[3] = book[12]
 
 
 @njit(cache=True, inline="always")
@@ -210,7 +231,7 @@ def _mark_to_market(close, cash, units, start, stop, equity_out):
 
 @njit(cache=True, error_model="numpy")
 def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, slippage, whole_units, cash0,
-              close_at_end, equity_out, units_out, trades):
+              close_at_end, equity_out, units_out, trades, closed_stats):
     """One backtest, driven by the bars where the target changes.
 
     ``ev_bar[:n_ev]`` are the bars (increasing) whose target differs from
@@ -219,12 +240,13 @@ def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, 
     equity of that stretch is one plain loop (vectorised); the order logic
     runs only on the bars that have one. ``units_out`` may have length 0
     (not kept). Returns ``(trades, bars held)``, or ``(-1, 0)`` when an
-    order's target is outside [-1, 1] or NaN.
+    order's target is outside [-1, 1] or NaN; ``closed_stats`` receives the
+    closed trades' statistics (count, wins, gross profit, gross loss).
     """
     T = close.shape[0]
     keep_units = units_out.shape[0] > 0
     lag = 0 if fill_on_close else 1  # an order fills on its own bar's close, or at the next open
-    book = (cash0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # see _fill
+    book = (cash0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # see _fill
     n_trades = 0
     held = 0
     start = 0
@@ -249,6 +271,7 @@ def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, 
             equity_out[t:] = 0.0
             if keep_units:
                 units_out[t:] = 0.0
+            _closed_into(book, closed_stats)
             return n_trades, held
         if units != 0.0:
             held += stop - start
@@ -261,7 +284,7 @@ def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, 
         price = close[stop] if fill_on_close else open_[stop]
         book, n_trades = _rebalance(book, target, price, stop, commission, slippage, whole_units, trades, n_trades)
         start = stop
-    cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid = book
+    cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid = book[:9]
     if units != 0.0:
         if close_at_end:
             book, n_trades = _fill(book, -units, close[T - 1], T - 1, commission, slippage, trades, n_trades)
@@ -283,6 +306,7 @@ def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, 
                 row[COMMISSION] = paid
                 row[IS_OPEN] = 1.0
             n_trades += 1
+    _closed_into(book, closed_stats)
     return n_trades, held
 
 
@@ -304,33 +328,13 @@ def _target_changes(targets, ev_bar, ev_target):
     return n
 
 
-@njit(cache=True, inline="always")
-def _closed_trade_stats(trades, n):
-    """``core.metrics`` trade statistics (count, wins, gross profit, gross loss) of the closed trades among ``trades[:n]``."""
-    closed = 0
-    wins = 0
-    gains = 0.0
-    losses = 0.0
-    for k in range(min(n, trades.shape[0])):
-        if trades[k, IS_OPEN] == 0.0:
-            x = trades[k, PNL]
-            closed += 1
-            if x > 0.0:
-                wins += 1
-                gains += x
-            elif x < 0.0:
-                losses -= x
-    return closed, wins, gains, losses
-
-
 @njit(cache=True, error_model="numpy")
-def _metrics_of(equity, cash, held, trades, n, periods_per_year, tail, scratch, cell, out):
+def _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch, cell, out):
     """``core.metrics.summary_core`` of a curve ``_simulate`` just wrote (still in cache), as ``summary_row`` would."""
     returns_into(equity, cash, scratch)
     lowest, peak = floor_ratio(equity, cash, cell)
-    closed, wins, gains, losses = _closed_trade_stats(trades, n)
-    summary_core(equity, cash, lowest, peak, held, closed, wins, gains, losses, periods_per_year, tail, scratch,
-                 out)
+    summary_core(equity, cash, lowest, peak, held, int(closed_stats[0]), int(closed_stats[1]), closed_stats[2],
+                 closed_stats[3], periods_per_year, tail, scratch, out)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -345,6 +349,7 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
         ev_target = np.empty(T)
         scratch_m = np.empty(2 * T + (T + 63) // 64 if compute_metrics else 0)  # metrics.scratch_size
         cell = np.empty(1, dtype=np.int64)
+        closed_stats = np.empty(4)
         # A sweep that wants only metrics keeps one curve at a time, in cache.
         scratch = np.empty(0 if keep_curves else T)
         no_units = np.empty(0)
@@ -355,10 +360,10 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
             mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
             n_ev = _target_changes(targets[p], ev_bar, ev_target)
             n, held = _simulate(open_[row], close[row], ev_bar, ev_target, n_ev, fill_on_close, commission,
-                                slippage, whole_units, cash, close_at_end, equity, units, mine)
+                                slippage, whole_units, cash, close_at_end, equity, units, mine, closed_stats)
             n_trades[p] = n
             if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
-                _metrics_of(equity, cash, held, mine, n, periods_per_year, tail, scratch_m, cell, metrics_out[p])
+                _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch_m, cell, metrics_out[p])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -367,9 +372,9 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
                   trade_offsets, n_trades, compute_metrics, periods_per_year, tail, metrics_out, n_chunks):
     """``_run_batch`` for SMA crossover targets, read from the SMA table instead of a ``[P, T]`` target matrix.
 
-    Runs the parameter sets ``sets`` (indices into ``fast_row``/``slow_row``).
-    A set whose rows in ``trades`` cannot hold its trades (none reserved:
-    ``record_trades=False``) keeps them in scratch, for its metrics.
+    Runs the parameter sets ``sets`` (indices into ``fast_row``/``slow_row``);
+    with ``record_trades=False`` no rows are reserved in ``trades`` and none
+    are written (the metrics take the closed trades from ``_simulate``).
     """
     n_sets = sets.shape[0]
     T = close.shape[0]
@@ -381,21 +386,20 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
         cell = np.empty(1, dtype=np.int64)
         scratch = np.empty(0 if keep_curves else T)
         no_units = np.empty(0)
-        spare = np.empty((T + 1, N_TRADE_FIELDS))  # at most one trade per change, plus the open one
+        closed_stats = np.empty(4)
         masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # strategies.cross_scratch_size
         for i in range(c * per, min(n_sets, (c + 1) * per)):
             p = sets[i]
             n_ev = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target,
                                      masks)
-            room = trade_offsets[p + 1] - trade_offsets[p]
-            mine = trades[trade_offsets[p]:trade_offsets[p + 1]] if n_ev + 1 <= room else spare
+            mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
             equity = equity_out[p] if keep_curves else scratch
             units = units_out[p] if keep_curves else no_units
             n, held = _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, slippage,
-                                whole_units, cash, close_at_end, equity, units, mine)
+                                whole_units, cash, close_at_end, equity, units, mine, closed_stats)
             n_trades[p] = n
             if compute_metrics:
-                _metrics_of(equity, cash, held, mine, n, periods_per_year, tail, scratch_m, cell, metrics_out[p])
+                _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch_m, cell, metrics_out[p])
 
 
 @njit(cache=True, parallel=True)
@@ -733,8 +737,9 @@ def run_batch(
     ``[P, T]`` equity and unit curves, for sweeps that only rank parameter
     sets: it saves the memory traffic, which costs more than the simulation.
     ``record_trades=False`` skips the trade list (``n_trades`` still counts
-    trades, the open one included), for Monte Carlo runs that want only the
-    distribution of outcomes; win rate and profit factor are then absent.
+    trades, the open one included), for sweeps and Monte Carlo runs that
+    want only outcomes; the metrics of closed trades (``n_trades``,
+    ``win_rate``, ``profit_factor``) are computed either way.
     """
     _check_costs(cash, commission, slippage, fill)
     # Writable C-contiguous float64, so numba compiles one signature (pandas
@@ -779,9 +784,6 @@ def run_batch(
     if np.any(n_trades < 0):
         _check_targets(targets)  # raises, naming the problem
     metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
-    if compute_metrics and not record_trades:
-        for name in ("n_trades", "win_rate", "profit_factor"):
-            del metrics[name]
     return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
                        trade_array=trades, trade_offsets=trade_offsets, n_trades=n_trades, cash=float(cash), metrics=metrics, times=times)
 
@@ -834,9 +836,7 @@ def backtest_sma_grid(
     the rule ``sma_crossover`` uses) and fed straight to the simulation,
     which computes the metrics while the curve is in cache. ``fast`` and
     ``slow`` broadcast together to P sets (``core.strategies.pair_grid``
-    makes a grid). Keyword arguments are ``run_batch``'s; with
-    ``record_trades=False`` the trade list is not kept, but ``n_trades``,
-    ``win_rate`` and ``profit_factor`` are still computed.
+    makes a grid). Keyword arguments are ``run_batch``'s.
     """
     if mode not in ("cross", "state"):
         raise ValueError(f"mode must be 'cross' or 'state', got {mode!r}")

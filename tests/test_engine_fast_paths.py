@@ -139,6 +139,22 @@ def test_the_compiled_engine_is_the_rules_walked_bar_by_bar():
     assert ruined > 0  # the cases reach ruin, so that path is compared too
 
 
+def test_the_compiled_metrics_are_core_metrics_summary_of_the_curves():
+    # The engine computes each set's metrics right after simulating it, and
+    # the closed trades' statistics as it fills; summary() from the finished
+    # curves, units and trade list must give the same numbers to the bit,
+    # with or without a trade list kept.
+    rng = np.random.default_rng(28)
+    for _ in range(20):
+        open_, close, targets, costs = random_case(rng, 6)
+        batch = run_batch(open_, close, targets, **costs)
+        expected = m.summary(batch.equity, costs["cash"], positions=batch.units, trade_pnl=batch.closed_trade_pnl())
+        lean = run_batch(open_, close, targets, record_trades=False, keep_curves=False, **costs)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(batch.metrics[name], value, err_msg=name)
+            np.testing.assert_array_equal(lean.metrics[name], value, err_msg=name)
+
+
 def test_the_monte_carlo_kernel_equals_the_general_loop():
     # Without metrics or a trade list run_batch takes the path kernel; with a
     # trade list, the general loop. Same equity, units and trade counts.
