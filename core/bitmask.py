@@ -59,8 +59,12 @@ def mask_at_most(x, edge, masks):
         # Unsigned indices: known non-negative, so the loads vectorise (no slices to count references to).
         start = np.uint64(64) * np.uint64(i)
         word = np.uint64(0)
-        for t in range(start, min(start + np.uint64(64), T)):
-            word |= np.uint64(x[t] <= edge) << (t - start)
+        if start + np.uint64(64) <= T:  # a whole word: a fixed trip count the compiler unrolls
+            for j in range(64):
+                word |= np.uint64(x[start + np.uint64(j)] <= edge) << np.uint64(j)
+        else:
+            for t in range(start, T):
+                word |= np.uint64(x[t] <= edge) << (t - start)
         masks[i] = word
         count += popcount(word)
     return count

@@ -321,11 +321,15 @@ def _bits_to_double(bits, cell):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _bit_range(bits):
-    """(lowest, highest) of int64 bit patterns: for non-negative doubles, their order."""
+def _bit_range(bits, start, stop):
+    """(lowest, highest) of int64 bit patterns ``bits[start:stop]``: for non-negative doubles, their order.
+
+    Unsigned indices, not a slice: known non-negative, so the loop
+    vectorises, without reference counting a view per call.
+    """
     lo = _NO_BITS
     hi = -_NO_BITS
-    for i in range(bits.shape[0]):
+    for i in range(np.uint64(start), np.uint64(stop)):
         lo = min(lo, bits[i])
         hi = max(hi, bits[i])
     return lo, hi
@@ -354,19 +358,20 @@ def floor_ratio(equity, initial, cell):
     peak = initial
     ratio = 1.0
     for start in range(0, T, _DRAWDOWN_STRETCH):
-        lo, hi = _bit_range(bits[start:start + _DRAWDOWN_STRETCH])
+        stop = min(start + _DRAWDOWN_STRETCH, T)
+        lo, hi = _bit_range(bits, start, stop)
         peak_bits = _double_to_bits(peak, cell)
         if peak > 0.0 and lo >= 0 and hi <= peak_bits:
             ratio = min(ratio, _bits_to_double(lo, cell) / peak)
             continue
-        for piece in range(start, min(start + _DRAWDOWN_STRETCH, T), _DRAWDOWN_PIECE):
-            lo, hi = _bit_range(bits[piece:piece + _DRAWDOWN_PIECE])
+        for piece in range(start, stop, _DRAWDOWN_PIECE):
+            end = min(piece + _DRAWDOWN_PIECE, stop)
+            lo, hi = _bit_range(bits, piece, end)
             if peak > 0.0 and lo >= 0 and hi <= peak_bits:
                 ratio = min(ratio, _bits_to_double(lo, cell) / peak)
                 continue
-            values = equity[piece:piece + _DRAWDOWN_PIECE]
-            for i in range(values.shape[0]):
-                e = values[i]
+            for i in range(np.uint64(piece), np.uint64(end)):
+                e = equity[i]
                 if e > peak:
                     peak = e
                 elif e <= peak * ratio:

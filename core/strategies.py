@@ -62,10 +62,15 @@ def _sign_masks(fast, slow, above, below):
         start = np.uint64(64) * np.uint64(i)
         a = np.uint64(0)
         b = np.uint64(0)
-        for t in range(start, min(start + np.uint64(64), T)):
-            j = t - start
-            a |= np.uint64(fast[t] > slow[t]) << j
-            b |= np.uint64(fast[t] < slow[t]) << j
+        if start + np.uint64(64) <= T:  # a whole word: a fixed trip count the compiler unrolls
+            for j in range(64):
+                t = start + np.uint64(j)
+                a |= np.uint64(fast[t] > slow[t]) << np.uint64(j)
+                b |= np.uint64(fast[t] < slow[t]) << np.uint64(j)
+        else:
+            for t in range(start, T):
+                a |= np.uint64(fast[t] > slow[t]) << (t - start)
+                b |= np.uint64(fast[t] < slow[t]) << (t - start)
         above[i] = a
         below[i] = b
 
