@@ -6,6 +6,10 @@ Two verbs::
     result = backtest(bars, targets, cash=10_000, commission=0.001)
     batch = backtest_batch(bars, targets_for_many_parameter_sets)   # [P, T]
 
+and, for a parameter sweep of the SMA crossover, one fused call::
+
+    grid = backtest_sma_grid(bars, *pair_grid(range(2, 101), range(3, 251)), keep_curves=False)
+
 A *target* is the fraction of equity to hold after bar ``t``'s close, in
 [-1, 1], decided from bars ``<= t`` (what ``core.strategies`` and the ensemble
 produce). The rules, which the tests pin down to the cent:
@@ -40,11 +44,19 @@ produce). The rules, which the tests pin down to the cent:
 
 Fills use only ``open`` and ``close``: there are no stop or limit orders, so
 ``high`` and ``low`` are not needed. The inner loop is compiled with numba
-(``cache=True``) and runs parameter sets in parallel; each set's metrics
-(``core.metrics.summary_row``) are computed in the same loop, while its
-curve is still in cache. ``simulate_paths`` runs the same loop over Monte
-Carlo price paths, and ``simulate_paths_torch`` runs the same rules in torch
-for large batches on a GPU (tested equal to the compiled loop).
+(``cache=True``) and runs parameter sets in parallel. It is driven by the
+bars where a target changes: between two orders equity is one vectorised
+loop, and the order logic runs only where there is an order. Each set's
+metrics (``core.metrics.summary_core``) are computed right after its
+simulation, while its curve is still in cache. ``backtest_sma_grid`` runs a
+grid of SMA crossovers from bars and windows, feeding the crossover's
+change bars straight to the simulation (no ``[P, T]`` target matrix), with
+the same results as ``backtest_batch(bars, sma_crossover(...))``.
+``simulate_paths`` runs Monte Carlo price paths through a kernel that
+keeps no trade list (the same fills and equity as the general loop), and
+``simulate_paths_torch`` runs the same rules in torch for large batches on a
+GPU (tested equal to the compiled loop). tests/test_engine_fast_paths.py
+holds all of these to the rules walked bar by bar in plain Python.
 
 With its defaults the engine reproduces backtesting.py (0.6) running an
 always-in-the-market strategy with ``buy()``/``sell()`` after
@@ -65,11 +77,14 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import numba
 from numba import njit, prange
 
 from core import metrics as _metrics
-from core.metrics import summary_row
-from core.features import price_arrays
+from core.metrics import floor_ratio, returns_into, summary_core
+from core.bitmask import trailing_zeros
+from core.features import price_arrays, sma_table
+from core.strategies import sma_cross_changes
 
 # Columns of the raw trade array [P, K, N_TRADE_FIELDS].
 ENTRY_BAR, EXIT_BAR, ENTRY_PRICE, EXIT_PRICE, SIZE, PNL, COMMISSION, IS_OPEN = range(8)
@@ -79,51 +94,81 @@ N_TRADE_FIELDS = 8
 # price can round up past what the cash pays for.
 _FULL = 1.0 - 2.0**-52
 
-# Indices into the per-run state vector of the compiled loop.
-_CASH, _UNITS, _EP_ENTRY_BAR, _EP_IN_UNITS, _EP_IN_VALUE, _EP_OUT_UNITS, _EP_OUT_VALUE, _EP_COMM, _EP_SIGN = range(9)
 
 
 @njit(cache=True, inline="always")
-def _fill(state, units_delta, price, bar, commission, slippage, trades, n_trades):
-    """Trade ``units_delta`` at ``price`` (before slippage); returns the new trade count."""
-    if units_delta == 0.0:
-        return n_trades
+def _fill_terms(units_delta, price, commission, slippage):
+    """(fill price, quantity, commission) of trading ``units_delta`` at ``price`` before slippage."""
     fill_price = price * (1.0 + slippage) if units_delta > 0 else price * (1.0 - slippage)
     qty = abs(units_delta)
-    fee = qty * fill_price * commission
-    state[_CASH] -= units_delta * fill_price + fee
-    before = state[_UNITS]
-    after = before + units_delta
-    if before == 0.0:
-        state[_EP_ENTRY_BAR] = bar
-        state[_EP_SIGN] = 1.0 if units_delta > 0 else -1.0
-        state[_EP_IN_UNITS] = 0.0
-        state[_EP_IN_VALUE] = 0.0
-        state[_EP_OUT_UNITS] = 0.0
-        state[_EP_OUT_VALUE] = 0.0
-        state[_EP_COMM] = 0.0
-    state[_EP_COMM] += fee
-    if units_delta * state[_EP_SIGN] > 0:
-        state[_EP_IN_UNITS] += qty
-        state[_EP_IN_VALUE] += qty * fill_price
+    return fill_price, qty, qty * fill_price * commission
+
+
+@njit(cache=True, inline="always")
+def _fill(book, units_delta, price, bar, commission, slippage, trades, n_trades):
+    """Trade ``units_delta`` at ``price`` (before slippage); returns (the new book, the new trade count).
+
+    ``book`` is the account, its open trade and its closed trades, as a
+    tuple of numbers (they stay in registers): cash, units; the open
+    trade's entry bar, side, units and value bought into it, units and
+    value sold out of it, and commission paid; then ``core.metrics``' trade
+    statistics of the closed trades (count, wins, gross profit, gross
+    loss). A fill that leaves the account flat closes the trade: into the
+    statistics, and into ``trades[n_trades]`` (a zero-row table records
+    nothing).
+    """
+    (cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid,
+     closed, wins, gains, losses) = book
+    if units_delta == 0.0:
+        return book, n_trades
+    fill_price, qty, fee = _fill_terms(units_delta, price, commission, slippage)
+    cash -= units_delta * fill_price + fee
+    if units == 0.0:
+        entry_bar = bar
+        sign = 1.0 if units_delta > 0 else -1.0
+        in_units = 0.0
+        in_value = 0.0
+        out_units = 0.0
+        out_value = 0.0
+        paid = 0.0
+    paid += fee
+    if units_delta * sign > 0:
+        in_units += qty
+        in_value += qty * fill_price
     else:
-        state[_EP_OUT_UNITS] += qty
-        state[_EP_OUT_VALUE] += qty * fill_price
-    state[_UNITS] = after
-    if after == 0.0 and n_trades < trades.shape[0]:  # a zero-row table records nothing (Monte Carlo)
-        sign = state[_EP_SIGN]
-        row = trades[n_trades]
-        row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
-        row[EXIT_BAR] = bar
-        row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
-        row[EXIT_PRICE] = state[_EP_OUT_VALUE] / state[_EP_OUT_UNITS]
-        row[SIZE] = sign * state[_EP_IN_UNITS]
-        row[PNL] = sign * (state[_EP_OUT_VALUE] - state[_EP_IN_VALUE]) - state[_EP_COMM]
-        row[COMMISSION] = state[_EP_COMM]
-        row[IS_OPEN] = 0.0
-    if after == 0.0:
+        out_units += qty
+        out_value += qty * fill_price
+    units = units + units_delta
+    if units == 0.0:
+        pnl = sign * (out_value - in_value) - paid
+        closed += 1.0
+        if pnl > 0.0:
+            wins += 1.0
+            gains += pnl
+        elif pnl < 0.0:
+            losses -= pnl
+        if n_trades < trades.shape[0]:
+            row = trades[n_trades]
+            row[ENTRY_BAR] = entry_bar
+            row[EXIT_BAR] = bar
+            row[ENTRY_PRICE] = in_value / in_units
+            row[EXIT_PRICE] = out_value / out_units
+            row[SIZE] = sign * in_units
+            row[PNL] = pnl
+            row[COMMISSION] = paid
+            row[IS_OPEN] = 0.0
         n_trades += 1
-    return n_trades
+    return (cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid,
+            closed, wins, gains, losses), n_trades
+
+
+@njit(cache=True, inline="always")
+def _closed_into(book, closed_stats):
+    """Copy the book's closed-trade statistics (see ``_fill``) out."""
+    closed_stats[0] = book[9]
+    closed_stats[1] = book[10]
+    closed_stats[2] = book[11]
+    closed_stats[3] = book[12]
 
 
 @njit(cache=True, inline="always")
@@ -137,132 +182,239 @@ def _target_units(equity, target, price, commission, slippage, whole_units, curr
     direction = 1.0 if target > 0 else -1.0
     budget = equity * abs(target) * _FULL
     add_price = price * (1.0 + direction * slippage)
-    cut_price = price * (1.0 - direction * slippage)
     size_add = budget / (add_price * (1.0 + commission))
-    size_cut = budget / (cut_price * (1.0 + commission))
     if whole_units:
         size_add = np.floor(size_add)
-        size_cut = np.floor(size_cut)
     held = abs(current)
     if held < size_add:
-        return direction * size_add
+        return direction * size_add  # the usual case, opening: no need for the other side of the band
+    cut_price = price * (1.0 - direction * slippage)
+    size_cut = budget / (cut_price * (1.0 + commission))
+    if whole_units:
+        size_cut = np.floor(size_cut)
     if held > size_cut:
         return direction * size_cut
     return current
 
 
 @njit(cache=True, inline="always")
-def _rebalance(state, target, price, bar, commission, slippage, whole_units, trades, n_trades):
-    """Turn a new target into fills at ``price``; returns the new trade count."""
-    units = state[_UNITS]
+def _rebalance(book, target, price, bar, commission, slippage, whole_units, trades, n_trades):
+    """Turn a new target into fills at ``price``; returns (the new book, the new trade count)."""
+    units = book[1]
     if units != 0.0 and (target == 0.0 or (target > 0) != (units > 0)):
-        n_trades = _fill(state, -units, price, bar, commission, slippage, trades, n_trades)
+        book, n_trades = _fill(book, -units, price, bar, commission, slippage, trades, n_trades)
     if target != 0.0:
-        units = state[_UNITS]
-        equity = state[_CASH] + units * price
+        units = book[1]
+        equity = book[0] + units * price
         if equity > 0:
             goal = _target_units(equity, target, price, commission, slippage, whole_units, units)
-            n_trades = _fill(state, goal - units, price, bar, commission, slippage, trades, n_trades)
-    return n_trades
+            book, n_trades = _fill(book, goal - units, price, bar, commission, slippage, trades, n_trades)
+    return book, n_trades
 
 
-@njit(cache=True)
-def _run_one(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash0, close_at_end,
-             equity_out, units_out, trades):
+@njit(cache=True, error_model="numpy")
+def _mark_to_market(close, cash, units, start, stop, equity_out):
+    """Equity over bars [start, stop) with no order among them; returns how many are <= 0.
+
+    This loop runs on every bar, so it must vectorise: its index is
+    unsigned, because one the compiler cannot prove non-negative (numba
+    wraps negative indices) turns every load and store into a gather or
+    scatter, and slicing instead costs reference counting on every call.
+    """
+    broke = 0
+    for t in range(np.uint64(start), np.uint64(stop)):
+        e = cash + units * close[t]
+        equity_out[t] = e
+        broke += e <= 0.0
+    return broke
+
+
+@njit(cache=True, error_model="numpy")
+def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, slippage, whole_units, cash0,
+              close_at_end, equity_out, units_out, trades, closed_stats):
+    """One backtest, driven by the bars where the target changes.
+
+    ``ev_bar[:n_ev]`` are the bars (increasing) whose target differs from
+    the previous bar's, ``ev_target`` the new targets: what a strategy
+    decided, not when it fills. Between two orders nothing trades, so the
+    equity of that stretch is one plain loop (vectorised); the order logic
+    runs only on the bars that have one. ``units_out`` may have length 0
+    (not kept). Returns ``(trades, bars held)``, or ``(-1, 0)`` when an
+    order's target is outside [-1, 1] or NaN; ``closed_stats`` receives the
+    closed trades' statistics (count, wins, gross profit, gross loss).
+    """
     T = close.shape[0]
-    state = np.zeros(9)
-    # Cash and units live in locals on the hot path (most bars trade nothing)
-    # and in ``state`` only around fills.
-    cash = cash0
-    units = 0.0
-    acted = 0.0  # the last target turned into an order
+    keep_units = units_out.shape[0] > 0
+    lag = 0 if fill_on_close else 1  # an order fills on its own bar's close, or at the next open
+    book = (cash0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # see _fill
     n_trades = 0
-    t = 0
-    while t < T:
-        if fill_on_close:
-            target = targets[t]
-            price = close[t]
-            pending = target != acted
-        else:
-            target = targets[t - 1] if t > 0 else 0.0
-            price = open_[t]
-            pending = t > 0 and target != acted
-        if pending:
-            if not (-1.0 <= target <= 1.0):  # NaN fails too; only a change needs checking
-                return -1
-            state[_CASH] = cash
-            state[_UNITS] = units
-            n_trades = _rebalance(state, target, price, t, commission, slippage, whole_units, trades, n_trades)
-            cash = state[_CASH]
-            units = state[_UNITS]
-            acted = target
-        equity = cash + units * close[t]
-        if equity <= 0.0:
+    held = 0
+    start = 0
+    k = 0
+    while True:
+        stop = ev_bar[k] + lag if k < n_ev else T
+        if stop > T:
+            stop = T  # the last bar's order, with next-open fills: never filled
+        # No order in [start, stop): mark to market, and look for ruin.
+        cash, units = book[0], book[1]
+        broke = _mark_to_market(close, cash, units, start, stop, equity_out)
+        if keep_units:
+            units_out[start:stop] = units
+        if broke:
+            t = start
+            while equity_out[t] > 0.0:
+                t += 1
+            if units != 0.0:
+                held += t - start
             # Out of money: liquidate at this close and stop, as a broker would.
-            state[_CASH] = cash
-            state[_UNITS] = units
-            n_trades = _fill(state, -units, close[t], t, commission, slippage, trades, n_trades)
-            cash = 0.0
-            units = 0.0
+            book, n_trades = _fill(book, -units, close[t], t, commission, slippage, trades, n_trades)
             equity_out[t:] = 0.0
-            units_out[t:] = 0.0
+            if keep_units:
+                units_out[t:] = 0.0
+            _closed_into(book, closed_stats)
+            return n_trades, held
+        if units != 0.0:
+            held += stop - start
+        if stop == T:
             break
-        equity_out[t] = equity
-        units_out[t] = units
-        t += 1
-    state[_CASH] = cash
-    state[_UNITS] = units
+        target = ev_target[k]
+        k += 1
+        if not (-1.0 <= target <= 1.0):  # NaN fails too; only an order needs checking
+            return -1, 0
+        price = close[stop] if fill_on_close else open_[stop]
+        book, n_trades = _rebalance(book, target, price, stop, commission, slippage, whole_units, trades, n_trades)
+        start = stop
+    cash, units, entry_bar, sign, in_units, in_value, out_units, out_value, paid = book[:9]
     if units != 0.0:
         if close_at_end:
-            n_trades = _fill(state, -units, close[T - 1], T - 1, commission, slippage, trades, n_trades)
-            equity_out[T - 1] = state[_CASH]
-            units_out[T - 1] = 0.0
+            book, n_trades = _fill(book, -units, close[T - 1], T - 1, commission, slippage, trades, n_trades)
+            equity_out[T - 1] = book[0]
+            if keep_units:
+                units_out[T - 1] = 0.0
+            held -= 1
         else:
             if n_trades < trades.shape[0]:
-                sign = state[_EP_SIGN]
-                held = abs(units)
+                qty = abs(units)
                 row = trades[n_trades]
-                row[ENTRY_BAR] = state[_EP_ENTRY_BAR]
+                row[ENTRY_BAR] = entry_bar
                 row[EXIT_BAR] = -1.0
-                row[ENTRY_PRICE] = state[_EP_IN_VALUE] / state[_EP_IN_UNITS]
+                row[ENTRY_PRICE] = in_value / in_units
                 row[EXIT_PRICE] = close[T - 1]
-                row[SIZE] = sign * state[_EP_IN_UNITS]
+                row[SIZE] = sign * in_units
                 # Unrealised: what closing at the last close would give, before exit commission.
-                row[PNL] = (sign * (state[_EP_OUT_VALUE] + held * close[T - 1] - state[_EP_IN_VALUE])
-                            - state[_EP_COMM])
-                row[COMMISSION] = state[_EP_COMM]
+                row[PNL] = sign * (out_value + qty * close[T - 1] - in_value) - paid
+                row[COMMISSION] = paid
                 row[IS_OPEN] = 1.0
             n_trades += 1
-    return n_trades
+    _closed_into(book, closed_stats)
+    return n_trades, held
+
+
+@njit(cache=True, inline="always")
+def _target_changes(targets, ev_bar, ev_target):
+    """The bars where ``targets`` differs from the bar before (the first bar: from 0), into ``ev_*``.
+
+    Branch-free: every bar is written and the count moves on only at a
+    change, so a target that flips every other bar costs no mispredictions.
+    """
+    n = 0
+    prev = 0.0
+    for t in range(targets.shape[0]):
+        x = targets[t]
+        ev_bar[n] = t
+        ev_target[n] = x
+        n += x != prev  # NaN differs from everything, so it becomes an order and is refused there
+        prev = x
+    return n
+
+
+@njit(cache=True, error_model="numpy")
+def _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch, cell, out):
+    """``core.metrics.summary_core`` of a curve ``_simulate`` just wrote (still in cache), as ``summary_row`` would."""
+    returns_into(equity, cash, scratch)
+    lowest, peak = floor_ratio(equity, cash, cell)
+    summary_core(equity, cash, lowest, peak, held, int(closed_stats[0]), int(closed_stats[1]), closed_stats[2],
+                 closed_stats[3], periods_per_year, tail, scratch, out)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
+               keep_curves, equity_out, units_out, trades, trade_offsets, n_trades,
+               compute_metrics, periods_per_year, tail, metrics_out, n_chunks):
+    P, T = targets.shape
+    last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
+    per = -(-P // n_chunks)
+    for c in prange(n_chunks):
+        ev_bar = np.empty(T, dtype=np.int64)
+        ev_target = np.empty(T)
+        scratch_m = np.empty(2 * T + (T + 63) // 64 if compute_metrics else 0)  # metrics.scratch_size
+        cell = np.empty(1, dtype=np.int64)
+        closed_stats = np.empty(4)
+        # A sweep that wants only metrics keeps one curve at a time, in cache.
+        scratch = np.empty(0 if keep_curves else T)
+        no_units = np.empty(0)
+        for p in range(c * per, min(P, (c + 1) * per)):
+            row = min(np.int64(p), last_row)
+            equity = equity_out[p] if keep_curves else scratch
+            units = units_out[p] if keep_curves else no_units
+            mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
+            n_ev = _target_changes(targets[p], ev_bar, ev_target)
+            n, held = _simulate(open_[row], close[row], ev_bar, ev_target, n_ev, fill_on_close, commission,
+                                slippage, whole_units, cash, close_at_end, equity, units, mine, closed_stats)
+            n_trades[p] = n
+            if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
+                _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch_m, cell, metrics_out[p])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, short, fill_on_close, commission,
+                  slippage, whole_units, cash, close_at_end, keep_curves, equity_out, units_out, trades,
+                  trade_offsets, n_trades, compute_metrics, periods_per_year, tail, metrics_out, n_chunks):
+    """``_run_batch`` for SMA crossover targets, read from the SMA table instead of a ``[P, T]`` target matrix.
+
+    Runs the parameter sets ``sets`` (indices into ``fast_row``/``slow_row``);
+    with ``record_trades=False`` no rows are reserved in ``trades`` and none
+    are written (the metrics take the closed trades from ``_simulate``).
+    """
+    n_sets = sets.shape[0]
+    T = close.shape[0]
+    per = -(-n_sets // n_chunks)
+    for c in prange(n_chunks):
+        ev_bar = np.empty(T, dtype=np.int64)
+        ev_target = np.empty(T)
+        scratch_m = np.empty(2 * T + (T + 63) // 64 if compute_metrics else 0)  # metrics.scratch_size
+        cell = np.empty(1, dtype=np.int64)
+        scratch = np.empty(0 if keep_curves else T)
+        no_units = np.empty(0)
+        closed_stats = np.empty(4)
+        masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # strategies.cross_scratch_size
+        for i in range(c * per, min(n_sets, (c + 1) * per)):
+            p = sets[i]
+            n_ev = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target,
+                                     masks)
+            mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
+            equity = equity_out[p] if keep_curves else scratch
+            units = units_out[p] if keep_curves else no_units
+            n, held = _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, slippage,
+                                whole_units, cash, close_at_end, equity, units, mine, closed_stats)
+            n_trades[p] = n
+            if compute_metrics:
+                _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch_m, cell, metrics_out[p])
 
 
 @njit(cache=True, parallel=True)
-def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash, close_at_end,
-               keep_curves, equity_out, units_out, trades, trade_offsets, n_trades,
-               compute_metrics, periods_per_year, tail_k, tail_frac, tail_mass, tail_z, metrics_out):
-    P, T = targets.shape
-    last_row = close.shape[0] - 1  # 0 when every parameter set shares one market
-    for p in prange(P):
-        row = min(np.int64(p), last_row)
-        if keep_curves:
-            equity = equity_out[p]
-            units = units_out[p]
-        else:
-            # A sweep that wants only metrics keeps one row at a time, in cache.
-            equity = np.empty(T)
-            units = np.empty(T)
-        mine = trades[trade_offsets[p]:trade_offsets[p + 1]]
-        n = _run_one(open_[row], close[row], targets[p], fill_on_close, commission, slippage,
-                     whole_units, cash, close_at_end, equity, units, mine)
-        n_trades[p] = n
-        if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
-            recorded = min(n, mine.shape[0])
-            pnl = np.full(recorded, np.nan)
-            for k in range(recorded):
-                if mine[k, IS_OPEN] == 0.0:
-                    pnl[k] = mine[k, PNL]
-            summary_row(equity, cash, units, pnl, periods_per_year, tail_k, tail_frac, tail_mass, tail_z,
-                        metrics_out[p])
+def _count_sma_changes(table, fast_row, slow_row, cross_events, short, changes, n_chunks):
+    """How often each set's crossover target changes: the bound that sizes its trade table."""
+    P = changes.shape[0]
+    T = table.shape[1]
+    per = -(-P // n_chunks)
+    for c in prange(n_chunks):
+        ev_bar = np.empty(T, dtype=np.int64)
+        ev_target = np.empty(T)
+        masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # strategies.cross_scratch_size
+        for p in range(c * per, min(P, (c + 1) * per)):
+            changes[p] = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar,
+                                           ev_target, masks)
 
 
 @dataclass
@@ -381,12 +533,152 @@ def _scan_targets(targets, changes):
     return bad
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _rebalance_cash(cash, units, target, price, commission, slippage, whole_units):
+    """``_rebalance`` for cash and units alone: (cash, units, positions closed). No trade list, no
+    bookkeeping of trades: the same fills, with the same arithmetic (``_fill_terms``)."""
+    closed = 0
+    if units != 0.0 and (target == 0.0 or (target > 0) != (units > 0)):
+        fill_price, qty, fee = _fill_terms(-units, price, commission, slippage)
+        cash -= -units * fill_price + fee
+        units = units + -units
+        closed += 1
+    if target != 0.0:
+        equity = cash + units * price
+        if equity > 0:
+            delta = _target_units(equity, target, price, commission, slippage, whole_units, units) - units
+            if delta != 0.0:
+                fill_price, qty, fee = _fill_terms(delta, price, commission, slippage)
+                cash -= delta * fill_price + fee
+                units = units + delta
+                closed += units == 0.0
+    return cash, units, closed
+
+
+@njit(cache=True, inline="always")
+def _path_end(closes, commission, slippage, close_at_end, keep_curves, equity, held, cash, units, trades):
+    """The trade count after a path's last bar, closing the position there if asked."""
+    if trades >= 0 and units != 0.0:
+        trades += 1  # the open position, or its close at the end
+        if close_at_end:
+            T = closes.shape[0]
+            fill_price, qty, fee = _fill_terms(-units, closes[T - 1], commission, slippage)
+            cash -= -units * fill_price + fee
+            if keep_curves:
+                equity[T - 1] = cash
+                held[T - 1] = 0.0
+    return trades
+
+
+@njit(cache=True, error_model="numpy")
+def _change_masks(targets, masks):
+    """Bit masks (``core.bitmask``) of the bars whose target differs from the bar before (bar 0: from 0)."""
+    T = targets.shape[0]
+    for i in range((T + 63) // 64):
+        now = targets[64 * i:64 * i + 64]
+        word = np.uint64(0)
+        if i == 0:
+            word = np.uint64(now[0] != 0.0)
+            for j in range(1, now.shape[0]):
+                word |= np.uint64(now[j] != now[j - 1]) << np.uint64(j)
+        else:
+            before = targets[64 * i - 1:64 * i + 63]
+            for j in range(now.shape[0]):
+                word |= np.uint64(now[j] != before[j]) << np.uint64(j)
+        masks[i] = word
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _run_paths(open_, close, targets, fill_on_close, commission, slippage, whole_units, cash0, close_at_end,
+               keep_curves, equity_out, units_out, n_trades, n_chunks):
+    """``_run_batch`` without trade lists or metrics, for Monte Carlo.
+
+    A Monte Carlo rule may trade every few bars, so finding its orders must
+    cost little per bar: the changes of target go into bit masks in one
+    vectorised pass and are visited a set bit at a time; between two
+    orders equity is marked bar by bar, and an order costs its fills
+    (``_rebalance_cash``, the engine's arithmetic without the trade
+    bookkeeping). Equity, units and trade counts equal ``_run_batch``'s
+    (tested).
+    """
+    P, T = targets.shape
+    last_row = close.shape[0] - 1
+    n_words = (T + 63) // 64
+    lag = 0 if fill_on_close else 1  # an order fills on its own bar's close, or at the next open
+    per = -(-P // n_chunks)
+    for c in prange(n_chunks):
+        no_curve = np.empty(0)
+        masks = np.empty(n_words, dtype=np.uint64)
+        for p in range(c * per, min(P, (c + 1) * per)):
+            row = min(np.int64(p), last_row)
+            closes = close[row]
+            opens = open_[row]
+            wanted = targets[p]
+            equity = equity_out[p] if keep_curves else no_curve
+            held = units_out[p] if keep_curves else no_curve
+            _change_masks(wanted, masks)
+            cash = cash0
+            units = 0.0
+            trades = 0
+            start = 0
+            trading = True
+            for i in range(n_words + 1):
+                word = masks[i] if i < n_words else np.uint64(1)  # past the last word: the end, as an order at T
+                while trading and word:
+                    stop = T if i == n_words else min(T, 64 * i + np.int64(trailing_zeros(word)) + lag)
+                    word &= word - np.uint64(1)
+                    for t in range(start, stop):
+                        e = cash + units * closes[t]
+                        if e <= 0.0:
+                            # Out of money: liquidate at this close and stop.
+                            if units != 0.0:
+                                fill_price, qty, fee = _fill_terms(-units, closes[t], commission, slippage)
+                                cash -= -units * fill_price + fee
+                                trades += 1
+                            units = 0.0
+                            if keep_curves:
+                                equity[t:] = 0.0
+                                held[t:] = 0.0
+                            trading = False
+                            break
+                        if keep_curves:
+                            equity[t] = e
+                            held[t] = units
+                    start = stop
+                    if not trading or stop == T:
+                        trading = False
+                        break
+                    target = wanted[stop - lag]
+                    if not (-1.0 <= target <= 1.0):  # NaN fails too
+                        trades = -1
+                        trading = False
+                        break
+                    price = closes[stop] if fill_on_close else opens[stop]
+                    cash, units, closed = _rebalance_cash(cash, units, target, price, commission, slippage,
+                                                          whole_units)
+                    trades += closed
+                if not trading:
+                    break
+            n_trades[p] = _path_end(closes, commission, slippage, close_at_end, keep_curves, equity, held, cash,
+                                    units, trades)
+
+
+@njit(cache=True, error_model="numpy")
 def _all_positive_finite(a):
-    for x in a.ravel():
-        if not (0.0 < x < np.inf):
-            return False
-    return True
+    # Counted, not searched: a loop without an early exit vectorises, and
+    # prices are almost always fine (this runs over every Monte Carlo path).
+    flat = a.ravel()
+    bad = 0
+    for i in range(flat.shape[0]):
+        x = flat[i]
+        bad += not (0.0 < x < np.inf)
+    return bad == 0
+
+
+def _n_chunks(n: int) -> int:
+    """How many contiguous chunks a compiled loop splits ``n`` runs into: a few per
+    thread, for balance; each chunk allocates its scratch arrays once."""
+    return max(1, min(n, 4 * numba.get_num_threads()))
 
 
 def _check_targets(targets: np.ndarray) -> np.ndarray:
@@ -405,6 +697,15 @@ def _bar_times(bars: Any) -> np.ndarray | None:
         if isinstance(bars.index, pd.DatetimeIndex):
             return bars.index.to_numpy()
     return None
+
+
+def _check_costs(cash: float, commission: float, slippage: float, fill: str) -> None:
+    if fill not in ("open", "close"):
+        raise ValueError(f"fill must be 'open' or 'close', got {fill!r}")
+    if cash <= 0:
+        raise ValueError("cash must be positive")
+    if commission < 0 or slippage < 0 or slippage >= 1:
+        raise ValueError("commission must be >= 0 and slippage in [0, 1)")
 
 
 def run_batch(
@@ -436,15 +737,11 @@ def run_batch(
     ``[P, T]`` equity and unit curves, for sweeps that only rank parameter
     sets: it saves the memory traffic, which costs more than the simulation.
     ``record_trades=False`` skips the trade list (``n_trades`` still counts
-    trades, the open one included), for Monte Carlo runs that want only the
-    distribution of outcomes; win rate and profit factor are then absent.
+    trades, the open one included), for sweeps and Monte Carlo runs that
+    want only outcomes; the metrics of closed trades (``n_trades``,
+    ``win_rate``, ``profit_factor``) are computed either way.
     """
-    if fill not in ("open", "close"):
-        raise ValueError(f"fill must be 'open' or 'close', got {fill!r}")
-    if cash <= 0:
-        raise ValueError("cash must be positive")
-    if commission < 0 or slippage < 0 or slippage >= 1:
-        raise ValueError("commission must be >= 0 and slippage in [0, 1)")
+    _check_costs(cash, commission, slippage, fill)
     # Writable C-contiguous float64, so numba compiles one signature (pandas
     # hands out read-only views, a different type to numba).
     targets, close, open_ = (
@@ -475,17 +772,18 @@ def run_batch(
     trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
     n_trades = np.zeros(P, dtype=np.int64)
     table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
-    tail = _metrics.tail_weights(T, alpha) if compute_metrics else (0, 0.0, 1.0, 0.0)
-    _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
-               float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets, n_trades,
-               bool(compute_metrics), float(periods_per_year), int(tail[0]), float(tail[1]), float(tail[2]),
-               float(tail[3]), table)
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(6)
+    if compute_metrics or record_trades:
+        _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
+                   float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets,
+                   n_trades, bool(compute_metrics), float(periods_per_year), tail, table, _n_chunks(P))
+    else:
+        # Monte Carlo: outcomes only.
+        _run_paths(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
+                   float(cash), bool(close_at_end), bool(keep_curves), equity, units, n_trades, _n_chunks(P))
     if np.any(n_trades < 0):
         _check_targets(targets)  # raises, naming the problem
     metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
-    if compute_metrics and not record_trades:
-        for name in ("n_trades", "win_rate", "profit_factor"):
-            del metrics[name]
     return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
                        trade_array=trades, trade_offsets=trade_offsets, n_trades=n_trades, cash=float(cash), metrics=metrics, times=times)
 
@@ -506,6 +804,95 @@ def backtest(bars: Any, targets: np.ndarray, **kwargs) -> BacktestResult:
     if targets.ndim != 1:
         raise ValueError("backtest() takes one series of targets [T]; use backtest_batch for [P, T]")
     return backtest_batch(bars, targets[None, :], **kwargs)[0]
+
+
+def backtest_sma_grid(
+    bars: Any,
+    fast,
+    slow,
+    *,
+    mode: str = "cross",
+    sma_method: str = "window",
+    allow_short: bool = True,
+    cash: float = 10_000.0,
+    commission: float = 0.0,
+    slippage: float = 0.0,
+    fill: str = "open",
+    whole_units: bool = True,
+    close_at_end: bool = False,
+    compute_metrics: bool = True,
+    keep_curves: bool = True,
+    record_trades: bool = True,
+    periods_per_year: float = _metrics.TRADING_DAYS_PER_YEAR,
+    alpha: float = 0.05,
+) -> BatchResult:
+    """A grid of SMA crossovers in one compiled pass, from bars and windows to metrics.
+
+    The same result as ``backtest_batch(bars, sma_crossover(bars, fast, slow,
+    mode=mode, sma_method=sma_method, allow_short=allow_short), ...)`` (the
+    tests hold the two equal), without its ``[P, T]`` target matrix: each
+    distinct window's SMA is computed once, and each parameter set's target
+    changes are read off its two SMA rows (``core.strategies.sma_cross_changes``,
+    the rule ``sma_crossover`` uses) and fed straight to the simulation,
+    which computes the metrics while the curve is in cache. ``fast`` and
+    ``slow`` broadcast together to P sets (``core.strategies.pair_grid``
+    makes a grid). Keyword arguments are ``run_batch``'s.
+    """
+    if mode not in ("cross", "state"):
+        raise ValueError(f"mode must be 'cross' or 'state', got {mode!r}")
+    _check_costs(cash, commission, slippage, fill)
+    fast_a, slow_a = (np.ascontiguousarray(a.ravel()) for a in
+                      np.broadcast_arrays(np.atleast_1d(np.asarray(fast)), np.atleast_1d(np.asarray(slow))))
+    if np.any(fast_a < 1) or np.any(slow_a < 1):
+        raise ValueError("SMA windows must be >= 1")
+    p = price_arrays(bars, ("open", "close"))
+    open_, close = (np.require(p[k], requirements=("C", "W")) for k in ("open", "close"))
+    T = close.shape[0]
+    if T == 0:
+        raise ValueError("no bars")
+    if not (_all_positive_finite(close) and _all_positive_finite(open_)):
+        raise ValueError("open and close prices must be finite and positive")
+    P = fast_a.shape[0]
+    # Each distinct window's SMA once. Windows are small integers, so a
+    # presence table maps them to rows without sorting the grid.
+    fast_a, slow_a = fast_a.astype(np.int64), slow_a.astype(np.int64)
+    longest = int(max(fast_a.max(initial=0), slow_a.max(initial=0)))
+    if longest <= 1_000_000:
+        present = np.zeros(longest + 1, dtype=bool)
+        present[fast_a] = True
+        present[slow_a] = True
+        windows = np.flatnonzero(present)
+        row_of = np.cumsum(present) - 1
+        fast_row, slow_row = row_of[fast_a], row_of[slow_a]
+    else:
+        windows, rows = np.unique(np.concatenate([fast_a, slow_a]), return_inverse=True)
+        fast_row, slow_row = rows[:P].astype(np.int64), rows[P:].astype(np.int64)
+    table = np.require(sma_table(close, windows, sma_method), requirements=("C", "W"))
+    cross_events = mode == "cross"
+    short = -1.0 if allow_short else 0.0
+    chunks = _n_chunks(P)
+    if record_trades:
+        changes = np.empty(P, dtype=np.int64)
+        _count_sma_changes(table, fast_row, slow_row, cross_events, short, changes, chunks)
+        trade_offsets = np.concatenate(([0], np.cumsum(changes + 1))).astype(np.int64)
+    else:
+        trade_offsets = np.zeros(P + 1, dtype=np.int64)
+    trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
+    curve_shape = (P, T) if keep_curves else (0, 0)
+    equity = np.empty(curve_shape)
+    units = np.empty(curve_shape)
+    n_trades = np.zeros(P, dtype=np.int64)
+    metrics_table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
+    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(6)
+    _run_sma_grid(open_, close, table, fast_row, slow_row, np.arange(P), cross_events, short, fill == "close",
+                  float(commission), float(slippage), bool(whole_units), float(cash), bool(close_at_end),
+                  bool(keep_curves), equity, units, trades, trade_offsets, n_trades, bool(compute_metrics),
+                  float(periods_per_year), tail, metrics_table, chunks)
+    metrics = ({name: metrics_table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)}
+               if compute_metrics else {})
+    return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
+                       trade_array=trades, trade_offsets=trade_offsets, n_trades=n_trades, cash=float(cash),
+                       metrics=metrics, times=_bar_times(bars))
 
 
 def simulate_paths(

@@ -142,71 +142,112 @@ def rolling_std(x: np.ndarray, n: int) -> np.ndarray:
     return _pad_front(_window_view(x, n).std(axis=-1, ddof=1), x.shape[-1])
 
 
+@njit(cache=True, inline="always")
+def _kahan_roll(values, i, n, s, comp_add, comp_remove):
+    """One bar of pandas' fixed-window running sum: drop ``values[i - n]``, add ``values[i]``.
+
+    Kahan-compensated, with separate compensations for adding and
+    removing, in pandas' order (``roll_mean``'s remove_mean, then add_mean).
+    """
+    if i >= n:
+        y = -values[i - n] - comp_remove
+        t = s + y
+        comp_remove = t - s - y
+        s = t
+    y = values[i] - comp_add
+    t = s + y
+    comp_add = t - s - y
+    return t, comp_add, comp_remove
+
+
+@njit(cache=True)
+def _running_sums_8(values, n0, n1, n2, n3, n4, n5, n6, n7, r0, r1, r2, r3, r4, r5, r6, r7):
+    """pandas' running sums for eight windows, advanced together through the bars.
+
+    Each window's sum is a chain of dependent additions; eight independent
+    chains keep the core busy where one would leave it waiting. Only the
+    sums: their state is three doubles per window, so all eight stay in
+    registers, and what pandas does with them is ``_finish_means``'s job.
+    """
+    s0 = a0 = c0 = s1 = a1 = c1 = s2 = a2 = c2 = s3 = a3 = c3 = 0.0
+    s4 = a4 = c4 = s5 = a5 = c5 = s6 = a6 = c6 = s7 = a7 = c7 = 0.0
+    for i in range(values.shape[0]):
+        s0, a0, c0 = _kahan_roll(values, i, n0, s0, a0, c0)
+        s1, a1, c1 = _kahan_roll(values, i, n1, s1, a1, c1)
+        s2, a2, c2 = _kahan_roll(values, i, n2, s2, a2, c2)
+        s3, a3, c3 = _kahan_roll(values, i, n3, s3, a3, c3)
+        s4, a4, c4 = _kahan_roll(values, i, n4, s4, a4, c4)
+        s5, a5, c5 = _kahan_roll(values, i, n5, s5, a5, c5)
+        s6, a6, c6 = _kahan_roll(values, i, n6, s6, a6, c6)
+        s7, a7, c7 = _kahan_roll(values, i, n7, s7, a7, c7)
+        r0[i] = s0
+        r1[i] = s1
+        r2[i] = s2
+        r3[i] = s3
+        r4[i] = s4
+        r5[i] = s5
+        r6[i] = s6
+        r7[i] = s7
+
+
+@njit(cache=True, error_model="numpy")
+def _finish_means(row, values, n, same_run, negatives):
+    """Turn a row of pandas running sums (``_running_sums_8``) into pandas' means, in place.
+
+    pandas divides the sum by the count (n, once the window is full; NaN
+    before), returns the value itself when the window holds one value
+    repeated (``same_run[i]``: equal values ending at bar i), and keeps an
+    all-positive (all-negative) window's mean from falling below (above)
+    zero (``negatives``: running count of values with the sign bit set).
+    Window 1 is the values themselves, by the repeated-value rule. Every
+    bar is independent here, so this pass vectorises, divisions included.
+    """
+    T = row.shape[0]
+    row[:min(n - 1, T)] = np.nan
+    # Slices from 0 so the compiler sees non-negative indices (and vectorises).
+    full = row[n - 1:]
+    current = values[n - 1:]
+    runs = same_run[n - 1:]
+    neg_through = negatives[n:]
+    neg_before = negatives[:T - n + 1]
+    count = float(n)
+    for j in range(full.shape[0]):
+        mean = full[j] / count
+        neg = neg_through[j] - neg_before[j]
+        if (neg == 0 and mean < 0.0) or (neg == n and mean > 0.0):
+            mean = 0.0
+        full[j] = current[j] if runs[j] >= n else mean
+
+
 @njit(cache=True, parallel=True)
 def _pandas_rolling_means(values, windows, out):
     """pandas' ``Series.rolling(n).mean()`` for each n in ``windows``, bit for bit.
 
-    The same operations in the same order as pandas' ``roll_mean`` for a fixed
-    window: a Kahan-compensated running sum (separate compensations for adding
-    and removing), divided by the count, with pandas' rules that a window of
-    one repeated value returns that value exactly and that an all-positive
-    (all-negative) window never averages below (above) zero. ``values`` must
-    be finite; the caller checks.
+    Running sums eight windows at a time (``_running_sums_8``), then each
+    row finished on its own (``_finish_means``). ``values`` must be finite;
+    the caller checks.
     """
     T = values.shape[0]
-    for w in prange(windows.shape[0]):
-        n = windows[w]
-        row = out[w]
-        sum_x = 0.0
-        comp_add = 0.0
-        comp_remove = 0.0
-        nobs = 0
-        neg_ct = 0
-        same_run = 0
-        prev_value = values[0]
-        for i in range(T):
-            if n == 1:
-                # Every window starts after the previous one ended: pandas starts afresh.
-                sum_x = 0.0
-                comp_add = 0.0
-                comp_remove = 0.0
-                nobs = 0
-                neg_ct = 0
-                same_run = 0
-                prev_value = values[i]
-            elif i >= n:
-                val = values[i - n]
-                nobs -= 1
-                y = -val - comp_remove
-                t = sum_x + y
-                comp_remove = t - sum_x - y
-                sum_x = t
-                if math.copysign(1.0, val) < 0.0:
-                    neg_ct -= 1
-            val = values[i]
-            nobs += 1
-            y = val - comp_add
-            t = sum_x + y
-            comp_add = t - sum_x - y
-            sum_x = t
-            if math.copysign(1.0, val) < 0.0:
-                neg_ct += 1
-            if val == prev_value:
-                same_run += 1
-            else:
-                same_run = 1
-            prev_value = val
-            if nobs >= n:
-                result = sum_x / nobs
-                if same_run >= nobs:
-                    result = prev_value
-                elif neg_ct == 0 and result < 0.0:
-                    result = 0.0
-                elif neg_ct == nobs and result > 0.0:
-                    result = 0.0
-                row[i] = result
-            else:
-                row[i] = np.nan
+    W = windows.shape[0]
+    same_run = np.empty(T, dtype=np.int64)
+    negatives = np.empty(T + 1, dtype=np.int64)
+    run = 0
+    negatives[0] = 0
+    for i in range(T):
+        run = run + 1 if i > 0 and values[i] == values[i - 1] else 1
+        same_run[i] = run
+        negatives[i + 1] = negatives[i] + (math.copysign(1.0, values[i]) < 0.0)
+    for g in prange((W + 7) // 8):
+        # A short last group repeats its last window (summing that row again).
+        w = 8 * g
+        last = W - 1
+        _running_sums_8(values, windows[w], windows[min(w + 1, last)], windows[min(w + 2, last)],
+                        windows[min(w + 3, last)], windows[min(w + 4, last)], windows[min(w + 5, last)],
+                        windows[min(w + 6, last)], windows[min(w + 7, last)], out[w], out[min(w + 1, last)],
+                        out[min(w + 2, last)], out[min(w + 3, last)], out[min(w + 4, last)], out[min(w + 5, last)],
+                        out[min(w + 6, last)], out[min(w + 7, last)])
+        for k in range(w, min(w + 8, W)):
+            _finish_means(out[k], values, windows[k], same_run, negatives)
 
 
 def sma_table(close: np.ndarray, windows, method: str = "window") -> np.ndarray:

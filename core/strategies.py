@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from core.bitmask import trailing_zeros
 from core.features import atr, price_arrays, rsi, sma, sma_table
 from core.jit import pick, serial_twin
 
@@ -48,33 +49,118 @@ def pair_grid(fast, slow) -> tuple[np.ndarray, np.ndarray]:
     return f[keep].astype(np.int64), s[keep].astype(np.int64)
 
 
+@njit(cache=True, error_model="numpy")
+def _sign_masks(fast, slow, above, below):
+    """Bit masks (``core.bitmask``) of the bars where fast > slow and where fast < slow.
+
+    Neither bit is set where they are equal or NaN (the warm-up). Indices
+    are unsigned: the compiler then knows they are not negative (numba
+    wraps negative indices, which would turn the loads into gathers)
+    without slicing, whose reference counting costs more than these loops.
+    """
+    T = np.uint64(fast.shape[0])
+    for i in range(above.shape[0]):
+        start = np.uint64(64) * np.uint64(i)
+        a = np.uint64(0)
+        b = np.uint64(0)
+        if start + np.uint64(64) <= T:  # a whole word: a fixed trip count the compiler unrolls
+            for j in range(64):
+                t = start + np.uint64(j)
+                a |= np.uint64(fast[t] > slow[t]) << np.uint64(j)
+                b |= np.uint64(fast[t] < slow[t]) << np.uint64(j)
+        else:
+            for t in range(start, T):
+                a |= np.uint64(fast[t] > slow[t]) << (t - start)
+                b |= np.uint64(fast[t] < slow[t]) << (t - start)
+        above[i] = a
+        below[i] = b
+
+
+def cross_scratch_size(n: int) -> int:
+    """Length of the uint64 scratch ``sma_cross_changes`` needs for n bars."""
+    return 2 * ((n + 63) // 64)
+
+
+@njit(cache=True)
+def sma_cross_changes(fast, slow, cross_events, short, ev_bar, ev_target, masks):
+    """The crossover rule as the bars where its target changes: ``ev_bar[:n]``, ``ev_target[:n]``; returns n.
+
+    The one implementation of the rule (see ``sma_crossover``): the target
+    series it describes is 0 until ``ev_bar[0]``, then ``ev_target[k]``
+    from ``ev_bar[k]`` on. ``sma_crossover`` spells it out bar by bar; the
+    engine's grid path (``core.engine.backtest_sma_grid``) feeds the changes
+    straight to its simulation. ``masks`` is uint64 scratch of
+    ``cross_scratch_size(len(fast))``.
+
+    Only a bar where the sign of fast - slow changes can move the target.
+    The signs of all bars go into bit masks in one vectorised pass; shifted
+    by one bar they give the previous bar's, so the crossings of 64 bars
+    are a few word operations, and the rule runs on those bars alone.
+    """
+    T = fast.shape[0]
+    n_words = (T + 63) // 64
+    above = masks[:n_words]
+    below = masks[n_words:2 * n_words]
+    _sign_masks(fast, slow, above, below)
+    one = np.uint64(1)
+    above_carry = np.uint64(0)  # the previous word's last bar (before bar 0: no view)
+    below_carry = np.uint64(0)
+    n = 0
+    held = 0.0  # the target as of the last change
+    for i in range(n_words):
+        a = above[i]
+        b = below[i]
+        a_before = (a << one) | above_carry
+        b_before = (b << one) | below_carry
+        above_carry = a >> np.uint64(63)
+        below_carry = b >> np.uint64(63)
+        if cross_events:
+            # backtesting.py's crossover(): strictly below on the previous bar
+            # and strictly above on this one (NaN compares False, so nothing
+            # fires in the warm-up); between crossings the position holds.
+            up = b_before & a
+            bars = up | (a_before & b)
+        else:
+            # Any change of sign, including to equal (no view, no position).
+            up = a
+            bars = (a ^ a_before) | (b ^ b_before)
+            if T - 64 * i < 64:
+                bars &= (one << np.uint64(T - 64 * i)) - one  # no bar past the end
+        while bars:
+            j = trailing_zeros(bars)
+            bit = one << j
+            if up & bit:
+                pos = 1.0
+            elif b & bit:
+                pos = short
+            else:
+                pos = 0.0
+            if pos != held:
+                ev_bar[n] = 64 * i + np.int64(j)
+                ev_target[n] = pos
+                n += 1
+                held = pos
+            bars &= bars - one
+    return n
+
+
 @njit(cache=True, parallel=True)
 def _crossover_targets(table, fast_row, slow_row, cross_events, allow_short, out):
     P, T = out.shape
     short = -1.0 if allow_short else 0.0
     for p in prange(P):
-        f = table[fast_row[p]]
-        s = table[slow_row[p]]
+        ev_bar = np.empty(T, dtype=np.int64)
+        ev_target = np.empty(T)
+        masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # cross_scratch_size
+        n = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target, masks)
+        row = out[p]
+        start = 0
         pos = 0.0
-        for t in range(T):
-            if cross_events:
-                # backtesting.py's crossover(): strictly below on the previous
-                # bar and strictly above on this one. NaN compares False, so
-                # nothing fires during warm-up.
-                if t > 0:
-                    if f[t - 1] < s[t - 1] and f[t] > s[t]:
-                        pos = 1.0
-                    elif f[t - 1] > s[t - 1] and f[t] < s[t]:
-                        pos = short
-            else:
-                if f[t] > s[t]:
-                    pos = 1.0
-                elif f[t] < s[t]:
-                    pos = short
-                else:
-                    # Equal averages or warm-up: no view, no position.
-                    pos = 0.0
-            out[p, t] = pos
+        for k in range(n):
+            row[start:ev_bar[k]] = pos
+            start = ev_bar[k]
+            pos = ev_target[k]
+        row[start:] = pos
 
 
 _crossover_targets_1 = serial_twin(_crossover_targets)

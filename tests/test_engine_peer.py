@@ -29,7 +29,7 @@ from backtesting import Backtest, Strategy  # noqa: E402
 from backtesting.lib import crossover  # noqa: E402
 from backtesting.test import GOOG  # noqa: E402
 
-from core.engine import backtest, backtest_batch  # noqa: E402
+from core.engine import backtest, backtest_batch, backtest_sma_grid  # noqa: E402
 from core.features import sma  # noqa: E402
 from core.strategies import sma_crossover  # noqa: E402
 
@@ -83,11 +83,15 @@ def test_sma_10_20_matches_backtesting_py(commission):
     np.testing.assert_allclose(ours.equity, stats._equity_curve.Equity.to_numpy(), rtol=0, atol=1e-6)
 
 
-def test_a_batch_of_pairs_matches_backtesting_py_pair_by_pair():
+@pytest.mark.parametrize("path", ["targets", "grid"])
+def test_a_batch_of_pairs_matches_backtesting_py_pair_by_pair(path):
     fast = np.array([5, 10, 20, 3])
     slow = np.array([30, 50, 60, 8])
-    batch = backtest_batch(GOOG, sma_crossover(GOOG, fast, slow, sma_method="rolling"), cash=10_000,
-                           commission=0.001)
+    if path == "targets":
+        batch = backtest_batch(GOOG, sma_crossover(GOOG, fast, slow, sma_method="rolling"), cash=10_000,
+                               commission=0.001)
+    else:  # the fused grid, from bars and windows
+        batch = backtest_sma_grid(GOOG, fast, slow, sma_method="rolling", cash=10_000, commission=0.001)
     for p in range(len(fast)):
         stats = run_peer(int(fast[p]), int(slow[p]), 0.001)
         assert_same_closed_trades(batch.trades(p), stats._trades)
