@@ -45,11 +45,6 @@ def popcount(typingctx, word):
     return sig, codegen
 
 
-def n_words(n: int) -> int:
-    """Words needed for n values."""
-    return (n + 63) // 64
-
-
 @njit(cache=True, error_model="numpy")
 def mask_at_most(x, edge, masks):
     """``masks[i]`` bit j set where ``x[64 i + j] <= edge`` (NaN: unset); returns how many are set."""

@@ -81,10 +81,10 @@ import numba
 from numba import njit, prange
 
 from core import metrics as _metrics
-from core.metrics import floor_ratio, returns_into, summary_core
+from core.metrics import floor_ratio, returns_into, scratch_size, summary_core
 from core.bitmask import trailing_zeros
 from core.features import price_arrays, sma_table
-from core.strategies import sma_cross_changes
+from core.strategies import cross_scratch_size, sma_cross_changes
 
 # Columns of the raw trade array [P, K, N_TRADE_FIELDS].
 ENTRY_BAR, EXIT_BAR, ENTRY_PRICE, EXIT_PRICE, SIZE, PNL, COMMISSION, IS_OPEN = range(8)
@@ -347,7 +347,7 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
     for c in prange(n_chunks):
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
-        scratch_m = np.empty(2 * T + (T + 63) // 64 if compute_metrics else 0)  # metrics.scratch_size
+        scratch_m = np.empty(scratch_size(T) if compute_metrics else 0)
         cell = np.empty(1, dtype=np.int64)
         closed_stats = np.empty(4)
         # A sweep that wants only metrics keeps one curve at a time, in cache.
@@ -382,12 +382,12 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
     for c in prange(n_chunks):
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
-        scratch_m = np.empty(2 * T + (T + 63) // 64 if compute_metrics else 0)  # metrics.scratch_size
+        scratch_m = np.empty(scratch_size(T) if compute_metrics else 0)
         cell = np.empty(1, dtype=np.int64)
         scratch = np.empty(0 if keep_curves else T)
         no_units = np.empty(0)
         closed_stats = np.empty(4)
-        masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # strategies.cross_scratch_size
+        masks = np.empty(cross_scratch_size(T), dtype=np.uint64)
         for i in range(c * per, min(n_sets, (c + 1) * per)):
             p = sets[i]
             n_ev = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target,
@@ -411,7 +411,7 @@ def _count_sma_changes(table, fast_row, slow_row, cross_events, short, changes, 
     for c in prange(n_chunks):
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
-        masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # strategies.cross_scratch_size
+        masks = np.empty(cross_scratch_size(T), dtype=np.uint64)
         for p in range(c * per, min(P, (c + 1) * per)):
             changes[p] = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar,
                                            ev_target, masks)

@@ -398,7 +398,8 @@ def returns_into(equity, before, out):
         out[t] = x if prev != 0.0 else 0.0
 
 
-def scratch_size(n: int) -> int:
+@njit(cache=True)
+def scratch_size(n):
     """Length of the float64 scratch array ``summary_core`` needs for n bars."""
     return 2 * n + (n + 63) // 64
 
@@ -509,7 +510,7 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail, out):
             held += 1
     n, wins, gains, losses = _trade_stats(trade_pnl)
     T = equity.shape[0]
-    scratch = np.empty(2 * T + (T + 63) // 64)  # scratch_size
+    scratch = np.empty(scratch_size(T))
     returns_into(equity, initial, scratch)
     lowest, peak = floor_ratio(equity, initial, np.empty(1, dtype=np.int64))
     summary_core(equity, initial, lowest, peak, held, n, wins, gains, losses, periods_per_year, tail, scratch,

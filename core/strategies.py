@@ -76,7 +76,8 @@ def _sign_masks(fast, slow, above, below):
         below[i] = b
 
 
-def cross_scratch_size(n: int) -> int:
+@njit(cache=True)
+def cross_scratch_size(n):
     """Length of the uint64 scratch ``sma_cross_changes`` needs for n bars."""
     return 2 * ((n + 63) // 64)
 
@@ -151,7 +152,7 @@ def _crossover_targets(table, fast_row, slow_row, cross_events, allow_short, out
     for p in prange(P):
         ev_bar = np.empty(T, dtype=np.int64)
         ev_target = np.empty(T)
-        masks = np.empty(2 * ((T + 63) // 64), dtype=np.uint64)  # cross_scratch_size
+        masks = np.empty(cross_scratch_size(T), dtype=np.uint64)
         n = sma_cross_changes(table[fast_row[p]], table[slow_row[p]], cross_events, short, ev_bar, ev_target, masks)
         row = out[p]
         start = 0
