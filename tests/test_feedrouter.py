@@ -300,7 +300,7 @@ def truth_ticks_n(seed: int, n: int) -> list[list[dict]]:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_bursts_through_the_array_path_equal_the_loop_to_the_bit(seed, monkeypatch):
-    import core.feedrouter as fr
+    from core import feedrouter as fr
 
     calls = []
     arrays = fr.RouterState._deliver_plain_arrays
