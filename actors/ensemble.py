@@ -441,15 +441,15 @@ class Ensemble:
         inline = [len(batch) <= INLINE_MAX_ROWS and s.kind in INLINE_KINDS for s in slots]
         threaded = asyncio.gather(*(self._call_member(s, batch) for s, i in zip(slots, inline) if not i),
                                   return_exceptions=True)
-        results: list[Any] = []
-        for slot, i in zip(slots, inline):
+        here: dict[int, Any] = {}
+        for j, (slot, i) in enumerate(zip(slots, inline)):
             if i:
                 try:
-                    results.append(self._call_inline(slot, batch))
+                    here[j] = self._call_inline(slot, batch)
                 except Exception as e:  # noqa: BLE001 - one member's failure is that member's
-                    results.append(e)
+                    here[j] = e
         others = iter(await threaded)
-        results = [results.pop(0) if i else next(others) for i in inline]
+        results = [here[j] if i else next(others) for j, i in enumerate(inline)]
         for j, (slot, res) in enumerate(zip(slots, results)):
             if isinstance(res, BaseException):
                 why = f"{type(res).__name__}: {res}" if not isinstance(res, TimeoutError) else f"timeout: {res}"

@@ -51,8 +51,8 @@ from cluster.logs import add_secrets, get_logger
 from cluster.runtime import actor_options
 from cluster.settings import Settings
 from core.ledger import RiskJournal
-from core.risk import (Book, OrderRequest, OrderRequestError, book_from_snapshot, daily_loss_breached, day_pnl,
-                       drawdown, drawdown_breached, evaluate, sign_order)
+from core.risk import (Book, OrderRequest, OrderRequestError, bad_request_verdict, book_from_snapshot,
+                       daily_loss_breached, day_pnl, drawdown, drawdown_breached, evaluate, sign_order)
 
 log = get_logger("risk")
 
@@ -121,13 +121,6 @@ class RiskManager:
     def _book(self, obs: dict[str, Any], symbol: str) -> Book:
         return book_from_snapshot(self._snapshot(obs), symbol)
 
-    @staticmethod
-    def _bad_request(message: str, order_request: Any) -> dict[str, Any]:
-        d = order_request if isinstance(order_request, dict) else {}
-        return {"approved": False, "quantity": 0.0, "reasons": [message], "error": "bad_request",
-                "checks": {"request": {"ok": False}}, "decision_id": d.get("decision_id"),
-                "symbol": d.get("symbol"), "side": d.get("side"), "account": d.get("account")}
-
     def _parse(self, order_request: Any) -> OrderRequest:
         req = OrderRequest.from_dict(order_request)
         if req.account != self.account:
@@ -147,7 +140,7 @@ class RiskManager:
         try:
             req = self._parse(order_request)
         except OrderRequestError as e:
-            return self._bad_request(str(e), order_request)
+            return bad_request_verdict(str(e), order_request)
         return self._judge(req)
 
     def submit(self, order_request: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +148,7 @@ class RiskManager:
         try:
             req = self._parse(order_request)
         except OrderRequestError as e:
-            return {"verdict": self._bad_request(str(e), order_request), "order": None, "duplicate": False,
+            return {"verdict": bad_request_verdict(str(e), order_request), "order": None, "duplicate": False,
                     "error": str(e)}
         first = self.journal.decision(req.decision_id)
         if first is not None:

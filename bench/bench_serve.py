@@ -148,51 +148,29 @@ def plain_server(store: str, port: int) -> None:
 
 
 # -- the no-op Serve peer -------------------------------------------------------------------
-def noop_app(settings):
-    from fastapi import FastAPI
-    from ray import serve
-
-    from cluster.resources import ray_options
-    from cluster.runtime import current_profile
-
-    api = FastAPI()
-
-    @serve.deployment(name="NoopIngress")
-    @serve.ingress(api)
-    class NoopIngress:
-        @api.post("/v1/decisions")
-        async def decisions(self) -> dict:
-            return {"action": "HOLD", "target_position": 0.0, "confidence": 0.0}
-
-    # The ingress role's resources and concurrency, as the decision endpoint's ingress has them.
-    from serve import app as serve_app
-
-    return NoopIngress.options(ray_actor_options=ray_options("ingress", current_profile(settings)),
-                               max_ongoing_requests=getattr(serve_app, "INGRESS_MAX_ONGOING", 5)).bind()
-
-
-def noop_body_app(settings):
-    """The no-op that reads its JSON body: what Serve costs to deliver a POST body to a replica."""
+def noop_app(settings, read_body: bool = False):
+    """A Serve FastAPI ingress answering a constant JSON; with ``read_body`` it reads the JSON body first
+    (what Serve costs to deliver a POST body to a replica)."""
     from fastapi import FastAPI, Request
     from ray import serve
 
-    from cluster.resources import ray_options
     from cluster.runtime import current_profile
+    from serve.app import INGRESS_MAX_ONGOING, ingress_options
 
     api = FastAPI()
 
-    @serve.deployment(name="NoopBodyIngress")
+    @serve.deployment(name="NoopBodyIngress" if read_body else "NoopIngress")
     @serve.ingress(api)
-    class NoopBodyIngress:
+    class NoopIngress:
         @api.post("/v1/decisions")
         async def decisions(self, request: Request) -> dict:
-            await request.json()
+            if read_body:
+                await request.json()
             return {"action": "HOLD", "target_position": 0.0, "confidence": 0.0}
 
-    from serve import app as serve_app
-
-    return NoopBodyIngress.options(ray_actor_options=ray_options("ingress", current_profile(settings)),
-                                   max_ongoing_requests=getattr(serve_app, "INGRESS_MAX_ONGOING", 5)).bind()
+    # The resources and concurrency the decision endpoint's ingress has.
+    return NoopIngress.options(ray_actor_options=ingress_options(settings, current_profile(settings)),
+                               max_ongoing_requests=INGRESS_MAX_ONGOING).bind()
 
 
 # -- the client -----------------------------------------------------------------------------
@@ -295,7 +273,7 @@ def main() -> int:
     try:
         start_system(settings, progress=lambda m: print(f"  {m}", flush=True))
         serve.run(noop_app(settings), name="noop", route_prefix="/noop", blocking=False)
-        serve.run(noop_body_app(settings), name="noopb", route_prefix="/noopb", blocking=False)
+        serve.run(noop_app(settings, read_body=True), name="noopb", route_prefix="/noopb", blocking=False)
         base = f"http://127.0.0.1:{port}"
         first = wait_ok(f"{base}/v1/decisions", 180, post=True).json()
         wait_ok(f"{base}/noop/v1/decisions", 60, post=True)

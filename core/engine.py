@@ -83,8 +83,8 @@ from numba import njit, prange
 from core import metrics as _metrics
 from core.metrics import floor_ratio, returns_into, scratch_size, summary_core
 from core.bitmask import trailing_zeros
-from core.features import price_arrays, sma_table
-from core.strategies import cross_scratch_size, sma_cross_changes
+from core.features import price_arrays
+from core.strategies import cross_scratch_size, sma_cross_changes, sma_grid_table
 
 # Columns of the raw trade array [P, K, N_TRADE_FIELDS].
 ENTRY_BAR, EXIT_BAR, ENTRY_PRICE, EXIT_PRICE, SIZE, PNL, COMMISSION, IS_OPEN = range(8)
@@ -708,6 +708,36 @@ def _check_costs(cash: float, commission: float, slippage: float, fill: str) -> 
         raise ValueError("commission must be >= 0 and slippage in [0, 1)")
 
 
+@dataclass
+class _Outputs:
+    """What the compiled loops write, allocated once for P sets over T bars."""
+
+    equity: np.ndarray
+    units: np.ndarray
+    trades: np.ndarray
+    trade_offsets: np.ndarray
+    n_trades: np.ndarray
+    table: np.ndarray
+    tail: np.ndarray
+
+    @classmethod
+    def allocate(cls, P: int, T: int, trade_offsets: np.ndarray, keep_curves: bool, compute_metrics: bool,
+                 alpha: float) -> "_Outputs":
+        curve_shape = (P, T) if keep_curves else (0, 0)
+        return cls(equity=np.empty(curve_shape), units=np.empty(curve_shape),
+                   trades=np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS)), trade_offsets=trade_offsets,
+                   n_trades=np.zeros(P, dtype=np.int64),
+                   table=np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0)),
+                   tail=_metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(6))
+
+    def result(self, cash: float, keep_curves: bool, compute_metrics: bool, times: np.ndarray | None) -> BatchResult:
+        metrics = ({name: self.table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)}
+                   if compute_metrics else {})
+        return BatchResult(equity=self.equity if keep_curves else None, units=self.units if keep_curves else None,
+                           trade_array=self.trades, trade_offsets=self.trade_offsets, n_trades=self.n_trades,
+                           cash=float(cash), metrics=metrics, times=times)
+
+
 def run_batch(
     open_: np.ndarray,
     close: np.ndarray,
@@ -761,31 +791,23 @@ def run_batch(
         # never act on the last bar's, so check that one here.
         _check_targets(np.ascontiguousarray(targets[:, -1:]))
         changes = np.zeros(P, dtype=np.int64)
-    curve_shape = (P, T) if keep_curves else (0, 0)
-    equity = np.empty(curve_shape)
-    units = np.empty(curve_shape)
     # One flat table, each set getting as many rows as it can possibly fill:
     # sized per set, it is a few MB where a [P, max K] block would be tens.
     # Rows past n_trades[p] are never read, so it need not be zeroed.
     room = changes + 1 if record_trades else changes
-    trade_offsets = np.concatenate(([0], np.cumsum(room))).astype(np.int64)
-    trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
-    n_trades = np.zeros(P, dtype=np.int64)
-    table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
-    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(6)
+    o = _Outputs.allocate(P, T, np.concatenate(([0], np.cumsum(room))).astype(np.int64), keep_curves,
+                          compute_metrics, alpha)
     if compute_metrics or record_trades:
         _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
-                   float(cash), bool(close_at_end), bool(keep_curves), equity, units, trades, trade_offsets,
-                   n_trades, bool(compute_metrics), float(periods_per_year), tail, table, _n_chunks(P))
+                   float(cash), bool(close_at_end), bool(keep_curves), o.equity, o.units, o.trades, o.trade_offsets,
+                   o.n_trades, bool(compute_metrics), float(periods_per_year), o.tail, o.table, _n_chunks(P))
     else:
         # Monte Carlo: outcomes only.
         _run_paths(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
-                   float(cash), bool(close_at_end), bool(keep_curves), equity, units, n_trades, _n_chunks(P))
-    if np.any(n_trades < 0):
+                   float(cash), bool(close_at_end), bool(keep_curves), o.equity, o.units, o.n_trades, _n_chunks(P))
+    if np.any(o.n_trades < 0):
         _check_targets(targets)  # raises, naming the problem
-    metrics = {name: table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)} if compute_metrics else {}
-    return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
-                       trade_array=trades, trade_offsets=trade_offsets, n_trades=n_trades, cash=float(cash), metrics=metrics, times=times)
+    return o.result(cash, keep_curves, compute_metrics, times)
 
 
 def backtest_batch(bars: Any, targets: np.ndarray, **kwargs) -> BatchResult:
@@ -838,13 +860,7 @@ def backtest_sma_grid(
     ``slow`` broadcast together to P sets (``core.strategies.pair_grid``
     makes a grid). Keyword arguments are ``run_batch``'s.
     """
-    if mode not in ("cross", "state"):
-        raise ValueError(f"mode must be 'cross' or 'state', got {mode!r}")
     _check_costs(cash, commission, slippage, fill)
-    fast_a, slow_a = (np.ascontiguousarray(a.ravel()) for a in
-                      np.broadcast_arrays(np.atleast_1d(np.asarray(fast)), np.atleast_1d(np.asarray(slow))))
-    if np.any(fast_a < 1) or np.any(slow_a < 1):
-        raise ValueError("SMA windows must be >= 1")
     p = price_arrays(bars, ("open", "close"))
     open_, close = (np.require(p[k], requirements=("C", "W")) for k in ("open", "close"))
     T = close.shape[0]
@@ -852,22 +868,8 @@ def backtest_sma_grid(
         raise ValueError("no bars")
     if not (_all_positive_finite(close) and _all_positive_finite(open_)):
         raise ValueError("open and close prices must be finite and positive")
-    P = fast_a.shape[0]
-    # Each distinct window's SMA once. Windows are small integers, so a
-    # presence table maps them to rows without sorting the grid.
-    fast_a, slow_a = fast_a.astype(np.int64), slow_a.astype(np.int64)
-    longest = int(max(fast_a.max(initial=0), slow_a.max(initial=0)))
-    if longest <= 1_000_000:
-        present = np.zeros(longest + 1, dtype=bool)
-        present[fast_a] = True
-        present[slow_a] = True
-        windows = np.flatnonzero(present)
-        row_of = np.cumsum(present) - 1
-        fast_row, slow_row = row_of[fast_a], row_of[slow_a]
-    else:
-        windows, rows = np.unique(np.concatenate([fast_a, slow_a]), return_inverse=True)
-        fast_row, slow_row = rows[:P].astype(np.int64), rows[P:].astype(np.int64)
-    table = np.require(sma_table(close, windows, sma_method), requirements=("C", "W"))
+    _, table, fast_row, slow_row = sma_grid_table(close, fast, slow, mode, sma_method)
+    P = fast_row.shape[0]
     cross_events = mode == "cross"
     short = -1.0 if allow_short else 0.0
     chunks = _n_chunks(P)
@@ -877,22 +879,12 @@ def backtest_sma_grid(
         trade_offsets = np.concatenate(([0], np.cumsum(changes + 1))).astype(np.int64)
     else:
         trade_offsets = np.zeros(P + 1, dtype=np.int64)
-    trades = np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS))
-    curve_shape = (P, T) if keep_curves else (0, 0)
-    equity = np.empty(curve_shape)
-    units = np.empty(curve_shape)
-    n_trades = np.zeros(P, dtype=np.int64)
-    metrics_table = np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0))
-    tail = _metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(6)
+    o = _Outputs.allocate(P, T, trade_offsets, keep_curves, compute_metrics, alpha)
     _run_sma_grid(open_, close, table, fast_row, slow_row, np.arange(P), cross_events, short, fill == "close",
                   float(commission), float(slippage), bool(whole_units), float(cash), bool(close_at_end),
-                  bool(keep_curves), equity, units, trades, trade_offsets, n_trades, bool(compute_metrics),
-                  float(periods_per_year), tail, metrics_table, chunks)
-    metrics = ({name: metrics_table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)}
-               if compute_metrics else {})
-    return BatchResult(equity=equity if keep_curves else None, units=units if keep_curves else None,
-                       trade_array=trades, trade_offsets=trade_offsets, n_trades=n_trades, cash=float(cash),
-                       metrics=metrics, times=_bar_times(bars))
+                  bool(keep_curves), o.equity, o.units, o.trades, o.trade_offsets, o.n_trades, bool(compute_metrics),
+                  float(periods_per_year), o.tail, o.table, chunks)
+    return o.result(cash, keep_curves, compute_metrics, _bar_times(bars))
 
 
 def simulate_paths(

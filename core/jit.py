@@ -4,9 +4,9 @@ A ``parallel=True`` kernel wakes numba's thread pool on every call. Over a
 grid of a thousand parameter sets that is nothing; for the one parameter set
 of a live decision it is most of the call, and on a busy machine, or in a Ray
 worker holding a fraction of a CPU, waiting for the pool's threads to be
-scheduled took milliseconds where the loop itself takes microseconds (a rule
-member: 2.6 ms parallel against 0.14 ms serial, measured in a Ray actor with
-0.35 CPU on the 2-core development machine under load).
+scheduled can take milliseconds where the loop itself takes microseconds
+(py-spy put the rule members at a quarter of the ingress replica's samples
+on the loaded 2-core development machine before this change).
 
 ``serial_twin(kernel)`` compiles the same Python source without ``parallel``
 (a ``prange`` is then a ``range``), cached under its own name so the two builds

@@ -127,6 +127,14 @@ class Book:
     daily_halt: str | None = None  # today's loss halt, with its reason
 
 
+def bad_request_verdict(message: str, order_request: Any) -> dict[str, Any]:
+    """The verdict on an order request that could not be read: refused, saying what to fix."""
+    d = order_request if isinstance(order_request, dict) else {}
+    return {"approved": False, "quantity": 0.0, "reasons": [message], "error": "bad_request",
+            "checks": {"request": {"ok": False}}, "decision_id": d.get("decision_id"),
+            "symbol": d.get("symbol"), "side": d.get("side"), "account": d.get("account")}
+
+
 def book_from_snapshot(snapshot: dict[str, Any], symbol: str) -> Book:
     """The ``Book`` for one symbol from an account snapshot (``RiskManager.snapshot``).
 

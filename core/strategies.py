@@ -42,6 +42,35 @@ def _indicator_table(values: np.ndarray, compute) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(table), index.astype(np.int64)
 
 
+def sma_grid_table(close: np.ndarray, fast, slow, mode: str = "cross", sma_method: str = "window"):
+    """The SMA crossover's inputs for P (fast, slow) sets: (scalar, table [W, T], fast rows [P], slow rows [P]).
+
+    Each distinct window's SMA is computed once; ``fast`` and ``slow``
+    broadcast together, and ``scalar`` says whether both were single windows.
+    """
+    if mode not in ("cross", "state"):
+        raise ValueError(f"mode must be 'cross' or 'state', got {mode!r}")
+    scalar, (fast_a, slow_a) = _broadcast_params(fast, slow)
+    if np.any(fast_a < 1) or np.any(slow_a < 1):
+        raise ValueError("SMA windows must be >= 1")
+    P = fast_a.shape[0]
+    fast_a, slow_a = fast_a.astype(np.int64), slow_a.astype(np.int64)
+    longest = int(max(fast_a.max(initial=0), slow_a.max(initial=0)))
+    if longest <= 1_000_000:
+        # Windows are small integers: a presence table maps them to rows without sorting the grid.
+        present = np.zeros(longest + 1, dtype=bool)
+        present[fast_a] = True
+        present[slow_a] = True
+        windows = np.flatnonzero(present)
+        row_of = np.cumsum(present) - 1
+        fast_row, slow_row = row_of[fast_a], row_of[slow_a]
+    else:
+        windows, rows = np.unique(np.concatenate([fast_a, slow_a]), return_inverse=True)
+        fast_row, slow_row = rows[:P].astype(np.int64), rows[P:].astype(np.int64)
+    table = np.require(sma_table(close, windows, sma_method), requirements=("C", "W"))
+    return scalar, table, np.ascontiguousarray(fast_row), np.ascontiguousarray(slow_row)
+
+
 def pair_grid(fast, slow) -> tuple[np.ndarray, np.ndarray]:
     """All (fast, slow) window pairs from two ranges with fast < slow, as two [P] arrays."""
     f, s = np.meshgrid(np.asarray(fast), np.asarray(slow), indexing="ij")
@@ -191,18 +220,11 @@ def sma_crossover(
     or backtesting.py's "rolling"). With ``allow_short=False`` the short side
     becomes flat.
     """
-    if mode not in ("cross", "state"):
-        raise ValueError(f"mode must be 'cross' or 'state', got {mode!r}")
-    scalar, (fast_a, slow_a) = _broadcast_params(fast, slow)
-    if np.any(fast_a < 1) or np.any(slow_a < 1):
-        raise ValueError("SMA windows must be >= 1")
     close = price_arrays(bars, ("close",))["close"]
-    windows, rows = np.unique(np.concatenate([fast_a, slow_a]), return_inverse=True)
-    table = sma_table(close, windows, sma_method)
-    rows = rows.astype(np.int64)
-    P = fast_a.shape[0]
+    scalar, table, fast_row, slow_row = sma_grid_table(close, fast, slow, mode, sma_method)
+    P = fast_row.shape[0]
     out = np.empty((P, close.shape[0]))
-    pick(_crossover_targets, _crossover_targets_1, P)(table, rows[:P], rows[P:], mode == "cross", allow_short, out)
+    pick(_crossover_targets, _crossover_targets_1, P)(table, fast_row, slow_row, mode == "cross", allow_short, out)
     return out[0] if scalar else out
 
 

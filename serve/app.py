@@ -58,7 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.logs import configure_logging, get_logger
 from cluster.settings import Settings, load_settings
 from core.risk import OrderRequest as RiskOrderRequest
-from core.risk import OrderRequestError, book_from_snapshot
+from core.risk import OrderRequestError, bad_request_verdict, book_from_snapshot
 from core.risk import evaluate as evaluate_risk
 from serve.auth import AuthError, KeyRing, key_from_headers
 from serve.schemas import (
@@ -201,6 +201,14 @@ async def _safe(ref: Any, timeout: float = 5.0) -> Any:
         return await asyncio.wait_for(ref, timeout)
     except Exception as e:  # noqa: BLE001 - health shows it, never raises
         return {"error": e.__class__.__name__}
+
+
+def _bar_columns(rows: list[Any], get: Any, ts: Any = None) -> dict[str, np.ndarray]:
+    """Bars (records or request models, read with ``get(row, field)``) as the ensemble's arrays."""
+    cols = {"ts": np.fromiter((ts(r) if ts else get(r, "ts") for r in rows), np.int64, len(rows))}
+    for k in ("open", "high", "low", "close", "volume"):
+        cols[k] = np.fromiter((get(r, k) for r in rows), np.float64, len(rows))
+    return cols
 
 
 def _json(model: BaseModel) -> Response:
@@ -374,8 +382,6 @@ class Ingress:
                     w = self.windows[b["symbol"]] = deque(await self._history_before(b["symbol"], b["ts"]),
                                                           maxlen=WINDOW_BARS)
                 w.append(b)
-            for sym in {b["symbol"] for b in bars}:
-                self._columns.pop(sym, None)
             if bars:
                 self.last_seq = bars[-1]["seq"]
             await asyncio.sleep(0.05)
@@ -420,17 +426,20 @@ class Ingress:
         self._risk_snaps[account] = snap
         return snap
 
+    def _refreshing(self, account: str) -> asyncio.Task:
+        """The refresh of ``account``'s snapshot under way, started if none is: one call however many wait."""
+        task = self._risk_refreshing.get(account)
+        if task is None or task.done():
+            task = self._risk_refreshing[account] = asyncio.get_running_loop().create_task(self._refresh_risk(account))
+        return task
+
     async def _risk_snapshot(self, account: str) -> dict[str, Any]:
         """The account's snapshot, at most ``RISK_MAX_AGE_S`` old (one call when it is older)."""
         self._risk_used[account] = time.monotonic()
         snap = self._risk_snaps.get(account)
         if snap is not None and time.monotonic() - snap["_got"] <= RISK_MAX_AGE_S:
             return snap
-        # One call however many decisions wait for it.
-        task = self._risk_refreshing.get(account)
-        if task is None or task.done():
-            task = self._risk_refreshing[account] = asyncio.get_running_loop().create_task(self._refresh_risk(account))
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._refreshing(account))
 
     async def _follow_risk(self) -> None:
         # Keep the snapshots of accounts in use fresh, off the decisions' path.
@@ -440,13 +449,8 @@ class Ingress:
             for account, used in list(self._risk_used.items()):
                 if now - used > RISK_IDLE_S:
                     continue
-                task = self._risk_refreshing.get(account)
-                if task is not None and not task.done():
-                    continue
-                task = self._risk_refreshing[account] = asyncio.get_running_loop().create_task(
-                    self._refresh_risk(account))
                 try:
-                    await task
+                    await asyncio.shield(self._refreshing(account))
                 except Exception as e:  # noqa: BLE001 - a decision that needs it waits, and says why
                     log.debug("risk snapshot of %s: %s", account, e)
 
@@ -464,22 +468,19 @@ class Ingress:
         try:
             req = RiskOrderRequest.from_dict(order_req)
         except OrderRequestError as e:
-            return {"approved": False, "quantity": 0.0, "reasons": [str(e)], "checks": {"request": {"ok": False}}}
+            return bad_request_verdict(str(e), order_req)
         verdict = evaluate_risk(self.settings.risk_limits_for(account), req, book_from_snapshot(snap, req.symbol))
         verdict["preview"] = True
         verdict["state_age_ms"] = round((time.monotonic() - snap["_got"]) * 1000, 1)
         return verdict
 
     def _window_columns(self, sym: str, w: deque) -> dict[str, np.ndarray]:
-        """The window as arrays, built once per new bar rather than once per decision."""
+        """The window as arrays, built once per new bar (its seq says which) rather than once per decision."""
         last_seq = w[-1].get("seq")
         hit = self._columns.get(sym)
         if hit is not None and hit[0] == last_seq and last_seq is not None:
             return hit[1]
-        bars = list(w)
-        cols = {"ts": np.fromiter((b["ts"] for b in bars), np.int64, len(bars))}
-        for k in ("open", "high", "low", "close", "volume"):
-            cols[k] = np.fromiter((b[k] for b in bars), np.float64, len(bars))
+        cols = _bar_columns(list(w), dict.__getitem__)
         self._columns[sym] = (last_seq, cols)
         return cols
 
@@ -495,9 +496,7 @@ class Ingress:
             raise ApiError(422, "unknown symbol", f"{sym} is neither an allowed symbol nor fed; known: "
                            f"{', '.join(sorted(self._known_symbols()))}", ["symbol"])
         if req.bars is not None:
-            cols = {"ts": np.array([_ns(b.ts) for b in req.bars], dtype=np.int64)}
-            for k in ("open", "high", "low", "close", "volume"):
-                cols[k] = np.array([getattr(b, k) for b in req.bars], dtype=np.float64)
+            cols = _bar_columns(req.bars, getattr, ts=lambda b: _ns(b.ts))
             last_seq = None
         else:
             w = self.windows.get(sym)

@@ -20,23 +20,29 @@ import ray
 SYMS = ["SPY", "QQQ"]
 
 
-@pytest.fixture(scope="module")
-def app(trading_app):
-    url, keys = trading_app["url"], trading_app["keys"]
-    client = httpx.Client(base_url=url, timeout=60)
-    # Wait (bounded) until the app answers with live data. (Nothing else in the
-    # session may shut Serve down: tests that deploy their own app delete only it.)
-    deadline = time.time() + 120
+def wait_for_200(call, timeout_s: float = 120) -> httpx.Response:
+    """``call()`` until it answers 200, at most ``timeout_s``; the last answer."""
+    deadline = time.time() + timeout_s
     last = None
     while time.time() < deadline:
         try:
-            last = client.get("/v1/signal/SPY", headers={"X-API-Key": keys["read"]})
+            last = call()
             if last.status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     assert last is not None and last.status_code == 200, last.text if last is not None else "no answer"
+    return last
+
+
+@pytest.fixture(scope="module")
+def app(trading_app):
+    url, keys = trading_app["url"], trading_app["keys"]
+    client = httpx.Client(base_url=url, timeout=60)
+    # Wait (bounded) until the app answers with live data. (Nothing else in the
+    # session may shut Serve down: tests that deploy their own app delete only it.)
+    wait_for_200(lambda: client.get("/v1/signal/SPY", headers={"X-API-Key": keys["read"]}))
     yield {"client": client, "keys": keys, **trading_app}
     client.close()
 
@@ -348,19 +354,9 @@ def test_ensemble_as_its_own_deployment_decides_as_the_ensemble_does(app):
     settings = base.model_copy(update={"serve": base.serve.model_copy(update={"ensemble": "deployment"})})
     serve.run(build_app_from_settings(settings), name="raytrade-dep", route_prefix="/dep", blocking=False)
     try:
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
         bars = _rising_bars()
         body = {"symbol": "QQQ", "bars": bars}
-        deadline, r = time.time() + 120, None
-        while time.time() < deadline:
-            try:
-                r = app["client"].post("/dep/v1/decisions", json=body, headers=h(app, "read"))
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        assert r is not None and r.status_code == 200, r.text if r is not None else "no answer"
+        r = wait_for_200(lambda: app["client"].post("/dep/v1/decisions", json=body, headers=h(app, "read")))
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
         assert any(n.startswith("SERVE_REPLICA::raytrade-dep#Ensemble#") for n in names), names
         d = r.json()
