@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_serve.py [--duration 4] [--concurrency 1 8 32] [--rounds 2]
     .venv/bin/python bench/bench_serve.py --serve-throughput-optimized     # Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    .venv/bin/python bench/bench_serve.py --direct-ingress                 # also each ingress replica's own port
 
 One local Ray; the whole system comes up as ``raytrade up`` brings it
 (``cluster.system.start_system``: feeds, router, registry with the baseline
@@ -25,6 +26,14 @@ for each N of the sweep, for a fixed time:
   (``core.features``, computed inside the ensemble) and the same members
   (``actors.ensemble.Ensemble`` as a plain class, models from the same
   registry), the same key check and response model; no risk call.
+
+With ``--direct-ingress`` (Serve's ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``,
+which ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` also turns on) each ingress replica
+serves HTTP on a port of its own besides the proxy's, and ``serve-di``,
+``noop-di`` and ``noopb-di`` are the same three Serve peers measured there:
+no proxy hop, and the body arrives with the request (in production a load
+balancer such as HAProxy fronts those ports; Serve's ``RAY_SERVE_ENABLE_HA_PROXY``
+runs one). The ports are read from the Serve controller's target groups.
 
 Targets (issue 6): the decision endpoint's p50 at most 1.5x and p99 at most
 2x the no-op deployment's, and at least 0.7 of its most requests per second.
@@ -54,6 +63,8 @@ if "--serve-throughput-optimized" in sys.argv:
     # Serve reads it once, at import, in every process: set before Ray starts
     # (the local raylet, and so every worker, inherits this environment).
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+if "--direct-ingress" in sys.argv:
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import httpx  # noqa: E402
@@ -216,6 +227,33 @@ async def load(url: str, concurrency: int, duration_s: float, warmup_s: float, m
             "actions": actions}
 
 
+def replica_ports(timeout_s: float = 60.0) -> dict[str, str]:
+    """Route prefix -> ``http://ip:port`` of its ingress replica's own HTTP server (direct ingress).
+
+    From the Serve controller's target groups (what a load balancer in front
+    of the replicas reads); a prefix still served only by the proxy is left out.
+    """
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    deadline = time.time() + timeout_s
+    found: dict[str, str] = {}
+    while time.time() < deadline:
+        found = {}
+        for group in ray.get(controller.get_target_groups.remote()):
+            if str(getattr(group.protocol, "value", group.protocol)).upper() != "HTTP" or not group.targets:
+                continue
+            target = group.targets[0]
+            if group.app_name:  # a proxy's target group has no app
+                # The target names the node's address; the replica listens on Serve's HTTP host (127.0.0.1).
+                found[group.route_prefix] = f"http://127.0.0.1:{target.port}"
+        if len(found) >= 3:
+            break
+        time.sleep(0.5)
+    return found
+
+
 def wait_ok(url: str, timeout_s: float, post: bool = False) -> httpx.Response:
     deadline = time.time() + timeout_s
     last = None
@@ -243,6 +281,9 @@ def main() -> int:
     ap.add_argument("--max-requests", type=int, default=20_000, help="cap on requests counted per measurement")
     ap.add_argument("--serve-throughput-optimized", action="store_true",
                     help="start Serve with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="start Serve with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and also measure each ingress "
+                         "replica's own port (serve-di, noop-di, noopb-di)")
     ap.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -267,7 +308,8 @@ def main() -> int:
     BarStore.from_settings(settings.store).append(generate_bars(["SPY", "QQQ"], 600, seed=7))
     connect(settings, num_cpus=4)
     print(f"raytrade Serve benchmark: {os.cpu_count()} cores, ray {ray.__version__}, "
-          f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}", flush=True)
+          f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}, "
+          f"RAY_SERVE_ENABLE_DIRECT_INGRESS={os.environ.get('RAY_SERVE_ENABLE_DIRECT_INGRESS', '0')}", flush=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     plain = None
     try:
@@ -289,28 +331,36 @@ def main() -> int:
               f"confidence {first['confidence']:.3f}, {first['latency_ms']:.1f} ms in the ingress", flush=True)
         urls = {"serve": f"{base}/v1/decisions", "noop": f"{base}/noop/v1/decisions",
                 "noopb": f"{base}/noopb/v1/decisions", "plain": f"{plain_url}/v1/decisions"}
+        if args.direct_ingress:
+            ports = replica_ports()
+            print(f"  ingress replicas' own ports: {ports}", flush=True)
+            for name, prefix in (("serve", "/"), ("noop", "/noop"), ("noopb", "/noopb")):
+                if prefix not in ports:
+                    raise RuntimeError(f"no direct-ingress port for {prefix}: {ports}")
+                urls[f"{name}-di"] = f"{ports[prefix]}{'' if prefix == '/' else prefix}/v1/decisions"
+                wait_ok(urls[f"{name}-di"], 60, post=True)
         names = list(urls)
         res: dict[tuple[str, int], list[dict]] = {}
         print(f"\n{args.rounds} round(s) x concurrency {args.concurrency} x {len(urls)} targets, "
               f"{args.duration:g}s each (+{args.warmup:g}s warm-up)")
-        print(f"{'round':>5} {'conc':>4} {'target':<6} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'n':>6}  errors / actions")
+        print(f"{'round':>5} {'conc':>4} {'target':<8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'n':>6}  errors / actions")
         for rnd in range(args.rounds):
             for c in args.concurrency:
                 order = names[rnd % len(names):] + names[:rnd % len(names)]  # no target always goes first
                 for name in order:
                     r = asyncio.run(load(urls[name], c, args.duration, args.warmup, args.max_requests))
                     res.setdefault((name, c), []).append(r)
-                    print(f"{rnd + 1:>5} {c:>4} {name:<6} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['rps']:>8.1f} "
+                    print(f"{rnd + 1:>5} {c:>4} {name:<8} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['rps']:>8.1f} "
                           f"{r['n']:>6}  {r['errors'] or ''} {r['actions']}", flush=True)
 
         def med(name: str, c: int, k: str) -> float:
             return statistics.median(r[k] for r in res[(name, c)])
 
         print(f"\nmedians over {args.rounds} round(s)")
-        print(f"{'conc':>4} {'target':<6} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
+        print(f"{'conc':>4} {'target':<8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
         for c in args.concurrency:
             for name in names:
-                print(f"{c:>4} {name:<6} {med(name, c, 'p50'):>8.2f} {med(name, c, 'p99'):>8.2f} {med(name, c, 'rps'):>8.1f}")
+                print(f"{c:>4} {name:<8} {med(name, c, 'p50'):>8.2f} {med(name, c, 'p99'):>8.2f} {med(name, c, 'rps'):>8.1f}")
         print("\nratios: serve / noop (target p50 <= 1.5, p99 <= 2.0, req/s >= 0.7), serve / noopb and serve / plain")
         print(f"{'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>7}   {'p50':>7} {'p99':>7} {'req/s':>7}  (vs noopb)"
               f"   {'p50':>7} {'p99':>7} {'req/s':>7}  (vs plain)")
@@ -338,6 +388,21 @@ def main() -> int:
         ]
         print("the same bounds against the no-op that reads its body (not the issue's target): "
               + ", ".join(f"{k} {'within' if ok else 'outside'}" for k, ok in body))
+        if args.direct_ingress:
+            print("\ndirect ingress (each replica's own port): serve-di / noop-di, and serve-di / noop (through the proxy)")
+            print(f"{'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>7}   {'p50':>7} {'p99':>7} {'req/s':>7}  (vs noop)")
+            for c in args.concurrency:
+                d, n = ([med("serve-di", c, k) / med(peer, c, k) for k in ("p50", "p99", "rps")]
+                        for peer in ("noop-di", "noop"))
+                print(f"{c:>4} {d[0]:>7.2f} {d[1]:>7.2f} {d[2]:>7.2f}   {n[0]:>7.2f} {n[1]:>7.2f} {n[2]:>7.2f}")
+            for peer in ("noop-di", "noop"):
+                checks = [
+                    ("p50", med("serve-di", c1, "p50") / med(peer, c1, "p50") <= TARGETS["p50"]),
+                    ("p99", med("serve-di", c1, "p99") / med(peer, c1, "p99") <= TARGETS["p99"]),
+                    ("req/s", most["serve-di"] / most[peer] >= TARGETS["rps"]),
+                ]
+                print(f"the issue's bounds, serve-di against {peer}: "
+                      + ", ".join(f"{k} {'within' if ok else 'outside'}" for k, ok in checks))
         print(f"total {time.time() - t_start:.0f}s")
     finally:
         if plain is not None:
