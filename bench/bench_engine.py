@@ -92,6 +92,38 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, Timing]:
     return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
+def paired_ratios(ours, ours_backtests: int, peer, peer_backtests: int, rounds: int) -> list[tuple[float, float]]:
+    """Per round, (cpu, wall) ratio of backtests per second, ours over the peer's, timed back to back.
+
+    Each round times ``ours`` right before and right after one run of
+    ``peer`` (ours as the median of three calls each time: it takes
+    milliseconds, the peer up to a second), so both sides of a ratio see
+    the same spell of the machine. A slow spell that lands between two
+    phases of a run biases a ratio of phase medians; here it lands on both
+    sides of one round's ratio or on neither.
+    """
+    def ours_once():
+        samples = []
+        for _ in range(3):
+            w0, c0 = _clocks()
+            ours()
+            w1, c1 = _clocks()
+            samples.append((w1 - w0, c1 - c0))
+        return statistics.median(x[0] for x in samples), statistics.median(x[1] for x in samples)
+
+    out = []
+    for _ in range(rounds):
+        before = ours_once()
+        w0, c0 = _clocks()
+        peer()
+        w1, c1 = _clocks()
+        after = ours_once()
+        ours_w, ours_c = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        out.append(((c1 - c0) / peer_backtests / (ours_c / ours_backtests),
+                    (w1 - w0) / peer_backtests / (ours_w / ours_backtests)))
+    return out
+
+
 def sma_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
     """n (fast, slow) pairs spread evenly over fast 2..100, slow 3..250, fast < slow."""
     fast, slow = pair_grid(range(2, 101), range(3, 251))
@@ -130,7 +162,7 @@ def bench_ours(bars, fast, slow, repeats):
          "signals": lambda: sma_crossover(bars, fast, slow, sma_method="rolling")},
         repeats,
     )
-    return timed, result
+    return timed, result, sweep
 
 
 def bench_backtesting_py(bars, fast, slow, sample, ours):
@@ -138,7 +170,7 @@ def bench_backtesting_py(bars, fast, slow, sample, ours):
         from backtesting import Backtest, Strategy
         from backtesting.lib import crossover
     except ImportError as exc:  # pragma: no cover - reported, not hidden
-        return None, f"backtesting.py not importable: {exc}"
+        return None, f"backtesting.py not importable: {exc}", None
 
     class SmaCross(Strategy):
         n1, n2 = 10, 20
@@ -168,14 +200,21 @@ def bench_backtesting_py(bars, fast, slow, sample, ours):
             cpu.append(c1 - c0)
             worst_gap = max(worst_gap, abs(stats["Equity Final [$]"] - ours.metrics["final_equity"][p]))
     timing = Timing(statistics.median(wall), statistics.median(cpu))
-    return timing, f"{sample} pairs; max |final equity - ours| = {worst_gap:.1e}"
+
+    def run_sample():  # for paired rounds: the whole sample, one backtest after another
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for p in picks:
+                bt.run(n1=int(fast[p]), n2=int(slow[p]))
+
+    return timing, f"{sample} pairs; max |final equity - ours| = {worst_gap:.1e}", run_sample
 
 
 def bench_vectorbt(bars, fast, slow, repeats):
     try:
         import vectorbt as vbt
     except ImportError as exc:
-        return None, f"vectorbt not installed ({exc}); pip install vectorbt to compare"
+        return None, f"vectorbt not installed ({exc}); pip install vectorbt to compare", None
     close = bars.Close
 
     def run(f, s):
@@ -190,7 +229,8 @@ def bench_vectorbt(bars, fast, slow, repeats):
 
     run(fast[:4], slow[:4])  # numba compile outside the timing
     timing = interleaved_medians({"vectorbt": lambda: run(fast, slow)}, repeats)["vectorbt"]
-    return timing, f"vectorbt {vbt.__version__}: fractional sizing; total return and Sharpe per pair"
+    return (timing, f"vectorbt {vbt.__version__}: fractional sizing; total return and Sharpe per pair",
+            lambda: run(fast, slow))
 
 
 def gbm_paths(n, steps, seed=0):
@@ -317,7 +357,7 @@ def main(argv=None) -> None:
     print(f"data: GOOG daily, {n_bars} bars; grid: {len(fast)} SMA pairs; one core; medians of {args.repeats}")
     print(f"numpy {np.__version__}, numba {numba.__version__}")
 
-    ours, result = bench_ours(bars, fast, slow, args.repeats)
+    ours, result, sweep_fn = bench_ours(bars, fast, slow, args.repeats)
     P = len(fast)
     print("\ncore.engine (ms cpu / ms wall; backtests per second; bars per second from cpu time)")
     labels = {
@@ -334,7 +374,7 @@ def main(argv=None) -> None:
             line += f"  {_rate(P, t)}  {P * n_bars / t.cpu:14,.0f} bars/s"
         print(line)
 
-    bt, bt_note = bench_backtesting_py(bars, fast, slow, args.bt_sample, result)
+    bt, bt_note, bt_run = bench_backtesting_py(bars, fast, slow, args.bt_sample, result)
     print("\nbacktesting.py (per backtest, extrapolated from a sample)")
     if bt is None:
         print(f"  {bt_note}")
@@ -343,7 +383,7 @@ def main(argv=None) -> None:
               f"{n_bars / bt.cpu:12,.0f} bars/s  ({bt_note})")
 
     print("\nvectorbt (the whole grid)")
-    vbt, vbt_note = (None, "skipped (--skip-vectorbt)") if args.skip_vectorbt else bench_vectorbt(
+    vbt, vbt_note, vbt_run = (None, "skipped (--skip-vectorbt)", None) if args.skip_vectorbt else bench_vectorbt(
         bars, fast, slow, args.repeats)
     if vbt is None:
         print(f"  {vbt_note}")
@@ -362,6 +402,20 @@ def main(argv=None) -> None:
         print(f"  vs backtesting.py: {bt.cpu * P / sweep.cpu:8,.0f}x / {bt.wall * P / sweep.wall:8,.0f}x   "
               f"(keeping trades {bt.cpu * P / trades.cpu:,.0f}x / {bt.wall * P / trades.wall:,.0f}x, "
               f"and curves {bt.cpu * P / curves.cpu:,.0f}x / {bt.wall * P / curves.wall:,.0f}x)")
+
+    print(f"\npaired rounds: the sweep timed right before and after each peer run, {args.repeats} rounds; "
+          "median (min to max) of the per-round ratios, cpu / wall")
+    paired = {}
+    if vbt_run is not None:
+        paired["vectorbt"] = (paired_ratios(sweep_fn, P, vbt_run, P, args.repeats), 100)
+    if bt_run is not None:
+        paired["backtesting.py"] = (paired_ratios(sweep_fn, P, bt_run, args.bt_sample, args.repeats), 5000)
+    for name, (ratios, target) in paired.items():
+        cpu_r, wall_r = [r[0] for r in ratios], [r[1] for r in ratios]
+        mc, mw = statistics.median(cpu_r), statistics.median(wall_r)
+        print(f"  vs {name + ':':16s} {mc:8,.1f}x ({min(cpu_r):,.1f} to {max(cpu_r):,.1f}) / {mw:8,.1f}x "
+              f"({min(wall_r):,.1f} to {max(wall_r):,.1f})   target >= {target:,}x: "
+              f"{'meets' if min(mc, mw) >= target else 'MISSES'}")
 
     work = args.paths * args.steps
     for rule_name, rule in (("momentum(10), high turnover", momentum_targets),
