@@ -328,13 +328,40 @@ def _target_changes(targets, ev_bar, ev_target):
     return n
 
 
+# Metric levels of the compiled loops (``metric_level``): none, the moments only, every metric.
+METRICS_NONE, METRICS_MOMENTS, METRICS_ALL = 0, 1, 2
+
+
+def metric_level(compute_metrics: bool | str) -> int:
+    """``compute_metrics`` as the compiled loops take it.
+
+    True or ``"all"``: every entry of ``core.metrics.SUMMARY_NAMES``;
+    ``"moments"``: ``core.metrics.MOMENT_NAMES`` only (returns, volatility,
+    Sharpe, Sortino, exposure and the trade tallies; no max drawdown, Calmar,
+    VaR or CVaR), for a search that ranks by Sharpe: it skips the drawdown
+    pass and the tail selection, and its numbers equal the full set's to the
+    bit; False: none.
+    """
+    if compute_metrics is True or compute_metrics == "all":
+        return METRICS_ALL
+    if compute_metrics == "moments":
+        return METRICS_MOMENTS
+    if compute_metrics is False or compute_metrics is None:
+        return METRICS_NONE
+    raise ValueError(f"compute_metrics must be True, False, 'all' or 'moments', got {compute_metrics!r}")
+
+
 @njit(cache=True, error_model="numpy")
-def _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch, cell, out):
-    """``core.metrics.summary_core`` of a curve ``_simulate`` just wrote (still in cache), as ``summary_row`` would."""
+def _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch, cell, out, level):
+    """``core.metrics.summary_core`` of a curve ``_simulate`` just wrote (still in cache), as ``summary_row`` would.
+
+    ``level`` 2: every metric; 1: the ``MOMENT_NAMES`` only (no drawdown pass, no tail selection).
+    """
     returns_into(equity, cash, scratch)
-    lowest, peak = floor_ratio(equity, cash, cell)
+    full = level >= METRICS_ALL
+    lowest, peak = floor_ratio(equity, cash, cell) if full else (1.0, 0.0)
     summary_core(equity, cash, lowest, peak, held, int(closed_stats[0]), int(closed_stats[1]), closed_stats[2],
-                 closed_stats[3], periods_per_year, tail, scratch, out)
+                 closed_stats[3], periods_per_year, tail, scratch, out, full)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -363,7 +390,8 @@ def _run_batch(open_, close, targets, fill_on_close, commission, slippage, whole
                                 slippage, whole_units, cash, close_at_end, equity, units, mine, closed_stats)
             n_trades[p] = n
             if compute_metrics and n >= 0:  # n < 0: a bad target, reported by the caller
-                _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch_m, cell, metrics_out[p])
+                _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch_m, cell, metrics_out[p],
+                           compute_metrics)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -399,7 +427,8 @@ def _run_sma_grid(open_, close, table, fast_row, slow_row, sets, cross_events, s
                                 whole_units, cash, close_at_end, equity, units, mine, closed_stats)
             n_trades[p] = n
             if compute_metrics:
-                _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch_m, cell, metrics_out[p])
+                _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratch_m, cell, metrics_out[p],
+                           compute_metrics)
 
 
 @njit(cache=True, parallel=True)
@@ -721,7 +750,7 @@ class _Outputs:
     tail: np.ndarray
 
     @classmethod
-    def allocate(cls, P: int, T: int, trade_offsets: np.ndarray, keep_curves: bool, compute_metrics: bool,
+    def allocate(cls, P: int, T: int, trade_offsets: np.ndarray, keep_curves: bool, compute_metrics: int,
                  alpha: float) -> "_Outputs":
         curve_shape = (P, T) if keep_curves else (0, 0)
         return cls(equity=np.empty(curve_shape), units=np.empty(curve_shape),
@@ -730,9 +759,9 @@ class _Outputs:
                    table=np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0)),
                    tail=_metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(6))
 
-    def result(self, cash: float, keep_curves: bool, compute_metrics: bool, times: np.ndarray | None) -> BatchResult:
-        metrics = ({name: self.table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES)}
-                   if compute_metrics else {})
+    def result(self, cash: float, keep_curves: bool, level: int, times: np.ndarray | None) -> BatchResult:
+        names = _metrics.SUMMARY_NAMES if level >= METRICS_ALL else _metrics.MOMENT_NAMES if level else ()
+        metrics = {name: self.table[:, i] for i, name in enumerate(_metrics.SUMMARY_NAMES) if name in names}
         return BatchResult(equity=self.equity if keep_curves else None, units=self.units if keep_curves else None,
                            trade_array=self.trades, trade_offsets=self.trade_offsets, n_trades=self.n_trades,
                            cash=float(cash), metrics=metrics, times=times)
@@ -749,7 +778,7 @@ def run_batch(
     fill: str = "open",
     whole_units: bool = True,
     close_at_end: bool = False,
-    compute_metrics: bool = True,
+    compute_metrics: bool | str = True,
     keep_curves: bool = True,
     record_trades: bool = True,
     periods_per_year: float = _metrics.TRADING_DAYS_PER_YEAR,
@@ -763,7 +792,8 @@ def run_batch(
     is ``[P, T]``. See the module docstring for the fill rules.
 
     Metrics (``core.metrics.summary``'s table, VaR/CVaR at ``alpha``) are
-    computed inside the compiled loop. ``keep_curves=False`` drops the
+    computed inside the compiled loop; ``compute_metrics="moments"`` computes
+    only ``core.metrics.MOMENT_NAMES`` (see ``metric_level``). ``keep_curves=False`` drops the
     ``[P, T]`` equity and unit curves, for sweeps that only rank parameter
     sets: it saves the memory traffic, which costs more than the simulation.
     ``record_trades=False`` skips the trade list (``n_trades`` still counts
@@ -795,19 +825,20 @@ def run_batch(
     # sized per set, it is a few MB where a [P, max K] block would be tens.
     # Rows past n_trades[p] are never read, so it need not be zeroed.
     room = changes + 1 if record_trades else changes
+    level = metric_level(compute_metrics)
     o = _Outputs.allocate(P, T, np.concatenate(([0], np.cumsum(room))).astype(np.int64), keep_curves,
-                          compute_metrics, alpha)
-    if compute_metrics or record_trades:
+                          level, alpha)
+    if level or record_trades:
         _run_batch(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
                    float(cash), bool(close_at_end), bool(keep_curves), o.equity, o.units, o.trades, o.trade_offsets,
-                   o.n_trades, bool(compute_metrics), float(periods_per_year), o.tail, o.table, _n_chunks(P))
+                   o.n_trades, level, float(periods_per_year), o.tail, o.table, _n_chunks(P))
     else:
         # Monte Carlo: outcomes only.
         _run_paths(open_, close, targets, fill == "close", float(commission), float(slippage), bool(whole_units),
                    float(cash), bool(close_at_end), bool(keep_curves), o.equity, o.units, o.n_trades, _n_chunks(P))
     if np.any(o.n_trades < 0):
         _check_targets(targets)  # raises, naming the problem
-    return o.result(cash, keep_curves, compute_metrics, times)
+    return o.result(cash, keep_curves, level, times)
 
 
 def backtest_batch(bars: Any, targets: np.ndarray, **kwargs) -> BatchResult:
@@ -842,7 +873,7 @@ def backtest_sma_grid(
     fill: str = "open",
     whole_units: bool = True,
     close_at_end: bool = False,
-    compute_metrics: bool = True,
+    compute_metrics: bool | str = True,
     keep_curves: bool = True,
     record_trades: bool = True,
     periods_per_year: float = _metrics.TRADING_DAYS_PER_YEAR,
@@ -861,6 +892,7 @@ def backtest_sma_grid(
     makes a grid). Keyword arguments are ``run_batch``'s.
     """
     _check_costs(cash, commission, slippage, fill)
+    level = metric_level(compute_metrics)
     p = price_arrays(bars, ("open", "close"))
     open_, close = (np.require(p[k], requirements=("C", "W")) for k in ("open", "close"))
     T = close.shape[0]
@@ -879,12 +911,12 @@ def backtest_sma_grid(
         trade_offsets = np.concatenate(([0], np.cumsum(changes + 1))).astype(np.int64)
     else:
         trade_offsets = np.zeros(P + 1, dtype=np.int64)
-    o = _Outputs.allocate(P, T, trade_offsets, keep_curves, compute_metrics, alpha)
+    o = _Outputs.allocate(P, T, trade_offsets, keep_curves, level, alpha)
     _run_sma_grid(open_, close, table, fast_row, slow_row, np.arange(P), cross_events, short, fill == "close",
                   float(commission), float(slippage), bool(whole_units), float(cash), bool(close_at_end),
-                  bool(keep_curves), o.equity, o.units, o.trades, o.trade_offsets, o.n_trades, bool(compute_metrics),
+                  bool(keep_curves), o.equity, o.units, o.trades, o.trade_offsets, o.n_trades, level,
                   float(periods_per_year), o.tail, o.table, chunks)
-    return o.result(cash, keep_curves, compute_metrics, _bar_times(bars))
+    return o.result(cash, keep_curves, level, _bar_times(bars))
 
 
 def simulate_paths(

@@ -406,7 +406,7 @@ def scratch_size(n):
 
 @njit(cache=True, error_model="numpy")
 def summary_core(equity, initial, lowest, peak, held, n_closed, wins, gains, losses, periods_per_year, tail,
-                 scratch, out):
+                 scratch, out, full):
     """The metrics of one equity curve, writing ``out[i]`` for ``SUMMARY_NAMES[i]``.
 
     ``scratch`` is a float64 array of ``scratch_size(len(equity))`` whose
@@ -420,6 +420,11 @@ def summary_core(equity, initial, lowest, peak, held, n_closed, wins, gains, los
     simulating a series, so a sweep never has to keep every equity curve;
     ``summary_row`` and ``summary`` call it too, so every caller gets the
     same numbers.
+
+    With ``full`` False only the ``MOMENT_NAMES`` are computed (the drawdown
+    and tail entries are NaN and ``lowest``/``peak`` are not read): what a
+    search that ranks by Sharpe needs, without the drawdown pass and the
+    tail selection.
 
     Each pass is a plain loop over the returns that the compiler vectorises
     (error_model="numpy": a division is IEEE, with no zero check in the
@@ -445,6 +450,13 @@ def summary_core(equity, initial, lowest, peak, held, n_closed, wins, gains, los
     out[3] = std * root
     out[4] = mean / std * root if std > 0.0 else np.nan
     out[5] = mean / downside * root if downside > 0.0 else np.nan
+    out[10] = held / T
+    out[11] = n_closed
+    out[12] = wins / n_closed if n_closed > 0 else np.nan
+    out[13] = gains / losses if losses > 0.0 else (np.inf if gains > 0.0 else np.nan)
+    if not full:
+        out[6:10] = np.nan
+        return
     out[6] = worst
     out[7] = cagr_ / worst if worst > 0.0 else np.nan
     # VaR and CVaR need the ceil(n alpha) smallest returns (see cvar() for the
@@ -475,10 +487,6 @@ def summary_core(equity, initial, lowest, peak, held, n_closed, wins, gains, los
         tail_sum -= (1.0 - tail_frac) * var
     out[8] = var
     out[9] = tail_sum / tail_mass
-    out[10] = held / T
-    out[11] = n_closed
-    out[12] = wins / n_closed if n_closed > 0 else np.nan
-    out[13] = gains / losses if losses > 0.0 else (np.inf if gains > 0.0 else np.nan)
 
 
 @njit(cache=True, inline="always")
@@ -514,7 +522,7 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail, out):
     returns_into(equity, initial, scratch)
     lowest, peak = floor_ratio(equity, initial, np.empty(1, dtype=np.int64))
     summary_core(equity, initial, lowest, peak, held, n, wins, gains, losses, periods_per_year, tail, scratch,
-                 out)
+                 out, True)
 
 
 @njit(cache=True, parallel=True)
@@ -537,6 +545,8 @@ SUMMARY_NAMES = (
     "final_equity", "total_return", "cagr", "volatility", "sharpe", "sortino", "max_drawdown", "calmar",
     "var", "cvar", "exposure", "n_trades", "win_rate", "profit_factor",
 )
+# What ``summary_core`` computes without ``full``: everything but the drawdown and the return tail.
+MOMENT_NAMES = tuple(n for n in SUMMARY_NAMES if n not in ("max_drawdown", "calmar", "var", "cvar"))
 
 
 def summary(

@@ -245,6 +245,23 @@ def test_the_sma_grid_is_the_general_path():
         lean = backtest_sma_grid(bars, fast, slow, **rule, **costs, record_trades=False)
         for name, value in general.metrics.items():
             np.testing.assert_array_equal(lean.metrics[name], value, err_msg=name)
+        # The moments level: exactly the moment metrics, each the full set's to the bit, on both paths.
+        for moments in (backtest_sma_grid(bars, fast, slow, **rule, **costs, record_trades=False,
+                                          compute_metrics="moments"),
+                        backtest_batch(bars, sma_crossover(bars, fast, slow, **rule), **costs,
+                                       compute_metrics="moments")):
+            assert sorted(moments.metrics) == sorted(m.MOMENT_NAMES)
+            for name in m.MOMENT_NAMES:
+                np.testing.assert_array_equal(moments.metrics[name], general.metrics[name], err_msg=name)
+
+
+def test_metric_levels_are_named_and_a_wrong_one_is_refused():
+    assert set(m.SUMMARY_NAMES) - set(m.MOMENT_NAMES) == {"max_drawdown", "calmar", "var", "cvar"}
+    bars = {"open": np.linspace(10, 12, 40), "close": np.linspace(10.1, 12.1, 40)}
+    assert backtest_sma_grid(bars, 2, 5, compute_metrics=False).metrics == {}
+    assert sorted(backtest_sma_grid(bars, 2, 5, compute_metrics="all").metrics) == sorted(m.SUMMARY_NAMES)
+    with pytest.raises(ValueError, match="'all' or 'moments'"):
+        backtest_sma_grid(bars, 2, 5, compute_metrics="sharpe")
 
 
 def test_the_sma_grid_refuses_what_sma_crossover_refuses():
