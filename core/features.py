@@ -107,39 +107,94 @@ def price_arrays(bars: Any, fields: tuple[str, ...] = _OHLCV) -> dict[str, np.nd
     return out
 
 
-def _window_view(x: np.ndarray, n: int) -> np.ndarray:
-    """[T - n + 1, n] view of the length-n windows ending at bars n-1 .. T-1."""
-    return np.lib.stride_tricks.sliding_window_view(x, n, axis=-1)
+@njit(cache=True, inline="always")
+def _window_sum(row, start, n):
+    """``row[start] + row[start + 1] + ... `` over n values, left to right (no reordering)."""
+    s = 0.0
+    for j in range(n):
+        s += row[start + j]
+    return s
 
 
-def _pad_front(values: np.ndarray, total: int) -> np.ndarray:
-    out = np.full(values.shape[:-1] + (total,), np.nan)
-    out[..., total - values.shape[-1]:] = values
+@njit(cache=True)
+def _window_stats(x, n, std, out):
+    """Per row of ``x`` [R, T]: each length-n window's mean (or, with ``std``, sample standard
+    deviation) at its last bar; NaN before the first full window.
+
+    Each window is summed afresh, left to right, so a window's value depends
+    on its n values alone. Four neighbouring windows are summed side by
+    side: four independent chains of additions keep the core busy where one
+    would wait on each addition (each chain keeps its own order).
+    """
+    R, T = x.shape
+    for r in range(R):
+        row = x[r]
+        o = out[r]
+        o[:min(n - 1, T)] = np.nan
+        t = n - 1
+        while t + 3 < T:
+            start = t - n + 1
+            s0 = s1 = s2 = s3 = 0.0
+            for j in range(n):
+                s0 += row[start + j]
+                s1 += row[start + j + 1]
+                s2 += row[start + j + 2]
+                s3 += row[start + j + 3]
+            m0, m1, m2, m3 = s0 / n, s1 / n, s2 / n, s3 / n
+            if std:
+                q0 = q1 = q2 = q3 = 0.0
+                for j in range(n):
+                    d0 = row[start + j] - m0
+                    d1 = row[start + j + 1] - m1
+                    d2 = row[start + j + 2] - m2
+                    d3 = row[start + j + 3] - m3
+                    q0 += d0 * d0
+                    q1 += d1 * d1
+                    q2 += d2 * d2
+                    q3 += d3 * d3
+                m0, m1 = np.sqrt(q0 / (n - 1)), np.sqrt(q1 / (n - 1))
+                m2, m3 = np.sqrt(q2 / (n - 1)), np.sqrt(q3 / (n - 1))
+            o[t], o[t + 1], o[t + 2], o[t + 3] = m0, m1, m2, m3
+            t += 4
+        while t < T:
+            start = t - n + 1
+            m = _window_sum(row, start, n) / n
+            if std:
+                q = 0.0
+                for j in range(n):
+                    d = row[start + j] - m
+                    q += d * d
+                m = np.sqrt(q / (n - 1))
+            o[t] = m
+            t += 1
+
+
+def _rolling(x: np.ndarray, n: int, std: bool) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty(x.shape)
+    if x.size:
+        T = x.shape[-1]
+        _window_stats(np.ascontiguousarray(x).reshape(-1, T), n, std, out.reshape(-1, T))
     return out
 
 
 def rolling_mean(x: np.ndarray, n: int) -> np.ndarray:
-    """Mean of the last ``n`` values at each bar, each window summed afresh.
+    """Mean of the last ``n`` values at each bar (along the last axis), each window summed afresh.
 
     NaN for the first ``n - 1`` bars. Bit-identical for a given window
-    whatever came before it (see the module docstring).
+    whatever came before it (see the module docstring): each window is
+    summed left to right, then divided by n.
     """
-    x = np.asarray(x, dtype=np.float64)
     if n < 1:
         raise ValueError(f"window must be >= 1, got {n}")
-    if x.shape[-1] < n:
-        return np.full(x.shape, np.nan)
-    return _pad_front(_window_view(x, n).mean(axis=-1), x.shape[-1])
+    return _rolling(x, n, False)
 
 
 def rolling_std(x: np.ndarray, n: int) -> np.ndarray:
-    """Sample standard deviation (ddof=1) of the last ``n`` values, per window."""
-    x = np.asarray(x, dtype=np.float64)
+    """Sample standard deviation (ddof=1) of the last ``n`` values, per window (two passes over it)."""
     if n < 2:
         raise ValueError(f"window must be >= 2, got {n}")
-    if x.shape[-1] < n:
-        return np.full(x.shape, np.nan)
-    return _pad_front(_window_view(x, n).std(axis=-1, ddof=1), x.shape[-1])
+    return _rolling(x, n, True)
 
 
 @njit(cache=True, inline="always")

@@ -145,3 +145,26 @@ def test_bad_bars_are_refused(goog):
         compute_features(frame.iloc[::-1])
     with pytest.raises(KeyError):
         compute_features(frame.drop(columns="volume"))
+
+
+def test_rolling_mean_and_std_are_each_windows_own_numbers():
+    rng = np.random.default_rng(5)
+    x = rng.normal(100.0, 5.0, (3, 301))
+    x[1, 150] = np.nan  # a NaN spoils exactly the windows that hold it
+    for n in (1, 2, 3, 7, 14, 50):
+        mean = features.rolling_mean(x, n)
+        windows = np.lib.stride_tricks.sliding_window_view(x, n, axis=-1)
+        assert np.isnan(mean[:, :n - 1]).all()
+        np.testing.assert_allclose(mean[:, n - 1:], windows.mean(axis=-1), rtol=1e-14)
+        # A window's value is a function of its n values alone, to the bit (finite memory).
+        np.testing.assert_array_equal(features.rolling_mean(x[:, 40:], n)[:, n - 1:], mean[:, 40 + n - 1:])
+        if n >= 2:
+            std = features.rolling_std(x, n)
+            np.testing.assert_allclose(std[:, n - 1:], windows.std(axis=-1, ddof=1), rtol=1e-12)
+            np.testing.assert_array_equal(features.rolling_std(x[:, 13:], n)[:, n - 1:], std[:, 13 + n - 1:])
+    assert np.isnan(features.rolling_mean(x[:, :4], 5)).all()
+    # By hand: the means of (1, 2, 3) and (2, 3, 4); the sample std of each is 1.
+    np.testing.assert_array_equal(features.rolling_mean(np.array([1.0, 2, 3, 4]), 3)[2:], [2.0, 3.0])
+    np.testing.assert_array_equal(features.rolling_std(np.array([1.0, 2, 3, 4]), 3)[2:], [1.0, 1.0])
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        features.rolling_std(x, 1)
