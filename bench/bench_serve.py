@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_serve.py [--duration 4] [--concurrency 1 8 32] [--rounds 2]
     .venv/bin/python bench/bench_serve.py --serve-throughput-optimized     # Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED=1
     .venv/bin/python bench/bench_serve.py --direct-ingress                 # also each ingress replica's own port
+    .venv/bin/python bench/bench_serve.py --haproxy                        # serve.proxy = "haproxy" (needs haproxy)
 
 One local Ray; the whole system comes up as ``raytrade up`` brings it
 (``cluster.system.start_system``: feeds, router, registry with the baseline
@@ -26,6 +27,11 @@ for each N of the sweep, for a fixed time:
   (``core.features``, computed inside the ensemble) and the same members
   (``actors.ensemble.Ensemble`` as a plain class, models from the same
   registry), the same key check and response model; no risk call.
+
+With ``--haproxy`` (``serve.proxy = "haproxy"``), HAProxy takes the HTTP
+port in front of the ingress replicas' own ports, so ``serve``, ``noop`` and
+``noopb`` are measured through it instead of Serve's proxy (and the ``-di``
+peers as below).
 
 With ``--direct-ingress`` (Serve's ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``,
 which ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` also turns on) each ingress replica
@@ -68,6 +74,7 @@ if "--direct-ingress" in sys.argv:
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 
 SYMBOL = "SPY"
 READ_KEY = "rt-bench-read-key-0000001"
@@ -80,7 +87,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_settings(store: str, port: int, ledger: str | None = None):
+def bench_settings(store: str, port: int, ledger: str | None = None, proxy: str = "serve"):
     from cluster.settings import load_settings
 
     return load_settings(
@@ -90,7 +97,7 @@ def bench_settings(store: str, port: int, ledger: str | None = None):
         feeds={"symbols": ["SPY", "QQQ"], "bar_interval_s": 1.0, "replay_start": "2024-01-02 21:10"},
         risk={"allowed_symbols": ["SPY", "QQQ"], "confidence_threshold": 0.0},
         # the per-key limit would otherwise be what we measure
-        serve={"port": port, "rate_limit_per_s": 1e6, "rate_burst": 1e6},
+        serve={"port": port, "rate_limit_per_s": 1e6, "rate_burst": 1e6, "proxy": proxy},
         api_keys=[{"name": "bench", "key": READ_KEY, "role": "read"}],
         broker={"ledger_dir": ledger or os.path.join(os.path.dirname(store), "ledger")},
         ray={"namespace": "raytrade-bench", "include_dashboard": False},
@@ -227,7 +234,7 @@ async def load(url: str, concurrency: int, duration_s: float, warmup_s: float, m
             "actions": actions}
 
 
-def replica_ports(timeout_s: float = 60.0) -> dict[str, str]:
+def replica_ports(port_of_proxy: int, timeout_s: float = 60.0) -> dict[str, str]:
     """Route prefix -> ``http://ip:port`` of its ingress replica's own HTTP server (direct ingress).
 
     From the Serve controller's target groups (what a load balancer in front
@@ -241,11 +248,13 @@ def replica_ports(timeout_s: float = 60.0) -> dict[str, str]:
     found: dict[str, str] = {}
     while time.time() < deadline:
         found = {}
-        for group in ray.get(controller.get_target_groups.remote()):
+        # With HAProxy on, the controller names the replicas only to its proxy manager.
+        ha = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+        for group in ray.get(controller.get_target_groups.remote(from_proxy_manager=ha)):
             if str(getattr(group.protocol, "value", group.protocol)).upper() != "HTTP" or not group.targets:
                 continue
             target = group.targets[0]
-            if group.app_name:  # a proxy's target group has no app
+            if group.app_name and target.port != port_of_proxy:  # a proxy's target group has no app
                 # The target names the node's address; the replica listens on Serve's HTTP host (127.0.0.1).
                 found[group.route_prefix] = f"http://127.0.0.1:{target.port}"
         if len(found) >= 3:
@@ -284,6 +293,10 @@ def main() -> int:
     ap.add_argument("--direct-ingress", action="store_true",
                     help="start Serve with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and also measure each ingress "
                          "replica's own port (serve-di, noop-di, noopb-di)")
+    ap.add_argument("--haproxy", action="store_true",
+                    help="serve.proxy = haproxy: HAProxy (the haproxy binary on PATH) takes the HTTP port in front "
+                         "of the ingress replicas' own ports (Serve's direct ingress), as `raytrade up` does with "
+                         "that setting; the replicas' own ports are measured too")
     ap.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -304,12 +317,13 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="raytrade-bench-serve-")
     store = os.path.join(tmp, "store")
     port = free_port()
-    settings = bench_settings(store, port)
+    settings = bench_settings(store, port, proxy="haproxy" if args.haproxy else "serve")
     BarStore.from_settings(settings.store).append(generate_bars(["SPY", "QQQ"], 600, seed=7))
     connect(settings, num_cpus=4)
     print(f"raytrade Serve benchmark: {os.cpu_count()} cores, ray {ray.__version__}, "
           f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}, "
-          f"RAY_SERVE_ENABLE_DIRECT_INGRESS={os.environ.get('RAY_SERVE_ENABLE_DIRECT_INGRESS', '0')}", flush=True)
+          f"RAY_SERVE_ENABLE_DIRECT_INGRESS={os.environ.get('RAY_SERVE_ENABLE_DIRECT_INGRESS', '0')}, "
+          f"serve.proxy={settings.serve.proxy}", flush=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     plain = None
     try:
@@ -331,8 +345,11 @@ def main() -> int:
               f"confidence {first['confidence']:.3f}, {first['latency_ms']:.1f} ms in the ingress", flush=True)
         urls = {"serve": f"{base}/v1/decisions", "noop": f"{base}/noop/v1/decisions",
                 "noopb": f"{base}/noopb/v1/decisions", "plain": f"{plain_url}/v1/decisions"}
-        if args.direct_ingress:
-            ports = replica_ports()
+        if args.direct_ingress or args.haproxy:
+            ports = replica_ports(port)
+            listener = next((c.pid for c in psutil.net_connections("tcp")
+                             if c.status == "LISTEN" and c.laddr.port == port), None)
+            print(f"  port {port} is served by {psutil.Process(listener).name() if listener else 'nobody?'}")
             print(f"  ingress replicas' own ports: {ports}", flush=True)
             for name, prefix in (("serve", "/"), ("noop", "/noop"), ("noopb", "/noopb")):
                 if prefix not in ports:
@@ -388,7 +405,7 @@ def main() -> int:
         ]
         print("the same bounds against the no-op that reads its body (not the issue's target): "
               + ", ".join(f"{k} {'within' if ok else 'outside'}" for k, ok in body))
-        if args.direct_ingress:
+        if args.direct_ingress or args.haproxy:
             print("\ndirect ingress (each replica's own port): serve-di / noop-di, and serve-di / noop (through the proxy)")
             print(f"{'conc':>4} {'p50':>7} {'p99':>7} {'req/s':>7}   {'p50':>7} {'p99':>7} {'req/s':>7}  (vs noop)")
             for c in args.concurrency:

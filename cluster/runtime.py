@@ -56,6 +56,28 @@ def _target_address(settings: Settings) -> str | None:
     return None
 
 
+def serve_proxy_env(settings: Settings) -> dict[str, str]:
+    """Environment a Ray that raytrade starts needs for ``serve.proxy`` (Serve reads it at import, in every process).
+
+    ``"haproxy"``: Serve's HAProxy mode, which implies direct ingress (each
+    ingress replica serves HTTP on a port of its own and HAProxy, on the
+    HTTP port, forwards to them). Refused with what to do when there is no
+    haproxy binary, rather than left to fail inside Serve's controller.
+    """
+    if settings.serve.proxy != "haproxy":
+        return {}
+    import shutil
+
+    binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
+    if not binary:
+        raise ClusterUnavailable(
+            "serve.proxy is 'haproxy' but no haproxy binary is on PATH: install it (apt-get install haproxy), "
+            "set RAY_SERVE_HAPROXY_BINARY_PATH, or set serve.proxy to 'serve'"
+        )
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_HAPROXY_BINARY_PATH": binary}
+
+
 def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | None = None) -> RuntimeInfo:
     """Join or start Ray, once per process."""
     import ray
@@ -105,6 +127,8 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
             # "local": a new Ray of our own. Without it ray.init() joins whatever
             # cluster /tmp/ray/ray_current_cluster names (any `ray start` on this
             # machine) and then refuses num_cpus.
+            # The local raylet, and so Serve's controller and replicas, inherit this environment.
+            os.environ.update(serve_proxy_env(settings))
             ray.init(
                 address="local",
                 namespace=ns,

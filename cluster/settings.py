@@ -182,6 +182,13 @@ class ServeSettings(_Section):
         description="where the ensemble runs: inside each ingress replica (no hop per decision; the ingress takes "
         "the ensemble role's resources as well as its own) or as its own Serve deployment (scaled apart from HTTP)",
     )
+    proxy: Literal["serve", "haproxy"] = Field(
+        "serve",
+        description="what takes the HTTP port: Serve's own proxy, or HAProxy in front of the ingress replicas' "
+        "own ports (Serve's direct ingress: one hop fewer, and the request body comes with the request; needs "
+        "the haproxy binary; replica ports then listen on all interfaces). Takes effect when raytrade starts Ray; "
+        "a cluster sets RAY_SERVE_ENABLE_HA_PROXY=1 on its nodes (ray-cluster.yaml)",
+    )
 
 
 class ApiKey(_Section):

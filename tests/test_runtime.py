@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.runtime import actor_options, status
+from cluster.runtime import ClusterUnavailable, actor_options, serve_proxy_env, status
 from cluster.settings import load_settings
 from core.store import BarStore
 from core.synthetic import generate_bars
@@ -87,3 +87,20 @@ def test_status_lists_actors_and_waiting_ones(ray_session, feed_settings):
     assert names["feed:status-ok"] == "ALIVE" and names["feed:too-big"] == "WAITING_FOR_RESOURCES"
     ray.kill(ok)
     ray.kill(huge)
+
+
+def test_serve_proxy_setting_gives_the_environment_serve_reads(tmp_path, monkeypatch):
+    assert serve_proxy_env(load_settings(use_file=False)) == {}
+    ha = load_settings(use_file=False, serve={"proxy": "haproxy"})
+    fake = tmp_path / "haproxy"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert serve_proxy_env(ha) == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                                   "RAY_SERVE_HAPROXY_BINARY_PATH": str(fake)}
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ClusterUnavailable, match="no haproxy binary is on PATH"):
+        serve_proxy_env(ha)
+    with pytest.raises(ValueError, match="proxy"):
+        load_settings(use_file=False, serve={"proxy": "nginx"})
