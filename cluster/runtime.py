@@ -75,7 +75,11 @@ def serve_proxy_env(settings: Settings) -> dict[str, str]:
             "set RAY_SERVE_HAPROXY_BINARY_PATH, or set serve.proxy to 'serve'"
         )
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_HAPROXY_BINARY_PATH": binary}
+            "RAY_SERVE_HAPROXY_BINARY_PATH": binary,
+            # A stopping replica keeps its own port open this long so a load balancer can notice
+            # (Serve's default: 30 s); HAProxy here is Serve's own and is told at once.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
+                os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")}
 
 
 def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | None = None) -> RuntimeInfo:

@@ -96,9 +96,11 @@ def test_serve_proxy_setting_gives_the_environment_serve_reads(tmp_path, monkeyp
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert serve_proxy_env(ha) == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                                   "RAY_SERVE_HAPROXY_BINARY_PATH": str(fake)}
+                                   "RAY_SERVE_HAPROXY_BINARY_PATH": str(fake),
+                                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(ClusterUnavailable, match="no haproxy binary is on PATH"):
         serve_proxy_env(ha)
