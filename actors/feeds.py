@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import ray
 
+from actors.loop import LoopActor
 from cluster.logs import configure_logging, get_logger
 from cluster.settings import Settings
 from core.bars import COLUMNS, normalise
@@ -111,7 +112,7 @@ class _SyntheticSource(_Source):
         return self._market.next()
 
 
-class FeedBase:
+class FeedBase(LoopActor):
     """What every feed actor shares: numbering, the buffer, ``since``, health, chaos hooks."""
 
     kind = "base"
@@ -135,19 +136,6 @@ class FeedBase:
         self._faults: list[str] = []
         self._previous: dict[str, dict[str, Any]] = {}
         self._held: dict[str, Any] | None = None
-
-    async def _run(self) -> None:  # pragma: no cover - each feed has its own
-        raise NotImplementedError
-
-    async def start(self) -> bool:
-        self._ensure_running()
-        return True
-
-    def _ensure_running(self) -> None:
-        # Also called by every read: an actor Ray restarted gets no start()
-        # call, so the first caller after a restart starts its loop again.
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _emit(self, bars: pd.DataFrame) -> None:
         # Normalise and number; judging quality is the router's job, so bad

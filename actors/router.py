@@ -34,6 +34,7 @@ from typing import Any, Awaitable, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from actors.loop import LoopActor
 from cluster.logs import configure_logging, get_logger
 from cluster.settings import Settings
 from core.feedrouter import RouterConfig, RouterState
@@ -91,7 +92,7 @@ def router_actor_name(group: str = "default") -> str:
 
 
 @ray.remote
-class FeedRouter:
+class FeedRouter(LoopActor):
     def __init__(self, group: str, source_names: list[str], symbols: list[str], settings: Settings,
                  write_store: bool = True):
         self.settings = settings
@@ -204,16 +205,6 @@ class FeedRouter:
             if h is not None:
                 self._handles[name] = h
         return h
-
-    async def start(self) -> bool:
-        self._ensure_running()
-        return True
-
-    def _ensure_running(self) -> None:
-        # Also called by every read: an actor Ray restarted gets no start()
-        # call, so the first caller after a restart starts its loop again.
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _ask(self, name: str, h: Any, cursor: int) -> tuple[list[dict[str, Any]], str]:
         """One poll of ``name``: its bars after ``cursor`` and its incarnation."""
