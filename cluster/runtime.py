@@ -57,7 +57,9 @@ def _target_address(settings: Settings) -> str | None:
 
 
 def serve_proxy_env(settings: Settings) -> dict[str, str]:
-    """Environment a Ray that raytrade starts needs for ``serve.proxy`` (Serve reads it at import, in every process).
+    """Environment a Ray that raytrade starts (``connect``'s local Ray, ``start_head``) needs for ``serve.proxy``.
+
+    Serve reads it at import, in every process of that Ray.
 
     ``"haproxy"``: Serve's HAProxy mode, which implies direct ingress (each
     ingress replica serves HTTP on a port of its own and HAProxy, on the
@@ -274,7 +276,7 @@ def start_head(settings: Settings, timeout_s: float = 120.0) -> tuple[str, int]:
     ]
     if not settings.ray.include_dashboard:
         cmd.append("--include-dashboard=false")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **serve_proxy_env(settings))
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     log_file = open(STATE_DIR / "head.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
