@@ -342,12 +342,11 @@ def metric_level(compute_metrics: bool | str) -> int:
     pass and the tail selection, and its numbers equal the full set's to the
     bit; False: none.
     """
-    if compute_metrics is True or compute_metrics == "all":
-        return METRICS_ALL
-    if compute_metrics == "moments":
-        return METRICS_MOMENTS
-    if compute_metrics is False or compute_metrics is None:
-        return METRICS_NONE
+    if isinstance(compute_metrics, str):
+        if compute_metrics in ("all", "moments"):
+            return METRICS_ALL if compute_metrics == "all" else METRICS_MOMENTS
+    elif compute_metrics is None or isinstance(compute_metrics, (bool, np.bool_)):
+        return METRICS_ALL if compute_metrics else METRICS_NONE
     raise ValueError(f"compute_metrics must be True, False, 'all' or 'moments', got {compute_metrics!r}")
 
 
@@ -750,14 +749,14 @@ class _Outputs:
     tail: np.ndarray
 
     @classmethod
-    def allocate(cls, P: int, T: int, trade_offsets: np.ndarray, keep_curves: bool, compute_metrics: int,
+    def allocate(cls, P: int, T: int, trade_offsets: np.ndarray, keep_curves: bool, level: int,
                  alpha: float) -> "_Outputs":
         curve_shape = (P, T) if keep_curves else (0, 0)
         return cls(equity=np.empty(curve_shape), units=np.empty(curve_shape),
                    trades=np.empty((int(trade_offsets[-1]), N_TRADE_FIELDS)), trade_offsets=trade_offsets,
                    n_trades=np.zeros(P, dtype=np.int64),
-                   table=np.empty((P, len(_metrics.SUMMARY_NAMES)) if compute_metrics else (0, 0)),
-                   tail=_metrics.tail_weights(T, alpha) if compute_metrics else np.zeros(6))
+                   table=np.empty((P, len(_metrics.SUMMARY_NAMES)) if level else (0, 0)),
+                   tail=_metrics.tail_weights(T, alpha) if level else np.zeros(6))
 
     def result(self, cash: float, keep_curves: bool, level: int, times: np.ndarray | None) -> BatchResult:
         names = _metrics.SUMMARY_NAMES if level >= METRICS_ALL else _metrics.MOMENT_NAMES if level else ()
@@ -793,9 +792,10 @@ def run_batch(
 
     Metrics (``core.metrics.summary``'s table, VaR/CVaR at ``alpha``) are
     computed inside the compiled loop; ``compute_metrics="moments"`` computes
-    only ``core.metrics.MOMENT_NAMES`` (see ``metric_level``). ``keep_curves=False`` drops the
-    ``[P, T]`` equity and unit curves, for sweeps that only rank parameter
-    sets: it saves the memory traffic, which costs more than the simulation.
+    only ``core.metrics.MOMENT_NAMES`` (see ``metric_level``).
+    ``keep_curves=False`` drops the ``[P, T]`` equity and unit curves, for
+    sweeps that only rank parameter sets: it saves the memory traffic, which
+    costs more than the simulation.
     ``record_trades=False`` skips the trade list (``n_trades`` still counts
     trades, the open one included), for sweeps and Monte Carlo runs that
     want only outcomes; the metrics of closed trades (``n_trades``,

@@ -260,8 +260,10 @@ def test_metric_levels_are_named_and_a_wrong_one_is_refused():
     bars = {"open": np.linspace(10, 12, 40), "close": np.linspace(10.1, 12.1, 40)}
     assert backtest_sma_grid(bars, 2, 5, compute_metrics=False).metrics == {}
     assert sorted(backtest_sma_grid(bars, 2, 5, compute_metrics="all").metrics) == sorted(m.SUMMARY_NAMES)
-    with pytest.raises(ValueError, match="'all' or 'moments'"):
-        backtest_sma_grid(bars, 2, 5, compute_metrics="sharpe")
+    assert sorted(backtest_sma_grid(bars, 2, 5, compute_metrics=np.True_).metrics) == sorted(m.SUMMARY_NAMES)
+    for wrong in ("sharpe", 1):
+        with pytest.raises(ValueError, match="'all' or 'moments'"):
+            backtest_sma_grid(bars, 2, 5, compute_metrics=wrong)
 
 
 def test_the_sma_grid_refuses_what_sma_crossover_refuses():
