@@ -13,8 +13,12 @@ callers, each sending its next request when the last one answered) measures,
 for each N of the sweep, for a fixed time:
 
 - ``serve``: ``POST /v1/decisions {"symbol": "SPY"}`` with a read key (not
-  executed): the ingress's window, the Ensemble deployment (features and
-  members), the risk manager's verdict when the action is not HOLD;
+  executed): the ingress's live window, the ensemble in the ingress
+  (features and members), the risk verdict previewed from the account's
+  snapshot. With ``serve.signal_per_bar`` (the default) a decision on a bar
+  the ensemble has already answered for reuses its signal (bars arrive
+  once a second here), so most decisions skip the ensemble;
+  ``--signal-per-request`` runs it for every decision;
 - ``noop``: a Serve deployment on the same cluster and proxy (its own app,
   ``route_prefix=/noop``) whose FastAPI ingress returns a constant JSON: what
   Serve itself costs;
@@ -26,7 +30,8 @@ for each N of the sweep, for a fixed time:
   decision in-process: the same stored window, the same features
   (``core.features``, computed inside the ensemble) and the same members
   (``actors.ensemble.Ensemble`` as a plain class, models from the same
-  registry), the same key check and response model; no risk call.
+  registry), the same key check and response model; no risk call. It runs
+  the ensemble for every request (its window never moves).
 
 With ``--haproxy`` (``serve.proxy = "haproxy"``), HAProxy takes the HTTP
 port in front of the ingress replicas' own ports, so ``serve``, ``noop`` and
@@ -87,7 +92,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_settings(store: str, port: int, ledger: str | None = None, proxy: str = "serve"):
+def bench_settings(store: str, port: int, ledger: str | None = None, proxy: str = "serve",
+                   signal_per_bar: bool = True):
     from cluster.settings import load_settings
 
     return load_settings(
@@ -97,7 +103,8 @@ def bench_settings(store: str, port: int, ledger: str | None = None, proxy: str 
         feeds={"symbols": ["SPY", "QQQ"], "bar_interval_s": 1.0, "replay_start": "2024-01-02 21:10"},
         risk={"allowed_symbols": ["SPY", "QQQ"], "confidence_threshold": 0.0},
         # the per-key limit would otherwise be what we measure
-        serve={"port": port, "rate_limit_per_s": 1e6, "rate_burst": 1e6, "proxy": proxy},
+        serve={"port": port, "rate_limit_per_s": 1e6, "rate_burst": 1e6, "proxy": proxy,
+               "signal_per_bar": signal_per_bar},
         api_keys=[{"name": "bench", "key": READ_KEY, "role": "read"}],
         broker={"ledger_dir": ledger or os.path.join(os.path.dirname(store), "ledger")},
         ray={"namespace": "raytrade-bench", "include_dashboard": False},
@@ -297,6 +304,8 @@ def main() -> int:
                     help="serve.proxy = haproxy: HAProxy (the haproxy binary on PATH) takes the HTTP port in front "
                          "of the ingress replicas' own ports (Serve's direct ingress), as `raytrade up` does with "
                          "that setting; the replicas' own ports are measured too")
+    ap.add_argument("--signal-per-request", action="store_true",
+                    help="serve.signal_per_bar = false: the endpoint runs the ensemble for every decision")
     ap.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -317,13 +326,14 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="raytrade-bench-serve-")
     store = os.path.join(tmp, "store")
     port = free_port()
-    settings = bench_settings(store, port, proxy="haproxy" if args.haproxy else "serve")
+    settings = bench_settings(store, port, proxy="haproxy" if args.haproxy else "serve",
+                              signal_per_bar=not args.signal_per_request)
     BarStore.from_settings(settings.store).append(generate_bars(["SPY", "QQQ"], 600, seed=7))
     connect(settings, num_cpus=4)
     print(f"raytrade Serve benchmark: {os.cpu_count()} cores, ray {ray.__version__}, "
           f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}, "
           f"RAY_SERVE_ENABLE_DIRECT_INGRESS={os.environ.get('RAY_SERVE_ENABLE_DIRECT_INGRESS', '0')}, "
-          f"serve.proxy={settings.serve.proxy}", flush=True)
+          f"serve.proxy={settings.serve.proxy}, serve.signal_per_bar={settings.serve.signal_per_bar}", flush=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     plain = None
     try:

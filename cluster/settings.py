@@ -182,6 +182,12 @@ class ServeSettings(_Section):
         description="where the ensemble runs: inside each ingress replica (no hop per decision; the ingress takes "
         "the ensemble role's resources as well as its own) or as its own Serve deployment (scaled apart from HTTP)",
     )
+    signal_per_bar: bool = Field(
+        True,
+        description="decisions on the live window reuse the ensemble's signal for that window's last bar (same bars, "
+        "same models: the same signal) until a new bar or a model change; false computes it for every request. "
+        "Only with the ensemble in the ingress; a signal with a failed member is never reused",
+    )
     proxy: Literal["serve", "haproxy"] = Field(
         "serve",
         description="what takes the HTTP port: Serve's own proxy, or HAProxy in front of the ingress replicas' "

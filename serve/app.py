@@ -265,6 +265,7 @@ class Ingress:
         self.keys = KeyRing.from_settings(settings.api_keys, settings.serve.rate_limit_per_s, settings.serve.rate_burst)
         self.ns = settings.ray.namespace
         self.windows: dict[str, deque] = {}
+        self._signals: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}  # symbol -> ((bar, generation), signal)
         self.last_seq = 0
         self.external: dict[str, dict[str, Any]] = {}
         self.latencies: deque[float] = deque(maxlen=5000)
@@ -320,10 +321,29 @@ class Ingress:
             self._risk_task = asyncio.get_running_loop().create_task(self._follow_risk())
 
     # -- the ensemble, here or one hop away --------------------------------------------------
-    async def _predict(self, request: dict[str, Any]) -> dict[str, Any]:
-        if self._local_ensemble is not None:
-            return await self._local_ensemble.predict_one(request)
-        return await self.ensemble.predict_one.remote(request)
+    async def _predict(self, request: dict[str, Any], bar: int | None = None) -> dict[str, Any]:
+        """The ensemble's signal for ``request``; ``bar``: the seq of the live window's last bar.
+
+        The signal is a function of the window's bars and the models being
+        served, so with ``serve.signal_per_bar`` a decision on a bar the
+        ensemble has already answered for (and the same model generation)
+        reuses that answer: many callers per bar cost one ensemble pass. An
+        answer with a failed member is not kept (the next call may get it).
+        """
+        local = self._local_ensemble
+        if local is None:
+            return await self.ensemble.predict_one.remote(request)
+        if bar is None or not self.settings.serve.signal_per_bar:
+            return await local.predict_one(request)
+        key = (bar, local.generation)
+        sym = request["symbol"]
+        hit = self._signals.get(sym)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        sig = await local.predict_one(request)
+        if not sig.get("failed") and sig.get("generation") == key[1]:
+            self._signals[sym] = (key, sig)
+        return sig
 
     async def _ensemble_status(self) -> dict[str, Any]:
         if self._local_ensemble is not None:
@@ -508,7 +528,7 @@ class Ingress:
         last_close, last_ts = float(cols["close"][-1]), int(cols["ts"][-1])
         ens_req = {"symbol": sym, "bars": cols}
         try:
-            sig = await self._predict(ens_req)
+            sig = await self._predict(ens_req, last_seq)
         except Exception as e:  # noqa: BLE001 - the ensemble is down: HOLD, with the reason
             log.warning("ensemble call failed: %s", e)
             sig = {"position": 0.0, "confidence": 0.0, "hold": True,

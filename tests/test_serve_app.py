@@ -96,6 +96,38 @@ def test_decision_from_live_feed_data(app):
     assert d2["last_bar"]["seq"] > d["last_bar"]["seq"]
 
 
+def test_decisions_on_one_bar_share_one_ensemble_pass(app):
+    """serve.signal_per_bar: the same bars and models give the same signal, computed once per bar."""
+    c = app["client"]
+
+    def ensemble_passes() -> int:
+        r = c.get("/health/components/ensemble")
+        assert r.status_code == 200, r.text
+        return r.json()["requests"]
+
+    for _ in range(30):  # bounded: a new bar (every 0.2 s here) may land between the two decisions
+        before = ensemble_passes()
+        d1 = c.post("/v1/decisions", json={"symbol": "SPY"}, headers=h(app, "read")).json()
+        d2 = c.post("/v1/decisions", json={"symbol": "SPY"}, headers=h(app, "read")).json()
+        after = ensemble_passes()
+        if d1["last_bar"]["seq"] == d2["last_bar"]["seq"] and not d1["failed_members"]:
+            break
+    else:
+        pytest.fail("no two decisions on the same bar in 30 tries")
+    assert after - before <= 1  # one pass for the bar (none if an earlier call already made it)
+    assert d1["decision_id"] != d2["decision_id"]
+    for k in ("target_position", "confidence", "members", "model_versions", "regime"):
+        assert d1[k] == d2[k], k
+    # A new bar is a new signal: the next bar's decision runs the ensemble again.
+    seq = d2["last_bar"]["seq"]
+    deadline = time.time() + 30
+    d3 = d2
+    while d3["last_bar"]["seq"] == seq and time.time() < deadline:
+        time.sleep(0.25)
+        d3 = c.post("/v1/decisions", json={"symbol": "SPY"}, headers=h(app, "read")).json()
+    assert d3["last_bar"]["seq"] > seq and ensemble_passes() > after
+
+
 def _rising_bars(n: int = 120, start: float = 100.0, step: float = 0.004) -> list[dict]:
     out, p = [], start
     t0 = 1_700_000_000
