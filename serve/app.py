@@ -39,6 +39,7 @@ Not here: the risk rules (``core.risk``/``actors.risk``), fusion
 
 
 import asyncio
+import datetime
 import json
 import math
 import time
@@ -84,6 +85,8 @@ RISK_IDLE_S = 30.0  # accounts not decided on for this long are not refreshed
 # and @serve.batch never sees a batch over 5. Both replicas are async and
 # mostly wait, so they take many at once; the ensemble as many as a batch holds.
 INGRESS_MAX_ONGOING = 256
+# How often a replica hands its requests' counts and latencies to Ray's metrics.
+METRICS_FLUSH_S = 1.0
 
 
 class AppArgs(BaseModel):
@@ -180,10 +183,23 @@ def _percentile(values: deque, q: float) -> float | None:
 
 
 class _Metrics:
-    """Prometheus metrics through Ray's metrics agent."""
+    """Prometheus metrics through Ray's metrics agent.
+
+    A request's own counts and latency are kept here and handed to Ray's
+    metrics by ``flush()`` (the ingress calls it every ``METRICS_FLUSH_S``):
+    recording a Ray metric costs tens of microseconds, which a decision's
+    answer need not wait for.
+    """
 
     def __init__(self) -> None:
+        from collections import Counter
+
         from ray.util import metrics
+
+        self._requests: Counter = Counter()
+        self._latencies: list[tuple[str, float]] = []
+        self._decisions: Counter = Counter()
+        self._rejections: Counter = Counter()
 
         self.requests = metrics.Counter("raytrade_requests", "HTTP requests", tag_keys=("route", "status"))
         self.latency = metrics.Histogram("raytrade_request_latency_ms", "request latency (ms)",
@@ -194,6 +210,31 @@ class _Metrics:
         self.failovers = metrics.Counter("raytrade_feed_failovers", "feed router switches", tag_keys=("kind",))
         self.broker_errors = metrics.Counter("raytrade_broker_errors", "broker errors seen by the risk manager",
                                              tag_keys=("account",))
+
+    def request(self, route: str, status: int, ms: float) -> None:
+        self._requests[(route, str(status))] += 1
+        if len(self._latencies) < 100_000:  # bounded if flushes stall
+            self._latencies.append((route, ms))
+
+    def decision(self, action: str) -> None:
+        self._decisions[action] += 1
+
+    def rejection(self, account: str) -> None:
+        self._rejections[account] += 1
+
+    def flush(self) -> None:
+        requests, self._requests = self._requests, type(self._requests)()
+        latencies, self._latencies = self._latencies, []
+        decisions, self._decisions = self._decisions, type(self._decisions)()
+        rejections, self._rejections = self._rejections, type(self._rejections)()
+        for (route, status), n in requests.items():
+            self.requests.inc(n, tags={"route": route, "status": status})
+        for route, ms in latencies:
+            self.latency.observe(ms, tags={"route": route})
+        for action, n in decisions.items():
+            self.decisions.inc(n, tags={"action": action})
+        for account, n in rejections.items():
+            self.rejections.inc(n, tags={"account": account})
 
 
 async def _safe(ref: Any, timeout: float = 5.0) -> Any:
@@ -230,10 +271,12 @@ def account_names(settings: Settings) -> list[str]:
     return list(settings.accounts)
 
 
-def _ts(ns: Any) -> Any:
-    import pandas as pd
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
-    return pd.Timestamp(int(ns), tz="UTC").to_pydatetime()
+
+def _ts(ns: Any) -> datetime.datetime:
+    """Epoch nanoseconds as a UTC datetime, to the microsecond (what pandas' ``to_pydatetime`` keeps)."""
+    return _EPOCH + datetime.timedelta(microseconds=int(ns) // 1000)
 
 
 def _atr(cols: dict[str, np.ndarray], n: int = 14) -> float:
@@ -282,6 +325,8 @@ class Ingress:
         self._risk_used: dict[str, float] = {}
         self._risk_refreshing: dict[str, asyncio.Task] = {}
         self._risk_task: asyncio.Task | None = None
+        self._metrics_task: asyncio.Task | None = None
+        self._atrs: dict[str, tuple[int, float]] = {}  # symbol -> (bar seq, ATR of the window)
         self._columns: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._handles: dict[str, Any] = {}
         self._ui_equity = EquityHistory()
@@ -319,6 +364,16 @@ class Ingress:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch_health())
         if self._risk_task is None or self._risk_task.done():
             self._risk_task = asyncio.get_running_loop().create_task(self._follow_risk())
+        if self._metrics_task is None or self._metrics_task.done():
+            self._metrics_task = asyncio.get_running_loop().create_task(self._flush_metrics())
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_S)
+            try:
+                self._metrics.flush()
+            except Exception as e:  # noqa: BLE001 - metrics must never take the endpoint down
+                log.warning("metrics flush failed: %s", e)
 
     # -- the ensemble, here or one hop away --------------------------------------------------
     async def _predict(self, request: dict[str, Any], bar: int | None = None) -> dict[str, Any]:
@@ -504,6 +559,15 @@ class Ingress:
         self._columns[sym] = (last_seq, cols)
         return cols
 
+    def _window_atr(self, sym: str, last_seq: int | None, cols: dict[str, np.ndarray]) -> float:
+        """``_atr`` of the window, once per live bar (request bars: every time)."""
+        if last_seq is None:
+            return _atr(cols)
+        hit = self._atrs.get(sym)
+        if hit is None or hit[0] != last_seq:
+            hit = self._atrs[sym] = (last_seq, _atr(cols))
+        return hit[1]
+
     def _known_symbols(self) -> set[str]:
         return set(self.settings.risk.allowed_symbols) | set(self.settings.feeds.symbols) | set(self.windows)
 
@@ -557,7 +621,7 @@ class Ingress:
         else:
             action = "BUY" if delta > 0 else "SELL"
         decision_id = req.decision_id or uuid.uuid4().hex
-        atr = _atr(cols)
+        atr = self._window_atr(sym, last_seq, cols)
         order_req = {
             "account": req.account, "symbol": sym, "side": action if action != "HOLD" else None,
             "target_position": target, "confidence": confidence,
@@ -579,9 +643,9 @@ class Ingress:
             verdict = self._preview_verdict(req.account, order_req, snap)
         if action != "HOLD" and not verdict.get("approved"):
             self.risk_rejections += 1
-            self._metrics.rejections.inc(tags={"account": req.account})
+            self._metrics.rejection(req.account)
         self.decisions[action] += 1
-        self._metrics.decisions.inc(tags={"action": action})
+        self._metrics.decision(action)
         ms = (time.perf_counter() - t0) * 1000
         self.latencies.append(ms)
         d = Decision(
@@ -665,7 +729,7 @@ class Ingress:
         self._drop_risk_snapshot(body.account)
         if not res["verdict"].get("approved"):
             self.risk_rejections += 1
-            self._metrics.rejections.inc(tags={"account": body.account})
+            self._metrics.rejection(body.account)
             raise ApiError(422, "rejected by risk", "; ".join(res["verdict"].get("reasons") or ["rejected"]))
         return res
 
@@ -875,8 +939,7 @@ class Ingress:
             status = 500
             raise
         finally:
-            self._metrics.requests.inc(tags={"route": route, "status": str(status)})
-            self._metrics.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
+            self._metrics.request(route, status, (time.perf_counter() - t0) * 1000)
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Any:

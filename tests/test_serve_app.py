@@ -403,3 +403,20 @@ def test_ensemble_as_its_own_deployment_decides_as_the_ensemble_does(app):
             assert m["position"] == pytest.approx(sig["members"][name]["position"], abs=1e-6), name
     finally:
         serve.delete("raytrade-dep")
+
+
+def test_request_metrics_are_kept_then_handed_to_ray_in_one_flush(ray_session):
+    from serve.app import _Metrics
+
+    m = _Metrics()
+    for ms in (1.5, 2.5, 40.0):
+        m.request("decisions", 200, ms)
+    m.request("decisions", 422, 0.7)
+    m.decision("BUY")
+    m.decision("BUY")
+    m.rejection("default")
+    assert m._requests[("decisions", "200")] == 3 and m._requests[("decisions", "422")] == 1
+    assert [ms for _, ms in m._latencies] == [1.5, 2.5, 40.0, 0.7]
+    assert m._decisions["BUY"] == 2 and m._rejections["default"] == 1
+    m.flush()  # Ray's metrics take them (a wrong tag or type would raise here)
+    assert not m._requests and not m._latencies and not m._decisions and not m._rejections
