@@ -326,8 +326,7 @@ class Ingress:
         self._risk_refreshing: dict[str, asyncio.Task] = {}
         self._risk_task: asyncio.Task | None = None
         self._metrics_task: asyncio.Task | None = None
-        self._atrs: dict[str, tuple[int, float]] = {}  # symbol -> (bar seq, ATR of the window)
-        self._columns: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
+        self._columns: dict[str, tuple[int, dict[str, np.ndarray], float]] = {}
         self._handles: dict[str, Any] = {}
         self._ui_equity = EquityHistory()
 
@@ -549,24 +548,16 @@ class Ingress:
         verdict["state_age_ms"] = round((time.monotonic() - snap["_got"]) * 1000, 1)
         return verdict
 
-    def _window_columns(self, sym: str, w: deque) -> dict[str, np.ndarray]:
-        """The window as arrays, built once per new bar (its seq says which) rather than once per decision."""
+    def _window_columns(self, sym: str, w: deque) -> tuple[dict[str, np.ndarray], float]:
+        """The window as arrays and its ATR, built once per new bar (its seq says which) rather than per decision."""
         last_seq = w[-1].get("seq")
         hit = self._columns.get(sym)
         if hit is not None and hit[0] == last_seq and last_seq is not None:
-            return hit[1]
+            return hit[1], hit[2]
         cols = _bar_columns(list(w), dict.__getitem__)
-        self._columns[sym] = (last_seq, cols)
-        return cols
-
-    def _window_atr(self, sym: str, last_seq: int | None, cols: dict[str, np.ndarray]) -> float:
-        """``_atr`` of the window, once per live bar (request bars: every time)."""
-        if last_seq is None:
-            return _atr(cols)
-        hit = self._atrs.get(sym)
-        if hit is None or hit[0] != last_seq:
-            hit = self._atrs[sym] = (last_seq, _atr(cols))
-        return hit[1]
+        atr = _atr(cols)
+        self._columns[sym] = (last_seq, cols, atr)
+        return cols, atr
 
     def _known_symbols(self) -> set[str]:
         return set(self.settings.risk.allowed_symbols) | set(self.settings.feeds.symbols) | set(self.windows)
@@ -581,13 +572,14 @@ class Ingress:
                            f"{', '.join(sorted(self._known_symbols()))}", ["symbol"])
         if req.bars is not None:
             cols = _bar_columns(req.bars, getattr, ts=lambda b: _ns(b.ts))
+            atr = _atr(cols)
             last_seq = None
         else:
             w = self.windows.get(sym)
             if not w:
                 raise ApiError(503, "no data yet", f"no bars for {sym} have arrived from the feeds yet; "
                                "retry shortly or send bars in the request", ["symbol"])
-            cols = self._window_columns(sym, w)
+            cols, atr = self._window_columns(sym, w)
             last_seq = w[-1].get("seq")
         last_close, last_ts = float(cols["close"][-1]), int(cols["ts"][-1])
         ens_req = {"symbol": sym, "bars": cols}
@@ -621,7 +613,6 @@ class Ingress:
         else:
             action = "BUY" if delta > 0 else "SELL"
         decision_id = req.decision_id or uuid.uuid4().hex
-        atr = self._window_atr(sym, last_seq, cols)
         order_req = {
             "account": req.account, "symbol": sym, "side": action if action != "HOLD" else None,
             "target_position": target, "confidence": confidence,
@@ -721,7 +712,7 @@ class Ingress:
             raise ApiError(503, "no data yet", f"no price for {body.symbol} yet; retry shortly", ["symbol"])
         order_req = {
             "account": body.account, "symbol": body.symbol, "side": body.side, "quantity": body.quantity,
-            "confidence": body.confidence, "price": price, "atr": _atr(self._window_columns(body.symbol, w)),
+            "confidence": body.confidence, "price": price, "atr": self._window_columns(body.symbol, w)[1],
             "stop_loss": body.stop_loss, "take_profit": body.take_profit,
             "decision_id": body.client_order_id or uuid.uuid4().hex,
         }
