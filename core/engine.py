@@ -356,10 +356,10 @@ def _metrics_of(equity, cash, held, closed_stats, periods_per_year, tail, scratc
 
     ``level`` 2: every metric; 1: the ``MOMENT_NAMES`` only (no drawdown pass, no tail selection).
     """
-    returns_into(equity, cash, scratch)
+    moments = returns_into(equity, cash, scratch)
     full = level >= METRICS_ALL
     lowest, peak = floor_ratio(equity, cash, cell) if full else (1.0, 0.0)
-    summary_core(equity, cash, lowest, peak, held, int(closed_stats[0]), int(closed_stats[1]), closed_stats[2],
+    summary_core(equity, cash, moments, lowest, peak, held, int(closed_stats[0]), int(closed_stats[1]), closed_stats[2],
                  closed_stats[3], periods_per_year, tail, scratch, out, full)
 
 

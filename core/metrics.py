@@ -214,35 +214,6 @@ def cvar(returns, alpha: float = 0.05) -> np.ndarray:
     return tail / m
 
 
-@njit(cache=True, fastmath={"reassoc"})
-def _sum(x, n):
-    """Sum of ``x[:n]``, vectorised.
-
-    ``reassoc`` lets the compiler split the sum into vector lanes instead of
-    one chain of dependent additions; that changes the rounding of the sum,
-    not what is summed (the last bits may differ from numpy's pairwise sum,
-    and between CPUs with different vector widths). Nothing else in a
-    function this small can be reordered.
-    """
-    total = 0.0
-    for t in range(n):
-        total += x[t]
-    return total
-
-
-@njit(cache=True, fastmath={"reassoc"})
-def _deviation_sums(x, n, mean):
-    """(sum of (x - mean)^2, sum of min(x, 0)^2) over ``x[:n]``, vectorised as ``_sum``."""
-    sq = 0.0
-    down = 0.0
-    for t in range(n):
-        a = x[t] - mean
-        sq += a * a
-        b = min(x[t], 0.0)
-        down += b * b
-    return sq, down
-
-
 @njit(cache=True, error_model="numpy")
 def _smallest_first(a, n, k, buf, guess):
     """Reorder ``a[:n]`` so that ``a[:k]`` holds its k smallest values (in no particular order).
@@ -382,20 +353,41 @@ def floor_ratio(equity, initial, cell):
     return ratio, peak
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def returns_into(equity, before, out):
-    """``out[:T]`` = simple returns of ``equity`` [T], the first measured from ``before``.
+    """``out[:T]`` = simple returns of ``equity`` [T], the first measured from ``before``; returns their
+    moment sums (shift, sum of r - shift, sum of (r - shift)^2, sum of min(r, 0)^2).
 
-    Once equity is gone (ruin) it stays 0; 0/0 is a zero return.
+    Once equity is gone (ruin) it stays 0; 0/0 is a zero return. The sums
+    come from the same pass, shifted by the first return: near the mean, so
+    the variance (second - first^2 / T) / (T - 1) cancels little, and
+    returns that are all equal give exactly zero. ``reassoc`` lets the
+    compiler split the sums into vector lanes instead of chains of dependent
+    additions; that changes their rounding, not what is summed (the last
+    bits may differ from numpy's pairwise sums, and between CPUs with
+    different vector widths). Nothing else here can be reordered: each
+    return is one division and one subtraction.
     """
     T = equity.shape[0]
     if T == 0:
-        return
-    out[0] = equity[0] / before - 1.0 if before != 0.0 else 0.0
+        return 0.0, 0.0, 0.0, 0.0
+    shift = equity[0] / before - 1.0 if before != 0.0 else 0.0
+    out[0] = shift
+    b = min(shift, 0.0)
+    first = 0.0
+    second = 0.0
+    down = b * b
     for t in range(1, T):
         prev = equity[t - 1]
         x = equity[t] / prev - 1.0
-        out[t] = x if prev != 0.0 else 0.0
+        x = x if prev != 0.0 else 0.0
+        out[t] = x
+        d = x - shift
+        first += d
+        second += d * d
+        b = min(x, 0.0)
+        down += b * b
+    return shift, first, second, down
 
 
 @njit(cache=True)
@@ -405,13 +397,13 @@ def scratch_size(n):
 
 
 @njit(cache=True, error_model="numpy")
-def summary_core(equity, initial, lowest, peak, held, n_closed, wins, gains, losses, periods_per_year, tail,
-                 scratch, out, full):
+def summary_core(equity, initial, moments, lowest, peak, held, n_closed, wins, gains, losses, periods_per_year,
+                 tail, scratch, out, full):
     """The metrics of one equity curve, writing ``out[i]`` for ``SUMMARY_NAMES[i]``.
 
     ``scratch`` is a float64 array of ``scratch_size(len(equity))`` whose
-    first T entries hold the curve's returns (``returns_into``, from
-    ``initial``); ``lowest`` and ``peak`` are the curve's lowest equity / running
+    first T entries hold the curve's returns and ``moments`` their sums
+    (``returns_into``, from ``initial``); ``lowest`` and ``peak`` are the curve's lowest equity / running
     peak and its final peak (``floor_ratio``, from ``initial``);
     ``held`` is the number of bars with a position (exposure's numerator);
     ``n_closed``, ``wins``, ``gains`` and ``losses`` summarise the closed
@@ -428,15 +420,16 @@ def summary_core(equity, initial, lowest, peak, held, n_closed, wins, gains, los
 
     Each pass is a plain loop over the returns that the compiler vectorises
     (error_model="numpy": a division is IEEE, with no zero check in the
-    loop); the sums are vectorised too (``_sum``).
+    loop).
     """
     T = equity.shape[0]
     r = scratch[:T]
     kept = scratch[T:2 * T]
     masks = scratch[2 * T:2 * T + (T + 63) // 64].view(np.uint64)
     root = np.sqrt(periods_per_year)
-    mean = _sum(r, T) / T
-    sq, down = _deviation_sums(r, T, mean)
+    shift, first, second, down = moments
+    mean = shift + first / T
+    sq = max(second - first * (first / T), 0.0)
     worst = 1.0 - lowest if peak > 0.0 else 0.0
     std = np.sqrt(sq / (T - 1)) if T > 1 else np.nan
     downside = np.sqrt(down / T)
@@ -519,9 +512,9 @@ def summary_row(equity, initial, units, trade_pnl, periods_per_year, tail, out):
     n, wins, gains, losses = _trade_stats(trade_pnl)
     T = equity.shape[0]
     scratch = np.empty(scratch_size(T))
-    returns_into(equity, initial, scratch)
+    moments = returns_into(equity, initial, scratch)
     lowest, peak = floor_ratio(equity, initial, np.empty(1, dtype=np.int64))
-    summary_core(equity, initial, lowest, peak, held, n, wins, gains, losses, periods_per_year, tail, scratch,
+    summary_core(equity, initial, moments, lowest, peak, held, n, wins, gains, losses, periods_per_year, tail, scratch,
                  out, True)
 
 
