@@ -10,8 +10,10 @@ Everything runs on one core (numba, torch and BLAS held to one thread) on the
 GOOG daily bars that backtesting.py ships. Each peer runs the same strategy:
 an SMA(fast, slow) crossover, long on the up-cross, short on the down-cross,
 0.2% commission, 10,000 cash. Timings are medians over repeats, each timed
-from bars and parameters to per-parameter-set metrics (signals included);
-backtesting.py runs a sample of the pairs and is extrapolated per backtest.
+from bars and parameters to per-parameter-set metrics (signals included),
+with Python's garbage collector paused during every timed call of every
+contestant (``timed``); backtesting.py runs a sample of the pairs and is
+extrapolated per backtest.
 
 Ours is what the engine offers for a grid, ``core.engine.backtest_sma_grid``:
 all 14 metrics of ``core.metrics.summary`` per pair (vectorbt is timed for
@@ -41,6 +43,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMB
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -78,6 +81,27 @@ def _clocks():
     return time.perf_counter(), time.process_time()
 
 
+def timed(fn) -> tuple[float, float]:
+    """Run ``fn`` once: (wall, cpu) seconds, with Python's garbage collector paused (as ``timeit`` does).
+
+    A collection pass walks every container object in the process, ours,
+    numba's, pandas' and torch's included, and it lands on whichever
+    contestant happens to allocate when the threshold trips: vectorbt,
+    which allocates many Python objects per grid, took 310 to 850 ms per
+    grid with the collector on and 322 to 350 ms with it paused, in one run
+    on the development machine. Collected between calls, outside the timing.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        w0, c0 = _clocks()
+        fn()
+        w1, c1 = _clocks()
+    finally:
+        gc.enable()
+    return w1 - w0, c1 - c0
+
+
 def interleaved_medians(fns: dict, repeats: int) -> dict[str, Timing]:
     """Time each callable in turn within each repeat; medians per callable.
 
@@ -88,11 +112,9 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, Timing]:
     cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            w0, c0 = _clocks()
-            fn()
-            w1, c1 = _clocks()
-            wall[name].append(w1 - w0)
-            cpu[name].append(c1 - c0)
+            w, c = timed(fn)
+            wall[name].append(w)
+            cpu[name].append(c)
     return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
@@ -107,24 +129,17 @@ def paired_ratios(ours, ours_backtests: int, peer, peer_backtests: int, rounds: 
     sides of one round's ratio or on neither.
     """
     def ours_once():
-        samples = []
-        for _ in range(3):
-            w0, c0 = _clocks()
-            ours()
-            w1, c1 = _clocks()
-            samples.append((w1 - w0, c1 - c0))
+        samples = [timed(ours) for _ in range(3)]
         return statistics.median(x[0] for x in samples), statistics.median(x[1] for x in samples)
 
     out = []
     for _ in range(rounds):
         before = ours_once()
-        w0, c0 = _clocks()
-        peer()
-        w1, c1 = _clocks()
+        peer_w, peer_c = timed(peer)
         after = ours_once()
         ours_w, ours_c = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
-        out.append(((c1 - c0) / peer_backtests / (ours_c / ours_backtests),
-                    (w1 - w0) / peer_backtests / (ours_w / ours_backtests)))
+        out.append((peer_c / peer_backtests / (ours_c / ours_backtests),
+                    peer_w / peer_backtests / (ours_w / ours_backtests)))
     return out
 
 
@@ -201,11 +216,10 @@ def bench_backtesting_py(bars, fast, slow, sample, ours):
         warnings.simplefilter("ignore")
         bt = Backtest(bars, SmaCross, cash=CASH, commission=COMMISSION)
         for p in picks:
-            w0, c0 = _clocks()
-            stats = bt.run(n1=int(fast[p]), n2=int(slow[p]))
-            w1, c1 = _clocks()
-            wall.append(w1 - w0)
-            cpu.append(c1 - c0)
+            stats = {}
+            w, c = timed(lambda: stats.update(bt.run(n1=int(fast[p]), n2=int(slow[p]))))
+            wall.append(w)
+            cpu.append(c)
             worst_gap = max(worst_gap, abs(stats["Equity Final [$]"] - ours.metrics["final_equity"][p]))
     timing = Timing(statistics.median(wall), statistics.median(cpu))
 
