@@ -230,6 +230,22 @@ def _mark_to_market(close, cash, units, start, stop, equity_out):
 
 
 @njit(cache=True, error_model="numpy")
+def _count_broke(close, cash, units, start, stop):
+    """How many of bars [start, stop) would mark at or below zero (``_mark_to_market`` without the curve)."""
+    broke = 0
+    for t in range(np.uint64(start), np.uint64(stop)):
+        broke += cash + units * close[t] <= 0.0
+    return broke
+
+
+@njit(cache=True, error_model="numpy")
+def _fill_span(out, value, start, stop):
+    """``out[start:stop] = value`` without a slice's reference counting (see ``_mark_to_market``)."""
+    for t in range(np.uint64(start), np.uint64(stop)):
+        out[t] = value
+
+
+@njit(cache=True, error_model="numpy")
 def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, slippage, whole_units, cash0,
               close_at_end, equity_out, units_out, trades, closed_stats):
     """One backtest, driven by the bars where the target changes.
@@ -655,23 +671,27 @@ def _run_paths(open_, close, targets, fill_on_close, commission, slippage, whole
                 while trading and word:
                     stop = T if i == n_words else min(T, 64 * i + np.int64(trailing_zeros(word)) + lag)
                     word &= word - np.uint64(1)
-                    for t in range(start, stop):
-                        e = cash + units * closes[t]
-                        if e <= 0.0:
-                            # Out of money: liquidate at this close and stop.
-                            if units != 0.0:
-                                fill_price, qty, fee = _fill_terms(-units, closes[t], commission, slippage)
-                                cash -= -units * fill_price + fee
-                                trades += 1
-                            units = 0.0
-                            if keep_curves:
-                                equity[t:] = 0.0
-                                held[t:] = 0.0
-                            trading = False
-                            break
+                    # Mark [start, stop) in one vectorised pass; ruin (equity at or
+                    # below zero) is rare, so look for where only if it happened.
+                    if keep_curves:
+                        broke = _mark_to_market(closes, cash, units, start, stop, equity)
+                        _fill_span(held, units, start, stop)
+                    else:
+                        broke = _count_broke(closes, cash, units, start, stop)
+                    if broke:
+                        t = start
+                        while cash + units * closes[t] > 0.0:
+                            t += 1
+                        # Out of money: liquidate at this close and stop.
+                        if units != 0.0:
+                            fill_price, qty, fee = _fill_terms(-units, closes[t], commission, slippage)
+                            cash -= -units * fill_price + fee
+                            trades += 1
+                        units = 0.0
                         if keep_curves:
-                            equity[t] = e
-                            held[t] = units
+                            equity[t:] = 0.0
+                            held[t:] = 0.0
+                        trading = False
                     start = stop
                     if not trading or stop == T:
                         trading = False
