@@ -87,9 +87,9 @@ def timed(fn) -> tuple[float, float]:
     A collection pass walks every container object in the process, ours,
     numba's, pandas' and torch's included, and it lands on whichever
     contestant happens to allocate when the threshold trips: vectorbt,
-    which allocates many Python objects per grid, took 310 to 850 ms per
-    grid with the collector on and 322 to 350 ms with it paused, in one run
-    on the development machine. Collected between calls, outside the timing.
+    which allocates many Python objects per grid, swung by more than 2x
+    from run to run with the collector on, and held still with it paused.
+    Collected between calls, outside the timing.
     """
     gc.collect()
     gc.disable()
