@@ -640,7 +640,8 @@ def _run_paths(open_, close, targets, fill_on_close, commission, slippage, whole
     A Monte Carlo rule may trade every few bars, so finding its orders must
     cost little per bar: the changes of target go into bit masks in one
     vectorised pass and are visited a set bit at a time; between two
-    orders equity is marked bar by bar, and an order costs its fills
+    orders equity is marked in one vectorised pass (ruin, equity at or
+    below zero, is looked for only where it happened), and an order costs its fills
     (``_rebalance_cash``, the engine's arithmetic without the trade
     bookkeeping). Equity, units and trade counts equal ``_run_batch``'s
     (tested).
