@@ -81,8 +81,9 @@ def _clocks():
     return time.perf_counter(), time.process_time()
 
 
-def timed(fn) -> tuple[float, float]:
-    """Run ``fn`` once: (wall, cpu) seconds, with Python's garbage collector paused (as ``timeit`` does).
+def timed(fn) -> tuple[float, float, object]:
+    """Run ``fn`` once: (wall seconds, cpu seconds, what it returned), with Python's garbage collector
+    paused (as ``timeit`` does).
 
     A collection pass walks every container object in the process, ours,
     numba's, pandas' and torch's included, and it lands on whichever
@@ -95,11 +96,11 @@ def timed(fn) -> tuple[float, float]:
     gc.disable()
     try:
         w0, c0 = _clocks()
-        fn()
+        value = fn()
         w1, c1 = _clocks()
     finally:
         gc.enable()
-    return w1 - w0, c1 - c0
+    return w1 - w0, c1 - c0, value
 
 
 def interleaved_medians(fns: dict, repeats: int) -> dict[str, Timing]:
@@ -112,7 +113,7 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, Timing]:
     cpu = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            w, c = timed(fn)
+            w, c, _ = timed(fn)
             wall[name].append(w)
             cpu[name].append(c)
     return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
@@ -135,7 +136,7 @@ def paired_ratios(ours, ours_backtests: int, peer, peer_backtests: int, rounds: 
     out = []
     for _ in range(rounds):
         before = ours_once()
-        peer_w, peer_c = timed(peer)
+        peer_w, peer_c, _ = timed(peer)
         after = ours_once()
         ours_w, ours_c = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
         out.append((peer_c / peer_backtests / (ours_c / ours_backtests),
@@ -178,19 +179,19 @@ def bench_ours(bars, fast, slow, repeats):
     for name, value in reference.metrics.items():
         if not np.array_equal(result.metrics[name], value, equal_nan=True):
             raise AssertionError(f"grid and general path disagree on {name}")
-    with_trades()
-    with_curves()
     def no_metrics():  # bars to fills and equity, nothing measured
         return backtest_sma_grid(bars, fast, slow, sma_method="rolling", keep_curves=False, record_trades=False,
                                  compute_metrics=False, **costs)
 
-    timed = interleaved_medians(
+    with_trades()
+    with_curves()
+    timings = interleaved_medians(
         {"sweep": sweep, "moments": moments, "trades": with_trades, "curves": with_curves, "general": general,
          "signals": lambda: sma_crossover(bars, fast, slow, sma_method="rolling"),
          "table": lambda: sma_grid_table(close, fast, slow, "cross", "rolling"), "no_metrics": no_metrics},
         repeats,
     )
-    return timed, result, sweep, moments
+    return timings, result, sweep, moments
 
 
 def bench_backtesting_py(bars, fast, slow, sample, ours):
@@ -221,8 +222,7 @@ def bench_backtesting_py(bars, fast, slow, sample, ours):
         warnings.simplefilter("ignore")
         bt = Backtest(bars, SmaCross, cash=CASH, commission=COMMISSION)
         for p in picks:
-            stats = {}
-            w, c = timed(lambda: stats.update(bt.run(n1=int(fast[p]), n2=int(slow[p]))))
+            w, c, stats = timed(lambda: bt.run(n1=int(fast[p]), n2=int(slow[p])))
             wall.append(w)
             cpu.append(c)
             worst_gap = max(worst_gap, abs(stats["Equity Final [$]"] - ours.metrics["final_equity"][p]))
@@ -341,7 +341,7 @@ def bench_monte_carlo(n_paths, steps, repeats, rule):
         "numba": float(np.max(np.abs(compiled.equity - reference) / reference)),
         "torch": float(np.max(np.abs(torch_equity.numpy() - reference) / reference)),
     }
-    timed = interleaved_medians(
+    timings = interleaved_medians(
         {"numpy": lambda: simulate_paths_numpy(close, targets, **costs),
          "numba": lambda: simulate_paths(close, targets, **costs),
          "torch_cpu": lambda: simulate_paths_torch(close, targets, device="cpu", **costs)},
@@ -354,9 +354,9 @@ def bench_monte_carlo(n_paths, steps, repeats, rule):
             simulate_paths_torch(close, targets, device="cuda", **costs)
             torch.cuda.synchronize()
 
-        timed.update(interleaved_medians({"torch_cuda": on_gpu}, repeats))
+        timings.update(interleaved_medians({"torch_cuda": on_gpu}, repeats))
     turnover = float(np.mean(np.diff(targets, axis=1) != 0))
-    return timed, gaps, turnover
+    return timings, gaps, turnover
 
 
 def _rate(n: float, t: Timing) -> str:
@@ -454,17 +454,17 @@ def main(argv=None) -> None:
     work = args.paths * args.steps
     for rule_name, rule in (("momentum(10), high turnover", momentum_targets),
                             ("SMA(10) vs SMA(30) state, low turnover", sma_state_targets)):
-        timed, gaps, turnover = bench_monte_carlo(args.paths, args.steps, args.repeats, rule)
+        timings, gaps, turnover = bench_monte_carlo(args.paths, args.steps, args.repeats, rule)
         print(f"\nMonte Carlo, rule {rule_name} (target changes on {turnover:.0%} of steps): "
               f"{args.paths:,} paths x {args.steps} steps, close fills, fractional units; "
               "issue target: >= 10x plain numpy")
         for name in ("numpy", "numba", "torch_cpu", "torch_cuda"):
-            if name not in timed:
+            if name not in timings:
                 print(f"  {name:10s} not run (no CUDA device here)")
                 continue
-            t = timed[name]
+            t = timings[name]
             print(f"  {name:10s} {t.cpu * 1e3:7.1f} / {t.wall * 1e3:7.1f} ms  {_rate(work, t)} path-steps  "
-                  f"{timed['numpy'].cpu / t.cpu:5.1f}x / {timed['numpy'].wall / t.wall:5.1f}x numpy")
+                  f"{timings['numpy'].cpu / t.cpu:5.1f}x / {timings['numpy'].wall / t.wall:5.1f}x numpy")
         print(f"  agreement with numpy (max relative equity gap): numba {gaps['numba']:.1e}, "
               f"torch {gaps['torch']:.1e}")
 

@@ -230,15 +230,6 @@ def _mark_to_market(close, cash, units, start, stop, equity_out):
 
 
 @njit(cache=True, error_model="numpy")
-def _count_broke(close, cash, units, start, stop):
-    """How many of bars [start, stop) would mark at or below zero (``_mark_to_market`` without the curve)."""
-    broke = 0
-    for t in range(np.uint64(start), np.uint64(stop)):
-        broke += cash + units * close[t] <= 0.0
-    return broke
-
-
-@njit(cache=True, error_model="numpy")
 def _fill_span(out, value, start, stop):
     """``out[start:stop] = value`` without a slice's reference counting (see ``_mark_to_market``)."""
     for t in range(np.uint64(start), np.uint64(stop)):
@@ -275,7 +266,7 @@ def _simulate(open_, close, ev_bar, ev_target, n_ev, fill_on_close, commission, 
         cash, units = book[0], book[1]
         broke = _mark_to_market(close, cash, units, start, stop, equity_out)
         if keep_units:
-            units_out[start:stop] = units
+            _fill_span(units_out, units, start, stop)
         if broke:
             t = start
             while equity_out[t] > 0.0:
@@ -653,13 +644,14 @@ def _run_paths(open_, close, targets, fill_on_close, commission, slippage, whole
     per = -(-P // n_chunks)
     for c in prange(n_chunks):
         no_curve = np.empty(0)
+        marks = np.empty(T)  # one path's equity when the curves are not kept
         masks = np.empty(n_words, dtype=np.uint64)
         for p in range(c * per, min(P, (c + 1) * per)):
             row = min(np.int64(p), last_row)
             closes = close[row]
             opens = open_[row]
             wanted = targets[p]
-            equity = equity_out[p] if keep_curves else no_curve
+            equity = equity_out[p] if keep_curves else marks
             held = units_out[p] if keep_curves else no_curve
             _change_masks(wanted, masks)
             cash = cash0
@@ -674,14 +666,12 @@ def _run_paths(open_, close, targets, fill_on_close, commission, slippage, whole
                     word &= word - np.uint64(1)
                     # Mark [start, stop) in one vectorised pass; ruin (equity at or
                     # below zero) is rare, so look for where only if it happened.
+                    broke = _mark_to_market(closes, cash, units, start, stop, equity)
                     if keep_curves:
-                        broke = _mark_to_market(closes, cash, units, start, stop, equity)
                         _fill_span(held, units, start, stop)
-                    else:
-                        broke = _count_broke(closes, cash, units, start, stop)
                     if broke:
                         t = start
-                        while cash + units * closes[t] > 0.0:
+                        while equity[t] > 0.0:
                             t += 1
                         # Out of money: liquidate at this close and stop.
                         if units != 0.0:
