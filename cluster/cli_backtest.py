@@ -36,6 +36,8 @@ def parse_params(items: list[str] | None, *, many: bool, user_error) -> dict[str
         name, sep, text = item.partition("=")
         if not sep or not name.isidentifier() or not text:
             raise user_error(f"--params {item!r}: write NAME=VALUE, e.g. fast=10")
+        if "=" in text:
+            raise user_error(f"--params {item!r}: separate parameters with spaces, e.g. --params fast=10 slow=50")
         try:
             if ":" in text:
                 a, b, *c = text.split(":")

@@ -128,6 +128,8 @@ def test_cli_backtest_run_and_bad_input(tmp_path, monkeypatch, capsys):
         (["backtest", "run", "--symbol", "X", "--strategy", "nope"], "unknown strategy 'nope'"),
         (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--params", "fast"], "NAME=VALUE"),
         (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--params", "speed=3"], "no parameter speed"),
+        (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--params", "fast=10,slow=30"],
+         "separate parameters with spaces"),
         (["backtest", "run", "--symbol", "NOPE", "--strategy", "sma_crossover"], "has 0 bars of NOPE"),
         (["backtest", "walk-forward", "--symbol", "X", "--strategy", "sma_crossover", "--train", "100", "--test", "50",
           "--objective", "profit"], "objective must be one of"),
