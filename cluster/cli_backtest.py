@@ -11,6 +11,7 @@ line, exit 2.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 
 def _progress(msg: str) -> None:
@@ -50,6 +52,8 @@ def parse_params(items: list[str] | None, *, many: bool, user_error) -> dict[str
                 values = [_number(v) for v in text.split(",")]
         except (ValueError, IndexError):
             raise user_error(f"--params {item!r}: values must be numbers, a,b,c or start:stop:step") from None
+        if not all(math.isfinite(v) for v in values):
+            raise user_error(f"--params {item!r}: values must be finite numbers")
         if not many and len(values) != 1:
             raise user_error(f"--params {item!r}: this action takes one value per parameter")
         out[name] = values if many else values[0]
@@ -99,6 +103,13 @@ def run_backtest_command(args, settings, user_error) -> int:
         costs = _costs(args)
     except ValueError as e:
         raise user_error(str(e)) from None
+    params = _whole_numbers(strategy, params, user_error)
+    for flag, value in (("--start", args.start), ("--end", args.end)):
+        if value is not None:
+            try:
+                pd.Timestamp(value)
+            except (ValueError, TypeError):
+                raise user_error(f"{flag} {value!r}: not a time; write e.g. 2024-01-31 or 2024-01-31T14:30:00Z") from None
     store = BarStore.from_settings(settings.store, settings.resilience)
     bars = store.read(symbol, args.start, args.end)
     if len(bars) < 3:
@@ -106,6 +117,10 @@ def run_backtest_command(args, settings, user_error) -> int:
                          "`raytrade data generate` or `raytrade data import` first")
     action = args.backtest_cmd.replace("-", "_")
     out = Path(args.out or f"reports/{symbol}-{strategy.name.replace(':', '_')}-{args.backtest_cmd}")
+    try:  # before the work, not after it
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise user_error(f"--out {out}: cannot write the report there ({e.strerror or e})") from None
     t0 = time.perf_counter()
     try:
         if action == "run":
@@ -119,18 +134,44 @@ def run_backtest_command(args, settings, user_error) -> int:
     except ValueError as e:  # the library's own checks of what the user asked for
         raise user_error(str(e)) from None
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    text = summary.pop("_text")
     if args.json:
         print(json.dumps(summary, default=str, allow_nan=False))
     else:
-        print(summary.pop("_text"))
+        print(text)
         print(f"report: {summary['report']}")
-    summary.pop("_text", None)
     return 0
+
+
+def _whole_numbers(strategy, params: dict[str, Any], user_error) -> dict[str, Any]:
+    """Values of a parameter whose default grid is whole numbers (a window) must be whole too:
+    a window of 1.5 bars is a typo, not a request to round."""
+    out = dict(params)
+    for name, value in params.items():
+        grid = strategy.grid.get(name) if strategy.grid else None
+        if not grid or not all(isinstance(v, (int, np.integer)) for v in grid):
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(float(v).is_integer() for v in values):
+            raise user_error(f"--params {name}: {strategy.name}'s {name} takes whole numbers, got "
+                             f"{', '.join(f'{v:g}' for v in values)}")
+        out[name] = [int(v) for v in values] if isinstance(value, list) else int(value)
+    return out
+
+
+def _check_valid(strategy, params: dict[str, Any]) -> None:
+    """Refuse one parameter set the strategy's rule excludes (a fast SMA not below the slow one)."""
+    if strategy.valid is None:
+        return
+    if not bool(np.asarray(strategy.valid({k: np.array([v]) for k, v in params.items()})).ravel()[0]):
+        rule = f" (needs {strategy.rule})" if strategy.rule else ""
+        raise ValueError(f"{strategy.name} with {params} is not a valid parameter set{rule}")
 
 
 def _single(strategy, params):
     full = {k: v[0] for k, v in strategy.grid.items()}
     full.update(params)
+    _check_valid(strategy, full)
     return full
 
 

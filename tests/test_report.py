@@ -123,6 +123,7 @@ def test_cli_backtest_run_and_bad_input(tmp_path, monkeypatch, capsys):
 
     summary = json.loads(capsys.readouterr().out)
     assert summary["params"] == {"fast": 10, "slow": 30} and (out / "index.html").is_file()
+    assert "_text" not in summary  # the table is for people; --json carries the numbers only
     assert (out / "equity.png").is_file()
     for args, needle in [
         (["backtest", "run", "--symbol", "X", "--strategy", "nope"], "unknown strategy 'nope'"),
@@ -130,6 +131,14 @@ def test_cli_backtest_run_and_bad_input(tmp_path, monkeypatch, capsys):
         (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--params", "speed=3"], "no parameter speed"),
         (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--params", "fast=10,slow=30"],
          "separate parameters with spaces"),
+        (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--params", "fast=nan"], "finite"),
+        (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--params", "fast=1.5"], "whole numbers"),
+        (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--params", "fast=30", "slow=10"],
+         "needs fast < slow"),
+        (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--start", "notadate"],
+         "--start 'notadate': not a time"),
+        (["backtest", "run", "--symbol", "X", "--strategy", "sma_crossover", "--out", "/proc/raytrade-report"],
+         "cannot write the report there"),
         (["backtest", "run", "--symbol", "NOPE", "--strategy", "sma_crossover"], "has 0 bars of NOPE"),
         (["backtest", "walk-forward", "--symbol", "X", "--strategy", "sma_crossover", "--train", "100", "--test", "50",
           "--objective", "profit"], "objective must be one of"),

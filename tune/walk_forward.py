@@ -97,6 +97,7 @@ class Strategy:
     grid: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     valid: Callable[[ParamTable], np.ndarray] | None = None
     description: str = ""
+    rule: str = ""  # what ``valid`` asks, in words, for error messages
 
     def targets(self, bars: pd.DataFrame, table: ParamTable) -> np.ndarray:
         n = table_size(table)
@@ -182,7 +183,7 @@ def get_strategy(name: str) -> Strategy:
 register_strategy(Strategy(
     "sma_crossover", _sma,
     grid={"fast": list(range(5, 55, 5)), "slow": list(range(20, 220, 20))}, valid=_sma_valid,
-    description="long when SMA(fast) crosses above SMA(slow), short on the opposite crossing"))
+    description="long when SMA(fast) crosses above SMA(slow), short on the opposite crossing", rule="fast < slow"))
 register_strategy(Strategy(
     "atr_breakout", _atr,
     grid={"window": [10, 20, 50], "multiplier": [1.0, 1.5, 2.0, 3.0], "atr_window": [14]},
@@ -190,7 +191,8 @@ register_strategy(Strategy(
 register_strategy(Strategy(
     "rsi_reversion", _rsi,
     grid={"window": [7, 14, 21], "lower": [20.0, 30.0], "upper": [70.0, 80.0], "exit_level": [50.0]},
-    valid=_rsi_valid, description="long below RSI lower, short above upper, flat at exit_level"))
+    valid=_rsi_valid, description="long below RSI lower, short above upper, flat at exit_level",
+    rule="lower < exit_level < upper"))
 
 
 # -- parameter tables ---------------------------------------------------------------
