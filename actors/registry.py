@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import re
 import time
@@ -179,8 +180,9 @@ class _Outcomes:
 class ModelRegistry:
     """Versions, stages and metrics of every model; the store holds the truth."""
 
-    def __init__(self, settings: Any, artefacts: ArtefactStore | None = None):
-        # Settings travel pickled (secrets intact, in memory only).
+    def __init__(self, settings: Any, artefacts: ArtefactStore | None = None, announce: bool = True):
+        # Settings travel pickled (secrets intact, in memory only). ``announce``: log what was read
+        # (the actor does; a CLI that only reads a model keeps its stderr to its own lines).
         self.settings = settings
         configure_logging(settings)
         self.artefacts = artefacts or ArtefactStore.from_settings(settings)
@@ -188,7 +190,8 @@ class ModelRegistry:
         self._outcomes: dict[tuple[str, int], _Outcomes] = {}
         self._retrain: list[dict[str, Any]] = list(self._index.get("retraining_requests", []))
         n = sum(len(m["versions"]) for m in self._index["models"].values())
-        log.info("registry: %d models, %d versions read from %s", len(self._index["models"]), n, self.artefacts.uri)
+        log.log(logging.INFO if announce else logging.DEBUG, "registry: %d models, %d versions read from %s",
+                len(self._index["models"]), n, self.artefacts.uri)
 
     # -- index ---------------------------------------------------------------------
     def _read_index(self) -> dict[str, Any]:

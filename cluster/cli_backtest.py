@@ -86,12 +86,14 @@ def run_backtest_command(args, settings, user_error) -> int:
     if args.backtest_cmd is None:
         raise user_error("raytrade backtest: choose an action: run, walk-forward, monte-carlo, compare")
     from core.store import BarStore
+    from tune.models import connect_registry
     from tune.walk_forward import get_strategy
 
+    connect_registry(settings)  # model:NAME@VERSION names resolve through the registry in the store
     try:
         strategy = get_strategy(args.strategy)
-    except KeyError as e:
-        raise user_error(str(e.args[0])) from None
+    except (LookupError, ValueError) as e:  # unknown name or version, or not a member: say which
+        raise user_error(str(e.args[0]) if e.args else str(e)) from None
     symbol = args.symbol.strip().upper()
     many = args.backtest_cmd == "walk-forward"
     params = parse_params(args.params, many=many, user_error=user_error)

@@ -7,6 +7,8 @@
   (``Strategy``, ``model_strategy`` for learned models, the name registry).
 - ``tune.monte_carlo``: Monte Carlo robustness (trade bootstrap, block
   bootstrap of bar returns, re-runs on synthetic price paths).
+- ``tune.models``: registry models as strategies (``model:NAME@VERSION``), a
+  CVaR-PPO policy's member included.
 - ``tune.report``: the HTML report with PNG charts, and the paper-fills
   against backtest comparison.
 

@@ -50,7 +50,7 @@ targets ``[P, T]`` (see ``core.strategies``). Rule strategies are registered
 here by name; a learned model or policy joins through
 :func:`model_strategy` (any callable ``bars -> targets[T]`` in [-1, 1]) and
 :func:`register_strategy`, or, for names of the form ``model:NAME@VERSION``,
-through a resolver the model registry installs with
+through the resolver ``tune.models.connect_registry`` installs with
 :func:`set_model_resolver`. This module does not load or train models.
 
 Not here: the engine's fill rules (``core.engine``), Monte Carlo

@@ -1,0 +1,125 @@
+"""Registered models as strategies: a CVaR-PPO member from the registry, backtested and walked forward.
+
+The oracle for the targets is the learner's own evaluation path
+(``actors.learner.member_positions`` on the windows built by hand), so a
+registered policy trades in a backtest exactly as its held-out evaluation
+said it would.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from actors.learner import export_member_onnx, member_positions
+from actors.registry import ModelRegistry, UnknownModel
+from core.baselines import export_onnx, random_model
+from core.features import FEATURE_NAMES, WARMUP, compute_features
+from core.rl.cvar_ppo import ActorCritic
+from core.synthetic import generate_bars
+from tune.models import connect_registry, parse_model_spec
+from tune.walk_forward import get_strategy, grid_table, set_model_resolver, walk_forward
+
+W, F = 8, len(FEATURE_NAMES)
+
+
+@pytest.fixture
+def registered(make_settings):
+    """Settings whose registry holds ``ppo`` v1: an untrained CVaR-PPO policy's member export (seeded)."""
+    settings = make_settings()
+    policy = ActorCritic(W * F + 3, 3, (16, 16), torch.tensor([-1.0, 0.0, 1.0]), seed=4)
+    check = np.random.default_rng(1).normal(size=(20, W, F)).astype(np.float32)
+    data, _ = export_member_onnx(policy, W, F, check)
+    ModelRegistry(settings).register("ppo", data, "policy", {"algorithm": "cvar-ppo"})
+    connect_registry(settings)
+    yield settings, data
+    set_model_resolver(None)
+
+
+def one_symbol(n: int, seed: int = 3):
+    return generate_bars(["X"], n, seed=seed).reset_index(drop=True)
+
+
+def by_hand(data: bytes, bars) -> np.ndarray:
+    """Target t: the member's position on feature rows t-W+1..t; 0 before the first whole window."""
+    feats = compute_features(bars)
+    first = WARMUP + W - 1
+    out = np.zeros(len(bars))
+    windows = np.stack([feats[t - W + 1:t + 1] for t in range(first, len(bars))])
+    out[first:] = member_positions(data, windows)
+    return out
+
+
+def test_a_registered_policy_trades_as_its_evaluation_says(registered):
+    _, data = registered
+    bars = one_symbol(300)
+    s = get_strategy("model:ppo@1")
+    assert s.name == "model:ppo@1" and set(s.grid) == {"scale", "threshold"}
+    want = by_hand(data, bars)
+    assert np.any(want != 0) and np.all(want[:WARMUP + W - 1] == 0)
+    np.testing.assert_array_equal(s.targets(bars, grid_table(s.grid))[0], want)
+    # The knobs: half the position; and a gate above every |position| (all are 0 or 1) leaves it flat.
+    knobs = s.targets(bars, {"scale": np.array([0.5, 1.0]), "threshold": np.array([0.0, 1.5])})
+    np.testing.assert_array_equal(knobs, [0.5 * want, np.zeros_like(want)])
+    # Target t reads bars <= t only: change everything after bar 200 and nothing before it moves.
+    moved = bars.copy()
+    moved.loc[201:, ["open", "high", "low", "close"]] *= 1.3
+    after = s.targets(moved, grid_table(s.grid))[0]
+    np.testing.assert_array_equal(after[:201], want[:201])
+    assert not np.array_equal(after[201:], want[201:])
+    # With no version the registry's default (no production yet: the newest) is taken.
+    assert get_strategy("model:ppo").name == "model:ppo@1"
+
+
+def test_names_versions_and_contracts_are_checked(registered, make_settings):
+    settings, _ = registered
+    with pytest.raises(UnknownModel, match="no version 7"):
+        get_strategy("model:ppo@7")
+    with pytest.raises(UnknownModel, match="no model named 'nope'"):
+        get_strategy("model:nope@1")
+    with pytest.raises(ValueError, match="no production version"):
+        get_strategy("model:ppo@production")
+    with pytest.raises(ValueError, match="model:NAME@VERSION"):
+        parse_model_spec("model:two words")
+    with pytest.raises(ValueError, match="number, production or candidate"):
+        parse_model_spec("model:ppo@best")
+    # An ONNX file that is not a member of this build (3 features, not F) is refused before any trial.
+    three = random_model("mlp", n_features=3, window=W, seed=0)
+    ModelRegistry(settings).register("narrow", export_onnx(three, W, 3), "forecasting")
+    with pytest.raises(ValueError, match=f"takes 3 features, this build computes {F}"):
+        get_strategy("model:narrow@1")
+
+
+def test_walk_forward_over_a_registered_policy_through_tune(ray_session, registered, tmp_path):
+    _, data = registered
+    bars = one_symbol(460)
+    wf = walk_forward(bars, "model:ppo@1", train=150, test=100, params={"scale": [0.5, 1.0]},
+                      storage_path=str(tmp_path), name="ppo-wf")
+    assert wf.strategy == "model:ppo@1" and len(wf.folds) == 3
+    assert set(wf.folds["param_scale"]) <= {0.5, 1.0}
+    # The stitched out-of-sample curve holds each fold's chosen scale of the member's own positions.
+    want = by_hand(data, bars)
+    for fold in wf.folds.to_dict("records"):
+        lo, hi = int(fold["test_start"]), int(fold["test_end"])
+        held = wf.oos_units[np.searchsorted(wf.oos_index, lo):np.searchsorted(wf.oos_index, hi)]
+        assert np.all(np.sign(held[1:]) == np.sign(fold["param_scale"] * want[lo:hi - 1])), fold
+
+
+def test_cli_backtests_a_registered_policy(registered, tmp_path, monkeypatch, capsys):
+    from cluster.cli import main
+
+    settings, _ = registered
+    monkeypatch.setenv("RAYTRADE_STORE__URI", settings.store.uri)
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "generate", "--symbols", "X", "--bars", "300", "--interval", "1D"]) == 0
+    capsys.readouterr()
+    assert main(["backtest", "run", "--symbol", "X", "--strategy", "model:ppo@1", "--params", "scale=0.5",
+                 "--out", str(tmp_path / "rep"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["strategy"] == "model:ppo@1" and summary["params"] == {"scale": 0.5, "threshold": 0.0}
+    assert main(["backtest", "run", "--symbol", "X", "--strategy", "model:ppo@9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ppo has no version 9" in err

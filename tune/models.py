@@ -1,0 +1,141 @@
+"""Registered models as strategies: ``model:NAME@VERSION`` in walk-forward, Monte Carlo and ``raytrade backtest``.
+
+A learned member in the model registry (an ONNX file under the ensemble's
+member contract: feature windows ``[B, W, F]`` in, positions ``[B]`` in
+[-1, 1] out; the CVaR-PPO learner's member export is one) becomes a
+:class:`tune.walk_forward.Strategy`. Its target for bar ``t`` is the
+member's position on the window of ``core.features`` rows ending at ``t``,
+the window the ensemble gives it live, so target ``t`` reads bars ``<= t``
+only. Bars whose window reaches into the features' warm-up, and rows the
+member answers with NaN, get target 0 (flat).
+
+Two knobs make the default grid, one value each, so a walk-forward checks
+the model out of sample as it is:
+
+- ``scale``: the position is multiplied by it, then clipped to [-1, 1];
+- ``threshold``: a position whose size is below it is flat (a confidence gate).
+
+Give several values (``--params scale=0.5,1 threshold=0,0.2``) and
+walk-forward chooses among them in sample, fold by fold.
+
+Names: ``model:NAME@3`` is version 3; ``model:NAME@production`` or
+``model:NAME@candidate`` the production or the newest candidate version;
+``model:NAME`` the production version, or the newest when none is in
+production (the registry's own default). The artefact is read through
+``actors.registry.ModelRegistry`` straight from the store, its sha256
+checked, once per resolve; what Tune's trials receive is the bytes, and
+each process opens its own ONNX Runtime session on the CPU on first use.
+
+Not here: the registry (``actors.registry``), serving members live
+(``actors.ensemble``), training (``actors.learner``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import numpy as np
+
+from tune.walk_forward import Strategy, model_strategy, set_model_resolver
+
+PREFIX = "model:"
+DEFAULT_GRID = {"scale": [1.0], "threshold": [0.0]}
+_SPEC = re.compile(r"^model:([A-Za-z0-9][A-Za-z0-9_.-]{0,63})(?:@([A-Za-z0-9]+))?$")
+_ROWS_PER_RUN = 4096  # windows per ONNX Runtime call: bounds the [rows, W, F] copy
+
+
+def parse_model_spec(spec: str) -> tuple[str, int | None, str | None]:
+    """``"model:NAME@VERSION"`` -> (name, version or None, stage or None)."""
+    m = _SPEC.match(spec.strip())
+    if not m:
+        raise ValueError(f"strategy {spec!r}: write model:NAME@VERSION (a number, production or candidate), "
+                         "e.g. model:cvar-ppo@3")
+    name, at = m.group(1), m.group(2)
+    if at is None:
+        return name, None, None
+    if at.isdigit():
+        return name, int(at), None
+    if at in ("production", "candidate"):
+        return name, None, at
+    raise ValueError(f"strategy {spec!r}: the version must be a number, production or candidate, not {at!r}")
+
+
+class RegisteredMember:
+    """One registry version's member, runnable over a whole bar history; pickles as its bytes."""
+
+    def __init__(self, name: str, version: int, data: bytes):
+        self.name, self.version, self.data = name, int(version), data
+        self._model: Any = None
+        self._cache: tuple[bytes, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_model"], state["_cache"] = None, None  # an ONNX Runtime session does not travel
+        return state
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from actors.model_cache import DeviceConfig, OnnxModel
+            from core.features import FEATURE_NAMES
+
+            self._model = OnnxModel(self.name, self.version, self.data, DeviceConfig(), len(FEATURE_NAMES))
+        return self._model
+
+    def positions(self, bars: Any) -> np.ndarray:
+        """The member's position after each bar, ``[T]``: 0 where its window is not yet full of features."""
+        from core.features import compute_features
+
+        feats = compute_features(bars)
+        key = hashlib.blake2b(feats.tobytes(), digest_size=16).digest()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        T, window = feats.shape[0], self.model.window
+        out = np.zeros(T)
+        finite = np.flatnonzero(np.isfinite(feats).all(axis=1))
+        first = (int(finite[0]) if finite.size else T) + window - 1  # first bar with a whole window
+        if first < T:
+            # [T - W + 1, F, W] views; window i covers rows i .. i + W - 1 and decides bar i + W - 1.
+            views = np.lib.stride_tricks.sliding_window_view(feats, window, axis=0)
+            for lo in range(first - window + 1, T - window + 1, _ROWS_PER_RUN):
+                chunk = views[lo:lo + _ROWS_PER_RUN].transpose(0, 2, 1)
+                out[lo + window - 1:lo + window - 1 + chunk.shape[0]] = self.model.run(chunk)
+        out = np.nan_to_num(out, nan=0.0)
+        self._cache = (key, out)
+        return out
+
+    def targets(self, bars: Any, scale: float = 1.0, threshold: float = 0.0) -> np.ndarray:
+        """``clip(scale * position, -1, 1)``, flat where ``|position| < threshold``."""
+        p = self.positions(bars)
+        return np.where(np.abs(p) < threshold, 0.0, np.clip(scale * p, -1.0, 1.0))
+
+
+def registry_strategy(spec: str, registry: Any) -> Strategy:
+    """The strategy for ``model:NAME@VERSION`` from ``registry`` (an ``actors.registry.ModelRegistry``).
+
+    Refuses, with a message that says what to fix, a name or version the
+    registry does not hold, and an artefact that is not a member (wrong
+    input shape or feature count): the model is opened here, once, so a bad
+    one fails before any trial starts.
+    """
+    name, version, stage = parse_model_spec(spec)
+    record = registry.get(name, version, stage)
+    member = RegisteredMember(name, record["version"], registry.load(name, record["version"]))
+    member.model  # noqa: B018 - open it now: a broken contract is the user's error, not a trial's
+    label = f"{PREFIX}{name}@{record['version']}"
+    return model_strategy(label, member.targets, grid=DEFAULT_GRID,
+                          description=f"registered {record['task']} model {name} v{record['version']} "
+                                      f"({record['stage']})")
+
+
+def connect_registry(settings: Any) -> None:
+    """Resolve ``model:`` strategy names through the registry in the store of ``settings``."""
+
+    def resolve(spec: str) -> Strategy:
+        from actors.registry import ModelRegistry
+
+        return registry_strategy(spec, ModelRegistry(settings, announce=False))
+
+    set_model_resolver(resolve)
