@@ -131,6 +131,27 @@ def test_walk_forward_finds_the_parameter_known_by_construction(ray_session, tmp
     assert all(json.loads(r.read_text().splitlines()[-1])["param_sets"] == 6 for r in results)
 
 
+def test_results_go_to_tune_storage_on_s3(ray_session, make_settings, s3_server):
+    """``storage_path="s3://..."`` writes the experiment to a local S3-compatible server, through the
+    store's endpoint and keys; the path reported names the bucket."""
+    from minio import Minio
+
+    mc = Minio(s3_server["endpoint"].split("://")[1], s3_server["access_key"], s3_server["secret_key"], secure=False)
+    if not mc.bucket_exists("tune-results"):
+        mc.make_bucket("tune-results")
+    settings = make_settings(store={"uri": "s3://tune-results/store", "endpoint": s3_server["endpoint"],
+                                    "access_key": s3_server["access_key"], "secret_key": s3_server["secret_key"]})
+    bars = generate_bars(["X"], 500, seed=2, interval="1D")
+    wf = walk_forward(bars, "sma_crossover", train=200, test=150, params={"fast": [5, 10], "slow": [30]},
+                      storage_path="s3://tune-results/experiments", name="on-s3", settings=settings)
+    assert wf.experiment_path == "s3://tune-results/experiments/on-s3"
+    keys = [o.object_name for o in mc.list_objects("tune-results", prefix="experiments/on-s3/", recursive=True)]
+    results = [k for k in keys if k.endswith("/result.json")]
+    assert len(results) == wf.n_trials == len(wf.folds) == 2, keys
+    last = json.loads(mc.get_object("tune-results", results[0]).read().decode().splitlines()[-1])
+    assert last["param_sets"] == 2
+
+
 def _perturb_after(bars: pd.DataFrame, cut: int, seed: int = 5) -> pd.DataFrame:
     """The same bars before ``cut``; from ``cut`` on, every price scaled by a different random walk."""
     out = bars.copy()

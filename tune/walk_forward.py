@@ -463,7 +463,10 @@ def run_experiment(trial: Callable, param_space: dict[str, Any], *, name: str, s
     grid = tuner.fit()
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} Tune trial(s) of {name} failed: {grid.errors[0]}")
-    return [dict(r.metrics) for r in grid], grid.experiment_path
+    path = grid.experiment_path  # inside the storage filesystem: "bucket/prefix/name" on S3
+    if storage_path is not None and storage_path.startswith("s3://") and not path.startswith("s3://"):
+        path = "s3://" + path.lstrip("/")
+    return [dict(r.metrics) for r in grid], path
 
 
 def _search_trial(config, *, bars, strategy, table, chunks, folds, costs, objective, periods_per_year, alpha):
