@@ -216,3 +216,48 @@ def test_bad_walk_forward_input_is_refused_before_any_trial():
         walk_forward(bars, MOMENTUM, train=900, test=200)
     with pytest.raises(ValueError, match="search"):
         walk_forward(bars, MOMENTUM, train=200, test=100, search="bayes")
+
+
+def test_cvar_ratio_is_the_mean_return_over_the_expected_shortfall():
+    """The objective, by hand: mean per-bar return / -CVaR(5%) of the in-sample returns, per set."""
+    from core.engine import backtest_batch
+    from core.metrics import cvar
+    from tune.walk_forward import objective_values
+
+    bars = generate_bars(["X"], 400, seed=8, interval="1D")
+    table = {"fast": np.array([5, 10, 20]), "slow": np.array([30, 30, 60])}
+    res = backtest_batch(bars, get_strategy("sma_crossover").targets(bars, table), commission=0.001)
+    r = res.returns
+    want = r.mean(axis=1) / -cvar(r, 0.05)
+    np.testing.assert_allclose(objective_values(res.metrics, "cvar_ratio", 252), want, rtol=1e-9)
+    # Edge cases: no tail loss and a gain is +inf; never traded (no volatility) is NaN.
+    flat = {"sharpe": np.array([np.nan, 1.0]), "volatility": np.array([0.0, 0.1]), "cvar": np.array([0.0, 0.0])}
+    got = objective_values(flat, "cvar_ratio", 252)
+    assert np.isnan(got[0]) and np.isposinf(got[1])
+
+
+def test_random_search_samples_tune_domains_and_picks_each_folds_best(ray_session, tmp_path):
+    from ray import tune
+
+    from tune.walk_forward import sample_table
+
+    space = {"fast": tune.randint(2, 30), "slow": tune.choice([40, 80, 120])}
+    table = sample_table(space, 25, seed=3, valid=get_strategy("sma_crossover").valid)
+    assert 0 < len(table["fast"]) <= 25 and np.all((table["fast"] >= 2) & (table["fast"] < 30))
+    assert set(table["slow"]) <= {40, 80, 120} and np.all(table["fast"] < table["slow"])
+    again = sample_table(space, 25, seed=3, valid=get_strategy("sma_crossover").valid)
+    assert all(np.array_equal(table[k], again[k]) for k in table)  # a seed repeats its draw
+    bars = generate_bars(["X"], 900, seed=6, interval="1D")
+    wf = walk_forward(bars, "sma_crossover", train=300, test=200, params=space, search="random", num_samples=25,
+                      seed=3, objective="cvar_ratio", costs=Costs(commission=0.001), storage_path=str(tmp_path),
+                      name="random")
+    assert all(np.array_equal(wf.table[k], table[k]) for k in table)  # the same draw was searched
+    assert wf.is_objective.shape == (3, len(table["fast"]))
+    # Each fold ran the set with the highest in-sample CVaR ratio, checked against in_sample by hand.
+    folds = make_folds(len(bars), 300, 200)
+    for k, fold in enumerate(folds):
+        by_hand = in_sample(bars, get_strategy("sma_crossover"), table, fold, Costs(commission=0.001), "cvar_ratio",
+                            252)["objective"]
+        np.testing.assert_array_equal(wf.is_objective[k], by_hand)
+        best = int(np.nanargmax(by_hand))
+        assert (wf.folds.param_fast[k], wf.folds.param_slow[k]) == (table["fast"][best], table["slow"][best])
