@@ -126,3 +126,40 @@ def test_bad_monte_carlo_input_is_refused():
         monte_carlo(bars, "sma_crossover", {"fast": 10, "slow": 30}, methods=("jackknife",))
     with pytest.raises(ValueError, match="ruin"):
         monte_carlo(bars, "sma_crossover", {"fast": 10, "slow": 30}, ruin=1.5)
+
+
+def _synthetic_inputs():
+    from tune.monte_carlo import _inputs
+    from tune.walk_forward import get_strategy
+
+    bars = generate_bars(["X"], 300, seed=12, interval="1D")
+    inputs, _, _ = _inputs(bars, get_strategy("sma_crossover"), {"fast": 5, "slow": 20}, Costs(commission=0.001),
+                           block=5, horizon=200, generator="gbm", mu=None, sigma=None, periods_per_year=252,
+                           alpha=0.05)
+    return inputs
+
+
+def test_synthetic_paths_give_the_same_equity_on_the_torch_engine():
+    """The branch a trial holding a GPU takes (torch, all paths at once), run here on the CPU: the same
+    curves as the compiled engine. Without a GPU given by Ray, the compiled engine is chosen."""
+    from tune.monte_carlo import engine_device, simulate
+
+    inputs = _synthetic_inputs()
+    compiled = simulate("synthetic", 32, np.random.default_rng(1), inputs=inputs)
+    on_torch = simulate("synthetic", 32, np.random.default_rng(1), inputs={**inputs, "device": "cpu"})
+    assert compiled.shape == (32, 200) and np.ptp(compiled[:, -1]) > 0
+    np.testing.assert_allclose(on_torch, compiled, rtol=1e-9)
+    assert engine_device() is None  # this process was given no GPU by Ray
+
+
+@pytest.mark.gpu
+def test_synthetic_paths_on_cuda_match_the_compiled_engine():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from tune.monte_carlo import simulate
+
+    inputs = _synthetic_inputs()
+    compiled = simulate("synthetic", 256, np.random.default_rng(2), inputs=inputs)
+    on_gpu = simulate("synthetic", 256, np.random.default_rng(2), inputs={**inputs, "device": "cuda"})
+    np.testing.assert_allclose(on_gpu, compiled, rtol=1e-9)

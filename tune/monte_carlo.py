@@ -54,7 +54,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from core.engine import backtest, run_batch
+from core.engine import backtest, run_batch, simulate_paths_torch
 from core.metrics import summary
 from core.synthetic import SyntheticMarket
 from tune.walk_forward import (
@@ -158,9 +158,31 @@ def simulate(method: str, n_paths: int, rng: np.random.Generator, *, inputs: Map
         targets = np.stack([strategy.targets(b, table)[0] for b in paths])
         open_ = np.stack([b["open"].to_numpy(dtype=np.float64) for b in paths])
         close = np.stack([b["close"].to_numpy(dtype=np.float64) for b in paths])
-        res = run_batch(open_, close, targets, compute_metrics=False, record_trades=False, **costs.kwargs())
-        return res.equity / costs.cash
+        device = engine_device(inputs.get("device"))
+        if device is None:
+            res = run_batch(open_, close, targets, compute_metrics=False, record_trades=False, **costs.kwargs())
+            return res.equity / costs.cash
+        # The trial holds a GPU: the torch engine, same fill rules, all paths at once.
+        equity, _ = simulate_paths_torch(close, targets, open_=open_, device=device, **costs.kwargs())
+        return equity.cpu().numpy() / costs.cash
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def engine_device(requested: str | None = None) -> str | None:
+    """Where the synthetic paths are backtested: ``requested`` if given, else ``"cuda"`` when Ray gave
+    this process a GPU and CUDA works, else None (the compiled CPU engine)."""
+    if requested is not None:
+        return requested
+    try:
+        import ray
+
+        if not ray.is_initialized() or not ray.get_gpu_ids():
+            return None
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - no GPU answer is a CPU answer
+        return None
 
 
 def _mc_trial(config, *, inputs, chunks, seed, periods, alpha, ruin):
