@@ -228,7 +228,7 @@ def _monte_carlo(args, bars, strategy, params, costs, out, symbol, settings):
 
 def _compare(args, bars, strategy, params, costs, out, symbol):
     from core.engine import backtest
-    from tune.report import compare_fills, read_fills, write_compare_report
+    from tune.report import compare_fills, read_fills, reason_counts, write_compare_report
 
     try:
         fills = read_fills(args.fills, symbol)
@@ -239,7 +239,7 @@ def _compare(args, bars, strategy, params, costs, out, symbol):
     r = backtest(bars, targets, **costs.kwargs())
     diff = compare_fills(bars, r, fills, costs)
     path = write_compare_report(out, f"{symbol} {strategy.name} {params}: paper fills vs backtest", diff)
-    counts = diff.differences["why"].value_counts().to_dict() if len(diff.differences) else {}
+    counts = reason_counts(diff.differences)
     text = (_table(diff.differences.head(30).to_dict("records"),
                    ["bar_ts", "paper_qty", "backtest_qty", "paper_price", "backtest_price", "why"])
             if len(diff.differences) else "paper fills and backtest agree on every bar")

@@ -96,6 +96,11 @@ def test_compare_lists_where_paper_fills_differ_and_why(tmp_path):
     assert by_bar[at[1]] == f"slippage {sign1 * 10.0:+.1f} bps"
     assert by_bar[at[2]] == "size"
     assert by_bar[at[3]] == "timing: paper filled 1 bar(s) later (a missed or late bar)"
+    from tune.report import reason_counts
+
+    assert reason_counts(diff.differences) == {"size": 1, "slippage": 1, "timing": 1}
+    two = pd.DataFrame({"why": ["slippage +3.0 bps", "slippage -1.5 bps; size", "paper only: the backtest did not trade"]})
+    assert reason_counts(two) == {"slippage": 2, "paper only": 1, "size": 1}
     # The extra unit stays in the paper position to the end; the late fill has caught up by then.
     assert diff.backtest_position == r.units[-1]
     assert diff.paper_position == r.units[-1] + (1 if delta[at[2]] > 0 else -1)

@@ -143,11 +143,15 @@ def plot_fan(mc, path: Path) -> Path:
 
 
 def plot_hist(mc, path: Path) -> Path:
+    # The trade bootstrap's CVaR is of per-trade returns, the others' of per-bar returns: not one
+    # axis, so that panel shows the bar-return methods only and says so.
     panels = (("terminal_wealth", "terminal wealth (x cash)"), ("sharpe", "Sharpe"),
-              ("max_drawdown", "max drawdown"), ("cvar", "CVaR of returns"))
+              ("max_drawdown", "max drawdown"), ("cvar", "CVaR of bar returns (trade bootstrap not shown)"))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, label) in zip(axes.ravel(), panels):
         for m in mc.methods.values():
+            if key == "cvar" and m.step_unit != "bar":
+                continue
             v = m.stats[key]
             v = v[np.isfinite(v)]
             if v.size:
@@ -269,9 +273,21 @@ def write_report(out_dir: str | Path, *, title: str = "raytrade backtest report"
     return path
 
 
+def reason_counts(differences: pd.DataFrame) -> dict[str, int]:
+    """How many differing bars each kind of reason explains: ``size``, ``slippage``, ``direction``,
+    ``timing``, ``paper only``, ``backtest only`` (a bar can have several; ``slippage +3.1 bps``
+    and ``slippage -0.4 bps`` are one kind)."""
+    counts: dict[str, int] = {}
+    for why in differences.get("why", []):
+        for kind in dict.fromkeys(part.split(":")[0].split(" +")[0].split(" -")[0].strip()
+                                  for part in str(why).split("; ")):
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 # -- live (paper) against backtest ---------------------------------------------------------
-# The paper broker (issue 6) does not exist yet; the comparison reads a plain fills file
-# (ts, symbol, side, qty, price), which is what that broker's ledger will export.
+# The comparison reads a plain fills file (ts, symbol, side, qty, price): what
+# `raytrade trades export` writes from the paper broker's ledger, or any broker's fills.
 FILL_COLUMNS = ("ts", "symbol", "side", "qty", "price")
 TIMING_WINDOW = 3  # bars within which a same-direction fill counts as the same order, early or late
 
