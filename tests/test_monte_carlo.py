@@ -63,6 +63,22 @@ def test_resampling_returns_keeps_equity_positive_where_pnl_would_not():
     assert equity[0, -1] == 0.0 and stats["max_drawdown"][0] == 1.0 and stats["ruined"][0]
 
 
+def test_probabilities_of_loss_and_ruin_against_the_eight_paths_by_hand():
+    """Trades of -50% or +50%, equally likely, three per path, ruin at half the cash. Of the 8 paths,
+    5 touch 0.5 (every path that starts with a loss, and + - -) and 4 end below 1 (+ - -, - + -,
+    - - +, - - -); E[terminal wealth] = 1.0^3."""
+    from tune.monte_carlo import MethodResult
+
+    N = 8000
+    r = bootstrap_trades(np.array([-0.5, 0.5]), N, 3, np.random.default_rng(9))
+    stats = path_stats(np.cumprod(1 + r, axis=1), periods_per_year=3, alpha=0.05, ruin=0.5)
+    m = MethodResult("trades", stats, stats["ruined"], np.ones((1, 1)), np.zeros(1), "trade")
+    assert abs(m.prob_ruin - 5 / 8) < 4 * np.sqrt(5 / 8 * 3 / 8 / N)
+    assert abs(m.prob_loss - 4 / 8) < 4 * np.sqrt(0.25 / N)
+    w = stats["terminal_wealth"]
+    assert abs(w.mean() - 1.0) < 4 * w.std() / np.sqrt(N)
+
+
 def gbm_frame(n: int, mu: float, sigma: float, seed: int) -> pd.DataFrame:
     close = gbm_closes(100.0, mu, sigma, 1, n, np.random.default_rng(seed))[0]
     open_ = np.concatenate([[close[0]], close[:-1]])
