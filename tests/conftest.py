@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 
@@ -28,6 +29,16 @@ def pytest_report_header(config):
     if not gpu:
         return "gpu tests: skipped - no CUDA GPU on this machine (run `pytest -m gpu` on a GPU machine)"
     return "gpu tests: a CUDA GPU is available"
+
+
+@pytest.fixture(autouse=True)
+def _no_model_resolver_left_behind():
+    """The backtest CLI connects ``model:`` names to the registry for its process; a test that ran
+    the CLI must not leave that connection to the next test."""
+    yield
+    walk_forward = sys.modules.get("tune.walk_forward")
+    if walk_forward is not None:
+        walk_forward.set_model_resolver(None)
 
 
 @pytest.fixture
