@@ -117,6 +117,11 @@ def run_backtest_command(args, settings, user_error) -> int:
     if len(bars) < 3:
         raise user_error(f"the store at {store.uri} has {len(bars)} bars of {symbol} in that range; "
                          "`raytrade data generate` or `raytrade data import` first")
+    from tune.models import in_sample_warning
+
+    warning = in_sample_warning(strategy, symbol, bars)
+    if warning:
+        _progress(f"warning: {warning}")
     action = args.backtest_cmd.replace("-", "_")
     out = Path(args.out or f"reports/{symbol}-{strategy.name.replace(':', '_')}-{args.backtest_cmd}")
     try:  # before the work, not after it
@@ -136,6 +141,8 @@ def run_backtest_command(args, settings, user_error) -> int:
     except ValueError as e:  # the library's own checks of what the user asked for
         raise user_error(str(e)) from None
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    if warning:
+        summary["warnings"] = [warning]
     text = summary.pop("_text")
     if args.json:
         print(json.dumps(summary, default=str, allow_nan=False))

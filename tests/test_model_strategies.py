@@ -111,7 +111,7 @@ def test_walk_forward_over_a_registered_policy_through_tune(ray_session, registe
 def test_cli_backtests_a_registered_policy(registered, tmp_path, monkeypatch, capsys):
     from cluster.cli import main
 
-    settings, _ = registered
+    settings, data = registered
     monkeypatch.setenv("RAYTRADE_STORE__URI", settings.store.uri)
     monkeypatch.chdir(tmp_path)
     assert main(["data", "generate", "--symbols", "X", "--bars", "300", "--interval", "1D"]) == 0
@@ -120,6 +120,35 @@ def test_cli_backtests_a_registered_policy(registered, tmp_path, monkeypatch, ca
                  "--out", str(tmp_path / "rep"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["strategy"] == "model:ppo@1" and summary["params"] == {"scale": 0.5, "threshold": 0.0}
+    assert "warnings" not in summary  # v1 records no training bars
     assert main(["backtest", "run", "--symbol", "X", "--strategy", "model:ppo@9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ppo has no version 9" in err
+    # A version trained on these very bars still backtests, and says the result is in-sample.
+    ModelRegistry(settings).register("ppo", data, "policy", {
+        "training_data": {"X": {"first": "2000-01-01", "last": "2100-01-01"}}})
+    assert main(["backtest", "run", "--symbol", "X", "--strategy", "model:ppo@2", "--out", str(tmp_path / "r2"),
+                 "--json"]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert summary["warnings"] == [
+        "300 of 300 bars of X fall in model:ppo@2's training data (2000-01-01 to 2100-01-01): results over them "
+        "are in-sample, not a test of the model"]
+    assert "warning: 300 of 300 bars" in out.err
+
+
+def test_training_ranges_in_both_spellings_and_the_in_sample_count():
+    from tune.models import in_sample_warning, training_ranges
+    from tune.walk_forward import model_strategy
+
+    baseline = {"training_data": [{"symbol": "spy", "first": "2024-01-02", "last": "2024-01-05"}]}
+    learner = {"training_data": {"SPY": {"first": "2024-01-02", "last": "2024-01-05"}},
+               "heldout_data": {"SPY": {"first": "2024-01-06", "last": "2024-01-09"}}}
+    assert training_ranges(baseline) == training_ranges(learner) == {"SPY": ("2024-01-02", "2024-01-05")}
+    assert training_ranges({}) == {}
+    bars = generate_bars(["SPY"], 10, seed=1, interval="1D", start="2024-01-01")
+    s = model_strategy("model:m@1", lambda b: np.zeros(len(b)), trained_on=training_ranges(learner))
+    # Daily bars from Jan 1: Jan 2, 3, 4 and 5 are training bars.
+    assert in_sample_warning(s, "SPY", bars).startswith("4 of 10 bars of SPY fall in model:m@1's training data")
+    assert in_sample_warning(s, "QQQ", bars) is None
+    assert in_sample_warning(model_strategy("model:m@2", lambda b: np.zeros(len(b))), "SPY", bars) is None

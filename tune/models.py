@@ -127,7 +127,46 @@ def registry_strategy(spec: str, registry: Any) -> Strategy:
     label = f"{PREFIX}{name}@{record['version']}"
     return model_strategy(label, member.targets, grid=DEFAULT_GRID,
                           description=f"registered {record['task']} model {name} v{record['version']} "
-                                      f"({record['stage']})")
+                                      f"({record['stage']})",
+                          trained_on=training_ranges(record.get("metadata", {})))
+
+
+def training_ranges(metadata: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """symbol -> (first, last) bar time a model was fitted on, from its registry metadata.
+
+    Two spellings exist: the baselines' list of ``{symbol, first, last}`` and
+    the learner's ``{symbol: {first, last}}`` (its held-out bars are apart,
+    under ``heldout_data``, and are not training data).
+    """
+    data = metadata.get("training_data") or {}
+    rows = data if isinstance(data, list) else [{"symbol": k, **v} for k, v in data.items() if isinstance(v, dict)]
+    out = {}
+    for row in rows:
+        if isinstance(row, dict) and {"symbol", "first", "last"} <= set(row):
+            out[str(row["symbol"]).upper()] = (str(row["first"]), str(row["last"]))
+    return out
+
+
+def in_sample_warning(strategy: Strategy, symbol: str, bars: Any) -> str | None:
+    """A sentence when some of ``bars`` are ones ``strategy``'s model was trained on; None otherwise.
+
+    Results over a model's own training bars are not a test of it: the
+    backtest runs, and says so.
+    """
+    import pandas as pd
+
+    span = strategy.trained_on.get(symbol.upper())
+    if span is None or "ts" not in getattr(bars, "columns", ()):
+        return None
+    ts = pd.to_datetime(bars["ts"], utc=True)
+    first, last = (pd.Timestamp(x) for x in span)
+    first = first.tz_localize("UTC") if first.tzinfo is None else first
+    last = last.tz_localize("UTC") if last.tzinfo is None else last
+    n = int(((ts >= first) & (ts <= last)).sum())
+    if n == 0:
+        return None
+    return (f"{n} of {len(bars)} bars of {symbol} fall in {strategy.name}'s training data ({span[0]} to {span[1]}): "
+            "results over them are in-sample, not a test of the model")
 
 
 def connect_registry(settings: Any) -> None:

@@ -98,6 +98,8 @@ class Strategy:
     valid: Callable[[ParamTable], np.ndarray] | None = None
     description: str = ""
     rule: str = ""  # what ``valid`` asks, in words, for error messages
+    # A learned model's training bars, symbol -> (first ts, last ts): a backtest over them is in-sample.
+    trained_on: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     def targets(self, bars: pd.DataFrame, table: ParamTable) -> np.ndarray:
         n = table_size(table)
@@ -110,7 +112,7 @@ class Strategy:
 
 
 def model_strategy(name: str, predict: Callable[..., Any], grid: Mapping[str, Sequence[Any]] | None = None,
-                   description: str = "") -> Strategy:
+                   description: str = "", trained_on: Mapping[str, tuple[str, str]] | None = None) -> Strategy:
     """A learned model or policy as a strategy.
 
     ``predict(bars, **params)`` returns that model's targets ``[T]`` in
@@ -127,7 +129,8 @@ def model_strategy(name: str, predict: Callable[..., Any], grid: Mapping[str, Se
         n = table_size(table)
         return np.stack([np.asarray(predict(bars, **params_at(table, i)), dtype=np.float64) for i in range(n)])
 
-    return Strategy(name=name, run=run, grid=grid, description=description or f"model {name}")
+    return Strategy(name=name, run=run, grid=grid, description=description or f"model {name}",
+                    trained_on=dict(trained_on or {}))
 
 
 def _sma(bars, p):
