@@ -124,6 +124,7 @@ def run_backtest_command(args, settings, user_error) -> int:
         _progress(f"warning: {warning}")
     action = args.backtest_cmd.replace("-", "_")
     out = Path(args.out or f"reports/{symbol}-{strategy.name.replace(':', '_')}-{args.backtest_cmd}")
+    fresh = not out.exists()
     try:  # before the work, not after it
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -139,6 +140,8 @@ def run_backtest_command(args, settings, user_error) -> int:
         else:
             summary = _compare(args, bars, strategy, params, costs, out, symbol)
     except ValueError as e:  # the library's own checks of what the user asked for
+        if fresh and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # no report came of it: leave no empty folder behind
         raise user_error(str(e)) from None
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     if warning:
@@ -153,12 +156,11 @@ def run_backtest_command(args, settings, user_error) -> int:
 
 
 def _whole_numbers(strategy, params: dict[str, Any], user_error) -> dict[str, Any]:
-    """Values of a parameter whose default grid is whole numbers (a window) must be whole too:
-    a window of 1.5 bars is a typo, not a request to round."""
+    """Values of a parameter the strategy counts in whole numbers (``Strategy.whole``: a window)
+    must be whole: a window of 1.5 bars is a typo, not a request to round."""
     out = dict(params)
     for name, value in params.items():
-        grid = strategy.grid.get(name) if strategy.grid else None
-        if not grid or not all(isinstance(v, (int, np.integer)) for v in grid):
+        if name not in strategy.whole:
             continue
         values = value if isinstance(value, list) else [value]
         if not all(float(v).is_integer() for v in values):
@@ -170,7 +172,7 @@ def _whole_numbers(strategy, params: dict[str, Any], user_error) -> dict[str, An
 
 def _check_valid(strategy, params: dict[str, Any]) -> None:
     """Refuse one parameter set the strategy's rule excludes (a fast SMA not below the slow one)."""
-    if strategy.valid is None:
+    if strategy.valid is None or not params:
         return
     if not bool(np.asarray(strategy.valid({k: np.array([v]) for k, v in params.items()})).ravel()[0]):
         rule = f" (needs {strategy.rule})" if strategy.rule else ""

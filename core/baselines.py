@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -131,19 +132,20 @@ KINDS = {"mlp": MLPDirection, "lstm": LSTMDirection}
 DEFAULT_WINDOW = {"mlp": 8, "lstm": 32}
 
 
-def direction_windows(bars: Any, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """(X [N, window, F], y [N]) from one symbol's bars: windows ending at t, label close[t+1] > close[t]."""
+def direction_windows(bars: Any, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X [N, window, F], y [N], ends [N]) from one symbol's bars: windows ending at bar ``ends[i]``,
+    label close[t+1] > close[t] (bars whose close does not move are left out)."""
     feats = compute_features(bars)
     close = np.asarray(bars["close"], dtype=np.float64)
     T = feats.shape[0]
     first = WARMUP + window - 1
     ends = np.arange(first, T - 1)
     if len(ends) == 0:
-        return np.empty((0, window, feats.shape[1]), np.float32), np.empty(0, np.float32)
+        return np.empty((0, window, feats.shape[1]), np.float32), np.empty(0, np.float32), ends
     move = close[ends + 1] - close[ends]
     ends, move = ends[move != 0], move[move != 0]
     idx = ends[:, None] + np.arange(-window + 1, 1)[None, :]
-    return feats[idx].astype(np.float32), (move > 0).astype(np.float32)
+    return feats[idx].astype(np.float32), (move > 0).astype(np.float32), ends
 
 
 @dataclass
@@ -173,14 +175,16 @@ def train_direction_model(
     rng = np.random.default_rng(seed)
     xs_tr, ys_tr, xs_te, ys_te, ranges = [], [], [], [], []
     for sym, bars in bars_by_symbol.items():
-        X, y = direction_windows(bars, window)
+        X, y, ends = direction_windows(bars, window)
         if len(X) < 10:
             continue
         cut = int(len(X) * (1 - holdout))
         xs_tr.append(X[:cut]); ys_tr.append(y[:cut]); xs_te.append(X[cut:]); ys_te.append(y[cut:])
-        if "ts" in bars and len(bars["ts"]):
-            ranges.append((str(sym), str(bars["ts"].iloc[0] if hasattr(bars["ts"], "iloc") else bars["ts"][0]),
-                           str(bars["ts"].iloc[-1] if hasattr(bars["ts"], "iloc") else bars["ts"][-1])))
+        if "ts" in bars and len(bars["ts"]) and cut > 0:
+            ts = np.asarray(bars["ts"])
+            # Training saw bars from the first through the label bar of its last window; the held-out
+            # windows start after it. Backtests over the training bars are in-sample (tune.models).
+            ranges.append((str(sym), str(pd.Timestamp(ts[0])), str(pd.Timestamp(ts[ends[cut - 1] + 1]))))
     if not xs_tr:
         raise ValueError(f"not enough history: need more than {WARMUP + window + 10} bars of a symbol")
     X_tr, y_tr = np.concatenate(xs_tr), np.concatenate(ys_tr)

@@ -21,7 +21,16 @@ from core.features import FEATURE_NAMES, WARMUP, compute_features
 from core.rl.cvar_ppo import ActorCritic
 from core.synthetic import generate_bars
 from tune.models import connect_registry, parse_model_spec
-from tune.walk_forward import get_strategy, grid_table, set_model_resolver, walk_forward
+from tune.walk_forward import (
+    Costs,
+    get_strategy,
+    grid_table,
+    infer_periods_per_year,
+    make_folds,
+    out_of_sample,
+    set_model_resolver,
+    walk_forward,
+)
 
 W, F = 8, len(FEATURE_NAMES)
 
@@ -62,8 +71,9 @@ def test_a_registered_policy_trades_as_its_evaluation_says(registered):
     assert np.any(want != 0) and np.all(want[:WARMUP + W - 1] == 0)
     np.testing.assert_array_equal(s.targets(bars, grid_table(s.grid))[0], want)
     # The knobs: half the position; and a gate above every |position| (all are 0 or 1) leaves it flat.
-    knobs = s.targets(bars, {"scale": np.array([0.5, 1.0]), "threshold": np.array([0.0, 1.5])})
-    np.testing.assert_array_equal(knobs, [0.5 * want, np.zeros_like(want)])
+    # A gate at exactly 1 keeps the full positions (flat only below it, not at it).
+    knobs = s.targets(bars, {"scale": np.array([0.5, 1.0, 1.0]), "threshold": np.array([0.0, 1.5, 1.0])})
+    np.testing.assert_array_equal(knobs, [0.5 * want, np.zeros_like(want), want])
     # Target t reads bars <= t only: change everything after bar 200 and nothing before it moves.
     moved = bars.copy()
     moved.loc[201:, ["open", "high", "low", "close"]] *= 1.3
@@ -91,6 +101,9 @@ def test_names_versions_and_contracts_are_checked(registered, make_settings):
     ModelRegistry(settings).register("narrow", export_onnx(three, W, 3), "forecasting")
     with pytest.raises(ValueError, match=f"takes 3 features, this build computes {F}"):
         get_strategy("model:narrow@1")
+    ModelRegistry(settings).register("pickled", b"not onnx", "forecasting", kind="pt")
+    with pytest.raises(ValueError, match="model:pickled@1 is a pt artefact; only ONNX members"):
+        get_strategy("model:pickled@1")
 
 
 def test_walk_forward_over_a_registered_policy_through_tune(ray_session, registered, tmp_path):
@@ -99,13 +112,19 @@ def test_walk_forward_over_a_registered_policy_through_tune(ray_session, registe
     wf = walk_forward(bars, "model:ppo@1", train=150, test=100, params={"scale": [0.5, 1.0]},
                       storage_path=str(tmp_path), name="ppo-wf")
     assert wf.strategy == "model:ppo@1" and len(wf.folds) == 3
-    assert set(wf.folds["param_scale"]) <= {0.5, 1.0}
-    # The stitched out-of-sample curve holds each fold's chosen scale of the member's own positions.
+    # Each fold's out-of-sample figures are those of the scale it chose, run by hand; the other
+    # scale would have given different ones, so the choice is what the numbers show.
+    strategy, ppy = get_strategy("model:ppo@1"), infer_periods_per_year(bars)
+    for fold, row in zip(make_folds(len(bars), 150, 100), wf.folds.to_dict("records")):
+        runs = {scale: out_of_sample(bars, strategy, {"scale": scale, "threshold": 0.0}, fold, Costs(), ppy)
+                for scale in (0.5, 1.0)}
+        chosen, other = runs[row["param_scale"]], runs[1.5 - row["param_scale"]]
+        assert row["oos_total_return"] == pytest.approx(chosen["metrics"]["total_return"], rel=1e-12, abs=1e-15)
+        assert chosen["metrics"]["total_return"] != other["metrics"]["total_return"]
+    # The stitched curve holds the member's own positions (their sign) through every test window.
     want = by_hand(data, bars)
-    for fold in wf.folds.to_dict("records"):
-        lo, hi = int(fold["test_start"]), int(fold["test_end"])
-        held = wf.oos_units[np.searchsorted(wf.oos_index, lo):np.searchsorted(wf.oos_index, hi)]
-        assert np.all(np.sign(held[1:]) == np.sign(fold["param_scale"] * want[lo:hi - 1])), fold
+    held = wf.oos_units[1:]
+    assert np.all(np.sign(held) == np.sign(want[wf.oos_index[:-1]]))
 
 
 def test_cli_backtests_a_registered_policy(registered, tmp_path, monkeypatch, capsys):
@@ -135,6 +154,19 @@ def test_cli_backtests_a_registered_policy(registered, tmp_path, monkeypatch, ca
         "300 of 300 bars of X fall in model:ppo@2's training data (2000-01-01 to 2100-01-01): results over them "
         "are in-sample, not a test of the model"]
     assert "warning: 300 of 300 bars" in out.err
+
+
+def test_a_baseline_records_its_training_bars_up_to_the_held_out_ones():
+    """The range ends at the label bar of the last training window, before the held-out windows."""
+    from core.baselines import direction_windows, train_direction_model
+
+    bars = one_symbol(400)
+    result = train_direction_model({"X": bars}, "mlp", window=W, epochs=1, holdout=0.25, seed=0)
+    _, _, ends = direction_windows(bars, W)
+    cut = int(len(ends) * 0.75)
+    (row,) = result.metadata["training_data"]
+    assert row == {"symbol": "X", "first": str(bars.ts.iloc[0]), "last": str(bars.ts.iloc[ends[cut - 1] + 1])}
+    assert bars.ts.iloc[ends[cut - 1] + 1] < bars.ts.iloc[-1]
 
 
 def test_training_ranges_in_both_spellings_and_the_in_sample_count():

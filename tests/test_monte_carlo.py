@@ -168,6 +168,24 @@ def test_synthetic_paths_give_the_same_equity_on_the_torch_engine():
     assert engine_device() is None  # this process was given no GPU by Ray
 
 
+def test_the_engine_follows_the_gpu_ray_gave_the_trial(monkeypatch):
+    """CUDA only when Ray assigned this process a GPU and CUDA works; a request wins over both."""
+    import ray
+    import torch
+
+    from tune.monte_carlo import engine_device
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_device() is None  # a GPU on the machine, but not this trial's
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    assert engine_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine_device() is None  # assigned, but CUDA does not work here
+    assert engine_device("cpu") == "cpu"
+
+
 @pytest.mark.gpu
 def test_synthetic_paths_on_cuda_match_the_compiled_engine():
     torch = pytest.importorskip("torch")

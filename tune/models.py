@@ -122,9 +122,16 @@ def registry_strategy(spec: str, registry: Any) -> Strategy:
     """
     name, version, stage = parse_model_spec(spec)
     record = registry.get(name, version, stage)
-    member = RegisteredMember(name, record["version"], registry.load(name, record["version"]))
-    member.model  # noqa: B018 - open it now: a broken contract is the user's error, not a trial's
     label = f"{PREFIX}{name}@{record['version']}"
+    if record.get("kind", "onnx") != "onnx":
+        raise ValueError(f"{label} is a {record['kind']} artefact; only ONNX members can be backtested")
+    member = RegisteredMember(name, record["version"], registry.load(name, record["version"]))
+    try:  # open it now: a broken contract is the user's error, not a trial's
+        member.model  # noqa: B018
+    except ValueError:
+        raise  # BadModelContract: its message says what the member lacks
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own kinds
+        raise ValueError(f"{label}: ONNX Runtime cannot open it ({str(e).splitlines()[0][:200]})") from None
     return model_strategy(label, member.targets, grid=DEFAULT_GRID,
                           description=f"registered {record['task']} model {name} v{record['version']} "
                                       f"({record['stage']})",
@@ -159,7 +166,10 @@ def in_sample_warning(strategy: Strategy, symbol: str, bars: Any) -> str | None:
     if span is None or "ts" not in getattr(bars, "columns", ()):
         return None
     ts = pd.to_datetime(bars["ts"], utc=True)
-    first, last = (pd.Timestamp(x) for x in span)
+    try:
+        first, last = (pd.Timestamp(x) for x in span)
+    except (ValueError, TypeError):
+        return None  # metadata written by hand with a date nobody can read: nothing to compare
     first = first.tz_localize("UTC") if first.tzinfo is None else first
     last = last.tz_localize("UTC") if last.tzinfo is None else last
     n = int(((ts >= first) & (ts <= last)).sum())

@@ -145,8 +145,9 @@ def plot_fan(mc, path: Path) -> Path:
 def plot_hist(mc, path: Path) -> Path:
     # The trade bootstrap's CVaR is of per-trade returns, the others' of per-bar returns: not one
     # axis, so that panel shows the bar-return methods only and says so.
+    cvar_label = "CVaR of bar returns" + (" (trade bootstrap not shown)" if "trades" in mc.methods else "")
     panels = (("terminal_wealth", "terminal wealth (x cash)"), ("sharpe", "Sharpe"),
-              ("max_drawdown", "max drawdown"), ("cvar", "CVaR of bar returns (trade bootstrap not shown)"))
+              ("max_drawdown", "max drawdown"), ("cvar", cvar_label))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, label) in zip(axes.ravel(), panels):
         for m in mc.methods.values():

@@ -98,6 +98,7 @@ class Strategy:
     valid: Callable[[ParamTable], np.ndarray] | None = None
     description: str = ""
     rule: str = ""  # what ``valid`` asks, in words, for error messages
+    whole: tuple[str, ...] = ()  # parameters that take whole numbers only (windows, in bars)
     # A learned model's training bars, symbol -> (first ts, last ts): a backtest over them is in-sample.
     trained_on: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
@@ -186,16 +187,18 @@ def get_strategy(name: str) -> Strategy:
 register_strategy(Strategy(
     "sma_crossover", _sma,
     grid={"fast": list(range(5, 55, 5)), "slow": list(range(20, 220, 20))}, valid=_sma_valid,
-    description="long when SMA(fast) crosses above SMA(slow), short on the opposite crossing", rule="fast < slow"))
+    description="long when SMA(fast) crosses above SMA(slow), short on the opposite crossing", rule="fast < slow",
+    whole=("fast", "slow")))
 register_strategy(Strategy(
     "atr_breakout", _atr,
     grid={"window": [10, 20, 50], "multiplier": [1.0, 1.5, 2.0, 3.0], "atr_window": [14]},
-    description="Keltner-channel breakout; exit when the close crosses back through the SMA"))
+    description="Keltner-channel breakout; exit when the close crosses back through the SMA",
+    whole=("window", "atr_window")))
 register_strategy(Strategy(
     "rsi_reversion", _rsi,
     grid={"window": [7, 14, 21], "lower": [20.0, 30.0], "upper": [70.0, 80.0], "exit_level": [50.0]},
     valid=_rsi_valid, description="long below RSI lower, short above upper, flat at exit_level",
-    rule="lower < exit_level < upper"))
+    rule="lower < exit_level < upper", whole=("window",)))
 
 
 # -- parameter tables ---------------------------------------------------------------
