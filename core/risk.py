@@ -181,18 +181,39 @@ def stop_and_target(limits: Any, req: OrderRequest, long: bool) -> tuple[float |
     ``min_reward_risk`` stop distances, so the bracket always has both legs.
     """
     if req.stop_loss is not None:
-        d = abs(req.price - req.stop_loss)
-        stop = req.stop_loss
+        stop = round(req.stop_loss, 2)
     elif req.atr is not None:
-        d = limits.atr_stop_multiple * req.atr
-        stop = req.price - d if long else req.price + d
+        reach = limits.atr_stop_multiple * req.atr
+        # Order prices are in cents. Rounded toward the price, the stop risks no more than the
+        # ATR rule allows.
+        stop = _cents(req.price - reach, up=True) if long else _cents(req.price + reach, up=False)
     else:
         return None, None, None
+    d = abs(req.price - stop)  # the distance the order will carry: what sizing and the checks use
     if req.take_profit is not None:
-        take = req.take_profit
+        take = round(req.take_profit, 2)
     else:
-        take = req.price + limits.min_reward_risk * d if long else req.price - limits.min_reward_risk * d
-    return d, round(stop, 2), round(take, 2)
+        # Rounded away from the price, so the bracket this sets passes the reward:risk check it is
+        # set for (rounded to the nearest cent, half the time it fell just short and was refused).
+        reward = limits.min_reward_risk * d
+        take = _cents(req.price + reward, up=True) if long else _cents(req.price - reward, up=False)
+    return d, stop, take
+
+
+def _below(value: float, limit: float) -> str:
+    """``value`` with two decimals, or as many more as it takes not to print the limit itself
+    ("1.998 is below 2.00", not "2.00 is below 2.00")."""
+    for places in range(2, 9):
+        text = f"{value:.{places}f}"
+        if float(text) < limit:
+            return text
+    return repr(value)
+
+
+def _cents(price: float, up: bool) -> float:
+    """``price`` rounded up or down to a cent (a price already in cents stays as it is)."""
+    scaled = price * 100.0
+    return (math.ceil(scaled - 1e-6) if up else math.floor(scaled + 1e-6)) / 100.0
 
 
 def size(limits: Any, req: OrderRequest, equity: float, stop_distance: float | None) -> dict[str, Any]:
@@ -292,7 +313,8 @@ def evaluate(limits: Any, req: OrderRequest, book: Book) -> dict[str, Any]:
               f"{limits.max_daily_loss_pct:.2%}: no new entries today",
               value=round(pnl, 2), limit=round(-limits.max_daily_loss_pct * (book.day_start_equity or book.equity), 2))
         check("confidence", req.confidence >= limits.confidence_threshold - _EPS,
-              f"confidence {req.confidence:.2f} is below the threshold {limits.confidence_threshold:.2f}",
+              f"confidence {_below(req.confidence, limits.confidence_threshold)} is below the threshold "
+              f"{limits.confidence_threshold:.2f}",
               value=req.confidence, limit=limits.confidence_threshold)
     else:
         for name in ("allowed_symbol", "kill_switch", "halt", "max_drawdown", "daily_loss", "confidence"):
@@ -311,7 +333,8 @@ def evaluate(limits: Any, req: OrderRequest, book: Book) -> dict[str, Any]:
                   stop_loss=stop, take_profit=take)
             rr = abs(take - req.price) / d if d > 0 else 0.0
             check("reward_risk", rr >= limits.min_reward_risk - 1e-6,
-                  f"reward:risk {rr:.2f} is below the minimum {limits.min_reward_risk:.2f}",
+                  f"reward:risk {_below(rr, limits.min_reward_risk)} is below the minimum "
+                  f"{limits.min_reward_risk:.2f}",
                   value=round(rr, 4), limit=limits.min_reward_risk)
             risk = added * d
             budget = book.equity * limits.max_risk_per_trade_pct

@@ -42,6 +42,26 @@ def test_sizing_by_risk_per_trade_by_hand():
     assert v["reasons"] == ["approved: BUY 40 AAPL; sized by max risk per trade (multiplier 0.80)"]
 
 
+def test_a_bracket_in_cents_still_meets_the_reward_risk_it_was_set_for():
+    """Price 262.40, ATR 0.6685: 2 ATR is 1.337. The stop rounds toward the price, to 261.07 (a
+    distance of 1.33, the one sized on); the target rounds away, 262.40 + 2 x 1.33 = 265.06. Rounded
+    to the nearest cent instead (261.06 and 265.07 on a 1.337 distance) the target was 1.997 distances
+    away and the risk manager refused the bracket it had set itself."""
+    v = evaluate(LIMITS, req(price=262.40, atr=0.6685), Book(equity=100_000))
+    assert (v["stop_loss"], v["take_profit"]) == (261.07, 265.06)
+    assert v["approved"] and v["checks"]["reward_risk"]["ok"], v["reasons"]
+    assert v["sizing"]["stop_distance"] == pytest.approx(1.33)
+    short = evaluate(LIMITS, req(side="SELL", target_position=-1.0, price=262.40, atr=0.6685), Book(equity=100_000))
+    assert (short["stop_loss"], short["take_profit"]) == (263.73, 259.74) and short["approved"], short["reasons"]
+
+
+def test_a_refusal_never_prints_the_limit_as_the_value():
+    v = evaluate(LIMITS, req(confidence=0.6999), Book(equity=100_000))
+    assert "confidence 0.6999 is below the threshold 0.70" in v["reasons"][0], v["reasons"]
+    v = evaluate(LIMITS, req(stop_loss=95.0, take_profit=109.99), Book(equity=100_000))
+    assert any("reward:risk 1.998 is below the minimum 2.00" in r for r in v["reasons"]), v["reasons"]
+
+
 def test_sizing_by_position_cap_and_by_target_fraction():
     # d = 4 -> q_risk = 800 / 4 = 200 > cap 50 -> 50
     assert evaluate(LIMITS, req(atr=2.0), Book(equity=100_000))["quantity"] == 50
