@@ -86,7 +86,7 @@ def run_backtest_command(args, settings, user_error) -> int:
     if args.backtest_cmd is None:
         raise user_error("raytrade backtest: choose an action: run, walk-forward, monte-carlo, compare")
     from core.store import BarStore
-    from tune.models import connect_registry
+    from tune.models import connect_registry, in_sample_warning
     from tune.walk_forward import get_strategy
 
     connect_registry(settings)  # model:NAME@VERSION names resolve through the registry in the store
@@ -117,8 +117,6 @@ def run_backtest_command(args, settings, user_error) -> int:
     if len(bars) < 3:
         raise user_error(f"the store at {store.uri} has {len(bars)} bars of {symbol} in that range; "
                          "`raytrade data generate` or `raytrade data import` first")
-    from tune.models import in_sample_warning
-
     warning = in_sample_warning(strategy, symbol, bars)
     if warning:
         _progress(f"warning: {warning}")
@@ -170,19 +168,10 @@ def _whole_numbers(strategy, params: dict[str, Any], user_error) -> dict[str, An
     return out
 
 
-def _check_valid(strategy, params: dict[str, Any]) -> None:
-    """Refuse one parameter set the strategy's rule excludes (a fast SMA not below the slow one)."""
-    if strategy.valid is None or not params:
-        return
-    if not bool(np.asarray(strategy.valid({k: np.array([v]) for k, v in params.items()})).ravel()[0]):
-        rule = f" (needs {strategy.rule})" if strategy.rule else ""
-        raise ValueError(f"{strategy.name} with {params} is not a valid parameter set{rule}")
-
-
 def _single(strategy, params):
     full = {k: v[0] for k, v in strategy.grid.items()}
     full.update(params)
-    _check_valid(strategy, full)
+    strategy.check({k: np.array([v]) for k, v in full.items()})  # a fast SMA not below the slow one: refused
     return full
 
 

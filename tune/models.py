@@ -37,6 +37,7 @@ import re
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from tune.walk_forward import Strategy, model_strategy, set_model_resolver
 
@@ -85,13 +86,20 @@ class RegisteredMember:
         return self._model
 
     def positions(self, bars: Any) -> np.ndarray:
-        """The member's position after each bar, ``[T]``: 0 where its window is not yet full of features."""
-        from core.features import compute_features
+        """The member's position after each bar, ``[T]``: 0 where its window is not yet full of features.
 
-        feats = compute_features(bars)
-        key = hashlib.blake2b(feats.tobytes(), digest_size=16).digest()
+        Cached on the bars' prices, which are all the features read: the P
+        parameter sets of one table cost one feature pass and one inference.
+        """
+        from core.features import compute_features, price_arrays
+
+        digest = hashlib.blake2b(digest_size=16)
+        for column in price_arrays(bars).values():
+            digest.update(np.ascontiguousarray(column).tobytes())
+        key = digest.digest()
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
+        feats = compute_features(bars)
         T, window = feats.shape[0], self.model.window
         out = np.zeros(T)
         finite = np.flatnonzero(np.isfinite(feats).all(axis=1))
@@ -160,8 +168,6 @@ def in_sample_warning(strategy: Strategy, symbol: str, bars: Any) -> str | None:
     Results over a model's own training bars are not a test of it: the
     backtest runs, and says so.
     """
-    import pandas as pd
-
     span = strategy.trained_on.get(symbol.upper())
     if span is None or "ts" not in getattr(bars, "columns", ()):
         return None

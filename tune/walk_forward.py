@@ -102,6 +102,10 @@ class Strategy:
     # A learned model's training bars, symbol -> (first ts, last ts): a backtest over them is in-sample.
     trained_on: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
+    def check(self, table: ParamTable) -> ParamTable:
+        """The sets of ``table`` that ``valid`` accepts; a ValueError that states the rule when none is."""
+        return _filter(table, self.valid, self.rule)
+
     def targets(self, bars: pd.DataFrame, table: ParamTable) -> np.ndarray:
         n = table_size(table)
         out = np.asarray(self.run(bars, table), dtype=np.float64)
@@ -218,13 +222,13 @@ def take(table: ParamTable, index) -> ParamTable:
     return {k: np.asarray(v)[index] for k, v in table.items()}
 
 
-def _filter(table: ParamTable, valid) -> ParamTable:
+def _filter(table: ParamTable, valid, rule: str = "") -> ParamTable:
     if valid is None or not table:
         return table
     keep = np.asarray(valid(table), dtype=bool)
     out = {k: v[keep] for k, v in table.items()}
     if table_size(out) == 0:
-        raise ValueError("no valid parameter set in the search space")
+        raise ValueError("no valid parameter set among those given" + (f" (needs {rule})" if rule else ""))
     return out
 
 
@@ -581,9 +585,9 @@ def walk_forward(
     ppy = periods_per_year or infer_periods_per_year(bars)
     space = strategy.grid if params is None else params
     if search == "grid":
-        table = grid_table(space, strategy.valid)
+        table = strategy.check(grid_table(space))
     elif search == "random":
-        table = sample_table(space, num_samples, seed, strategy.valid)
+        table = strategy.check(sample_table(space, num_samples, seed))
     else:
         raise ValueError(f"search must be 'grid' or 'random', got {search!r}")
     n_sets = table_size(table)
