@@ -51,7 +51,7 @@ from cluster.logs import add_secrets, get_logger, scrub
 from cluster.settings import Settings
 from core.ledger import Ledger, cents
 from core.resilience import Resilient
-from core.risk import VerdictTokenError, verify_order
+from core.risk import VerdictTokenError, leg_ids, verify_order
 
 log = get_logger("broker")
 
@@ -130,24 +130,28 @@ class PaperAccount(_BrokerBase):
         sym, side, qty = order["symbol"], order["side"], float(order["qty"])
         after = self.ledger.last_ts(sym)
         exit_side = "SELL" if side == "BUY" else "BUY"
+        sl_id, tp_id = leg_ids(cid)
+        if self.ledger.order(sl_id) is not None or self.ledger.order(tp_id) is not None:
+            raise VerdictTokenError(f"order refused: {sl_id} or {tp_id} already names an order, and bracket leg "
+                                    "ids are the broker's own; choose another client order id")
         with self.ledger.transaction():
             entry, _ = self.ledger.add_order({
                 "client_order_id": cid, "account": self.account_name, "symbol": sym, "side": side, "qty": qty,
                 "type": "market", "stop_loss": order.get("stop_loss"), "take_profit": order.get("take_profit"),
                 "status": "pending", "after_ts": after, "members": order.get("members") or {},
-                "verdict": order.get("verdict"),
+                "verdict": order.get("verdict"), "reduce_only": bool(order.get("reduce_only")),
             })
             # Stop before take-profit: legs are tried in this order, so a bar touching both fills the stop.
             if order.get("stop_loss") is not None:
-                self.ledger.add_order({"client_order_id": f"{cid}-sl", "account": self.account_name, "symbol": sym,
+                self.ledger.add_order({"client_order_id": sl_id, "account": self.account_name, "symbol": sym,
                                        "side": exit_side, "qty": qty, "type": "stop",
                                        "stop_price": order["stop_loss"], "parent": cid, "status": "held",
-                                       "after_ts": after})
+                                       "after_ts": after, "reduce_only": True})
             if order.get("take_profit") is not None:
-                self.ledger.add_order({"client_order_id": f"{cid}-tp", "account": self.account_name, "symbol": sym,
+                self.ledger.add_order({"client_order_id": tp_id, "account": self.account_name, "symbol": sym,
                                        "side": exit_side, "qty": qty, "type": "limit",
                                        "limit_price": order["take_profit"], "parent": cid, "status": "held",
-                                       "after_ts": after})
+                                       "after_ts": after, "reduce_only": True})
         log.info("paper %s: booked %s %s %g (%s)", self.account_name, side, sym, qty, cid)
         return self.ledger.order(cid)
 
@@ -163,7 +167,7 @@ class PaperAccount(_BrokerBase):
         if o is not None and o["status"] in ("pending", "held"):
             with self.ledger.transaction():
                 self.ledger.update_order(client_order_id, status="canceled", reason="canceled")
-                for leg in (f"{client_order_id}-sl", f"{client_order_id}-tp"):
+                for leg in leg_ids(client_order_id):
                     lo = self.ledger.order(leg)
                     if lo is not None and lo["status"] in ("pending", "held"):
                         self.ledger.update_order(leg, status="canceled", reason="entry canceled")
@@ -215,7 +219,14 @@ class PaperAccount(_BrokerBase):
                     price = self._fill_price(o, bar)
                     if price is None:
                         continue
-                    self.ledger.apply_fill(o["client_order_id"], price, self._commission(o["qty"]), ts=ts)
+                    qty = o["qty"]
+                    if o["reduce_only"] or o["parent"]:  # an exit or a leg: never through zero
+                        qty = self.ledger.reducible(o)
+                        if qty <= 0:
+                            self.ledger.update_order(o["client_order_id"], status="canceled",
+                                                     reason="reduce-only: no position left to reduce")
+                            continue
+                    self.ledger.apply_fill(o["client_order_id"], price, self._commission(qty), ts=ts, qty=qty)
                     fills += 1
                 self.ledger.mark(sym, float(bar["close"]), ts)
             used += 1
@@ -225,6 +236,13 @@ class PaperAccount(_BrokerBase):
     # -- views --------------------------------------------------------------------------
     def positions(self) -> list[dict[str, Any]]:
         return self.ledger.positions()
+
+    def book(self) -> dict[str, Any]:
+        """What the risk manager judges on, read at one instant: filled positions, working orders, marks."""
+        with self.ledger.transaction():
+            return {"positions": {p["symbol"]: float(p["qty"]) for p in self.ledger.positions()},
+                    "working": [o for o in self.ledger.open_orders() if o["status"] == "pending" or o["parent"]],
+                    "marks": self.ledger.marks()}
 
     def account(self) -> dict[str, Any]:
         return {"account": self.account_name, "kind": self.kind, **self.ledger.account()}
@@ -425,6 +443,27 @@ class AlpacaAccount(_BrokerBase):
             if len(out) >= limit:
                 break
         return out
+
+    def book(self) -> dict[str, Any]:
+        """Filled positions (Alpaca's), working entries and exits (refreshed from Alpaca), marks.
+
+        A working order counts with what is left of it to fill. Marks are the positions'
+        current prices: a symbol with no position has no mark here.
+        """
+        ps = self.positions()
+        working = []
+        for o in self.ledger.orders(1000):
+            if o["parent"] is not None or o["status"] in _FINAL:
+                continue
+            fresh = self.order(o["client_order_id"]) or o
+            if fresh["status"] in _FINAL:
+                continue
+            left = float(fresh.get("qty") or 0) - float(fresh.get("filled_qty") or 0)
+            if left > 0:
+                working.append({"client_order_id": o["client_order_id"], "symbol": o["symbol"], "side": o["side"],
+                                "qty": left, "parent": None, "status": fresh["status"], "seq": o.get("seq", 0)})
+        return {"positions": {p["symbol"]: p["qty"] for p in ps}, "working": working,
+                "marks": {p["symbol"]: p["price"] for p in ps if p["price"] is not None}}
 
     def positions(self) -> list[dict[str, Any]]:
         ps = self.rest.call(self._api, self.client.get_all_positions)

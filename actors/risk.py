@@ -19,7 +19,13 @@ State that must survive a restart lives in ``risk.sqlite`` beside the ledger
 * every decision id with its verdict: a repeated ``submit`` returns the first
   verdict and the first order, never a second order.
 
-Exits (orders that only reduce a position) pass every halt.
+Orders are judged on the account's book: filled positions plus working
+orders (``core.risk`` says how). This actor judges one order at a time (a
+Ray actor with one thread) and books it with the broker before it judges the
+next, so check and reservation are one step per account, whatever route or
+how many callers. Exits (orders that only reduce the book) pass every halt,
+and are booked reduce-only: the broker cuts them to the position when they
+fill.
 
 Contract (the Serve ingress uses these names):
 
@@ -52,7 +58,9 @@ from cluster.runtime import actor_options
 from cluster.settings import Settings
 from core.ledger import RiskJournal
 from core.risk import (Book, OrderRequest, OrderRequestError, bad_request_verdict, book_from_snapshot,
-                       daily_loss_breached, day_pnl, drawdown, drawdown_breached, evaluate, sign_order)
+                       daily_loss_breached, day_pnl, drawdown, drawdown_breached, evaluate, order_for,
+                       pending_by_symbol,
+                       sign_order)
 
 log = get_logger("risk")
 
@@ -110,10 +118,13 @@ class RiskManager:
         return {"account": acct, "equity": equity, "day": day, "peak": peak}
 
     def _snapshot(self, obs: dict[str, Any]) -> dict[str, Any]:
-        positions = {p["symbol"]: float(p["qty"]) for p in ray.get(self._broker.positions.remote())}
+        book = ray.get(self._broker.book.remote())
         j = self.journal
         ks, halt, daily = j.get("kill_switch"), j.get("halt"), j.get("daily_halt")
-        return {"account": self.account, "at": time.time(), "equity": obs["equity"], "positions": positions,
+        return {"account": self.account, "at": time.time(), "equity": obs["equity"],
+                "positions": book["positions"], "pending": pending_by_symbol(book["working"], book["positions"]),
+                "working_orders": sum(1 for o in book["working"] if not o.get("parent")),
+                "marks": book["marks"],
                 "day_start_equity": obs["day"]["start_equity"], "peak_equity": obs["peak"],
                 "halted": f"{halt['reason']} (by {halt['by']})" if halt else None,
                 "kill_switch": ks["reason"] if ks else None, "daily_halt": daily["reason"] if daily else None}
@@ -163,10 +174,7 @@ class RiskManager:
             if not verdict["approved"]:
                 log.info("risk %s: refused %s: %s", self.account, req.decision_id, "; ".join(verdict["reasons"]))
                 return {"verdict": verdict, "order": None, "duplicate": False, "error": None}
-        order = {"client_order_id": req.decision_id, "account": self.account, "symbol": req.symbol,
-                 "side": req.side, "qty": float(verdict["quantity"]), "stop_loss": verdict.get("stop_loss"),
-                 "take_profit": verdict.get("take_profit"), "members": req.members,
-                 "verdict": {"reasons": verdict["reasons"], "at": verdict.get("at")}}
+        order = order_for(req, verdict)
         # Signed afresh each time: a retry after a crash or a broker error places the same
         # order (same id, same quantity) or finds the one already placed.
         token = sign_order(self._key, order, self._ttl)
@@ -225,14 +233,20 @@ class RiskManager:
         obs = self._observe()
         j = self.journal
         eq, lim = obs["equity"], self.limits
-        positions = ray.get(self._broker.positions.remote())
+        positions = {p["symbol"]: p for p in ray.get(self._broker.positions.remote())}
+        book = ray.get(self._broker.book.remote())
+        pending = pending_by_symbol(book["working"], book["positions"])
         use = {}
-        for p in positions:
-            cap = eq * lim.max_position_for(p["symbol"])
-            value = abs(float(p["market_value"]))
-            use[p["symbol"]] = {"qty": p["qty"], "value": value, "limit": round(cap, 2),
-                                "pct_of_equity": round(value / eq, 6) if eq else None,
-                                "use_of_limit": round(value / cap, 6) if cap else None}
+        for sym in sorted(set(positions) | set(pending)):
+            p = positions.get(sym, {})
+            filled = float(p.get("qty", 0.0))
+            price = p.get("price") or book["marks"].get(sym)
+            cap = eq * lim.max_position_for(sym)
+            value = abs(filled + pending.get(sym, 0.0)) * float(price or 0.0)
+            use[sym] = {"qty": filled, "pending": pending.get(sym, 0.0), "book_qty": filled + pending.get(sym, 0.0),
+                        "value": round(value, 2), "limit": round(cap, 2),
+                        "pct_of_equity": round(value / eq, 6) if eq else None,
+                        "use_of_limit": round(value / cap, 6) if cap else None}
         book = Book(equity=eq, day_start_equity=obs["day"]["start_equity"], peak_equity=obs["peak"])
         ks, halt, daily = j.get("kill_switch"), j.get("halt"), j.get("daily_halt")
         reasons = [f"kill switch: {ks['reason']}; an admin must resume"] if ks else []

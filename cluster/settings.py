@@ -57,6 +57,10 @@ class RiskLimits(_Section):
         2.0, gt=0, le=50, description="stop distance in ATRs when an order names no stop-loss"
     )
     whole_shares: bool = Field(True, description="size orders in whole shares (off: fractional, 6 decimals)")
+    max_price_deviation_pct: float = Field(
+        0.05, gt=0, le=1,
+        description="an entry whose price is further than this from the account's own last mark is refused",
+    )
 
     @field_validator("allowed_symbols")
     @classmethod

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS orders(
     status TEXT NOT NULL, reason TEXT,
     created_at REAL NOT NULL, after_ts INTEGER NOT NULL DEFAULT 0,
     filled_at REAL, fill_ts INTEGER, fill_price REAL, commission REAL,
-    broker_order_id TEXT, members TEXT NOT NULL DEFAULT '{}', verdict TEXT
+    broker_order_id TEXT, members TEXT NOT NULL DEFAULT '{}', verdict TEXT,
+    reduce_only INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS orders_open ON orders(status, symbol);
 CREATE TABLE IF NOT EXISTS fills(
@@ -83,6 +84,9 @@ class Ledger:
         self._lock = threading.RLock()
         with self._lock:
             self._db.executescript(_SCHEMA)
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(orders)")}
+            if "reduce_only" not in cols:  # a ledger written before exits were booked reduce-only
+                self._db.execute("ALTER TABLE orders ADD COLUMN reduce_only INTEGER NOT NULL DEFAULT 0")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES('starting_cash', ?)", (repr(float(starting_cash)),))
             self._db.execute("INSERT OR IGNORE INTO meta VALUES('cash', ?)", (repr(float(starting_cash)),))
 
@@ -120,6 +124,7 @@ class Ledger:
         if row is None:
             return None
         d = dict(row)
+        d["reduce_only"] = bool(d.get("reduce_only"))
         d["members"] = json.loads(d["members"] or "{}")
         d["verdict"] = json.loads(d["verdict"]) if d.get("verdict") else None
         return d
@@ -128,8 +133,9 @@ class Ledger:
         """Record ``order`` unless its client order id is known. Returns (the stored order, created)."""
         cols = ("client_order_id", "account", "symbol", "side", "qty", "type", "limit_price", "stop_price",
                 "stop_loss", "take_profit", "parent", "status", "reason", "created_at", "after_ts",
-                "broker_order_id", "members", "verdict")
+                "broker_order_id", "members", "verdict", "reduce_only")
         rec = dict(order)
+        rec["reduce_only"] = int(bool(rec.get("reduce_only")))
         rec.setdefault("created_at", time.time())
         rec["members"] = json.dumps(rec.get("members") or {})
         rec["verdict"] = json.dumps(rec["verdict"]) if rec.get("verdict") is not None else None
@@ -204,7 +210,52 @@ class Ledger:
             if o["parent"] is None:  # the entry filled: its bracket legs go live from the next bar
                 self._db.execute("UPDATE orders SET status='pending', after_ts=? WHERE parent=? AND status='held'",
                                  (ts or 0, client_order_id))
+            self._fit_legs(o["symbol"])
             return fill
+
+    def position_qty(self, symbol: str) -> float:
+        """Signed filled shares of ``symbol`` (0 when flat)."""
+        row = self._db.execute("SELECT qty FROM positions WHERE symbol=?", (symbol,)).fetchone()
+        return float(row[0]) if row else 0.0
+
+    def reducible(self, o: dict[str, Any]) -> float:
+        """How much of reduce-only order ``o`` may fill now: at most the filled position it reduces."""
+        q = self.position_qty(o["symbol"])
+        if q == 0 or (q > 0) == (o["side"] == "BUY"):
+            return 0.0
+        return min(float(o["qty"]), abs(q))
+
+    def _fit_legs(self, symbol: str) -> None:
+        """Live bracket legs protect the filled position, never more of it, never the other side.
+
+        Pairs (one entry's stop and take-profit, one-cancels-other) are kept oldest first
+        while their quantity fits in the position; the pair that does not fit is cut to what
+        is left, and the rest are canceled, so no leg can ever open a position. Run after
+        every fill, inside its transaction.
+        """
+        q = self.position_qty(symbol)
+        rows = self._db.execute(
+            "SELECT client_order_id, parent, side, qty FROM orders WHERE symbol=? AND parent IS NOT NULL "
+            "AND status='pending' ORDER BY seq", (symbol,)).fetchall()
+        pairs: dict[str, list[sqlite3.Row]] = {}
+        for r in rows:
+            pairs.setdefault(r["parent"], []).append(r)
+        left = abs(q)
+        protective = "SELL" if q > 0 else "BUY"
+        for legs in pairs.values():
+            want = max(float(r["qty"]) for r in legs)
+            keep = min(want, left) if q != 0 and legs[0]["side"] == protective else 0.0
+            left -= keep
+            for r in legs:
+                if keep <= 0:
+                    why = ("the position it protected closed" if q == 0 else
+                           "the position it protected reversed" if legs[0]["side"] != protective else
+                           "the position it protected shrank")
+                    self._db.execute("UPDATE orders SET status='canceled', reason=? WHERE client_order_id=?",
+                                     (why, r["client_order_id"]))
+                elif keep < float(r["qty"]):
+                    self._db.execute("UPDATE orders SET qty=?, reason=? WHERE client_order_id=?",
+                                     (keep, "cut to the position it protects", r["client_order_id"]))
 
     def _fill_locked(self, o: dict[str, Any], price: float, commission: float, ts: int | None, at: float,
                      qty: float) -> dict[str, Any]:

@@ -18,10 +18,28 @@ Sizing (the position-size multiplier)::
 An order that names its own ``quantity`` (a manual order) is not resized: it
 is checked against the same limits and refused if it breaks one.
 
-Entries and exits: an order that only reduces the position (no flip through
-zero) is an exit. Exits are always allowed, whatever the halts, the confidence
-or the symbol list say, because refusing to reduce risk never protects anyone.
-Entries (opening, adding, flipping) must pass every check.
+The position is the account's **book**: filled shares plus the working
+(pending) entry and exit orders of the symbol, ``Book.position + Book.pending``.
+Every limit is judged on it, so orders waiting for the next bar count as if
+filled, and any number of orders on one bar can never together pass a limit
+that one order of their sum would break. (The risk manager judges one order at
+a time per account and books it before the next is judged: check and
+reservation are one step.)
+
+Entries and exits: an order that only reduces the book's position (no flip
+through zero) is an exit. Exits are allowed whatever the halts, the
+confidence or the symbol list say, because refusing to reduce risk never
+protects anyone; after the kill switch exits are the only orders that pass.
+An exit is booked *reduce-only*: when it fills it is cut to the filled
+position then, so no race with a bracket leg or another exit can carry it
+through zero. Entries (opening, adding, flipping) must pass every check, and
+their price may be at most ``max_price_deviation_pct`` from the account's own
+last mark of the symbol (``Book.mark``), so a caller's price cannot size an
+order (checked when the broker has a mark; a paper broker has one from its
+first bar).
+
+Bracket legs are the broker's, named ``<entry id>-sl`` and ``<entry id>-tp``;
+a decision id in that namespace is refused.
 
 Limits are duck-typed (``cluster.settings.RiskLimits``), to keep core free of
 cluster/.
@@ -35,6 +53,12 @@ from typing import Any
 
 SIDES = ("BUY", "SELL")
 _EPS = 1e-9
+LEG_SUFFIXES = ("-sl", "-tp")  # a bracket leg's id is its entry's id and one of these
+
+
+def leg_ids(client_order_id: str) -> tuple[str, str]:
+    """The (stop-loss, take-profit) leg ids of an entry: the broker's own, never a client's."""
+    return f"{client_order_id}-sl", f"{client_order_id}-tp"
 
 
 class OrderRequestError(ValueError):
@@ -93,6 +117,9 @@ class OrderRequest:
         cid = d["decision_id"]
         if len(cid) > 128 or not all(c.isalnum() or c in "-_.:" for c in cid):
             raise OrderRequestError("decision_id must be at most 128 letters, digits or - _ . :")
+        if cid.lower().endswith(LEG_SUFFIXES):
+            raise OrderRequestError(f"decision_id {cid!r} ends in -sl or -tp, which name bracket legs; "
+                                    "choose an id that does not")
         qty = _num(d, "quantity", required=False, positive=True)
         tp = _num(d, "target_position", required=qty is None, lo=-1.0, hi=1.0)
         members = d.get("members") or {}
@@ -119,7 +146,9 @@ class Book:
     """The account as the risk manager sees it when it judges one order."""
 
     equity: float
-    position: float = 0.0  # signed shares of the order's symbol
+    position: float = 0.0  # signed filled shares of the order's symbol
+    pending: float = 0.0  # signed shares of the symbol's working orders (not their bracket legs)
+    mark: float | None = None  # the account's own last price of the symbol, when it has one
     day_start_equity: float | None = None
     peak_equity: float | None = None
     halted: str | None = None  # an admin's halt, with its reason
@@ -141,11 +170,35 @@ def book_from_snapshot(snapshot: dict[str, Any], symbol: str) -> Book:
     The risk manager judges from it, and so does the ingress's preview of a
     verdict: one reading of the account, whoever judges.
     """
+    mark = (snapshot.get("marks") or {}).get(symbol)
     return Book(
         equity=float(snapshot["equity"]), position=float(snapshot["positions"].get(symbol, 0.0)),
+        pending=float((snapshot.get("pending") or {}).get(symbol, 0.0)),
+        mark=float(mark) if mark is not None else None,
         day_start_equity=snapshot.get("day_start_equity"), peak_equity=snapshot.get("peak_equity"),
         halted=snapshot.get("halted"), kill_switch=snapshot.get("kill_switch"), daily_halt=snapshot.get("daily_halt"),
     )
+
+
+def pending_by_symbol(working: list[dict[str, Any]], positions: dict[str, float]) -> dict[str, float]:
+    """What the working orders will add to each filled position, in signed shares: the book less the fills.
+
+    Working market orders fill in the order they were booked, so they are applied to the
+    filled position in that order; a reduce-only one (an exit) moves it toward zero and no
+    further, as the broker will fill it. Bracket legs (orders with a parent) are left out:
+    they only ever reduce the filled position (the broker cuts them to it), so they add no risk.
+    """
+    book = {sym: float(q) for sym, q in positions.items()}
+    start = dict(book)
+    for o in sorted((o for o in working if not o.get("parent")), key=lambda o: o.get("seq", 0)):
+        sym, q = o["symbol"], float(o["qty"])
+        now = book.get(sym, 0.0)
+        signed = q if o["side"] == "BUY" else -q
+        if o.get("reduce_only"):
+            reduces = now != 0 and (now > 0) != (signed > 0)
+            signed = math.copysign(min(q, abs(now)), signed) if reduces else 0.0
+        book[sym] = now + signed
+    return {sym: book[sym] - start.get(sym, 0.0) for sym in book if book[sym] != start.get(sym, 0.0)}
 
 
 def day_pnl(book: Book) -> float:
@@ -246,7 +299,7 @@ def evaluate(limits: Any, req: OrderRequest, book: Book) -> dict[str, Any]:
             reasons.append(reason)
 
     buy = req.side == "BUY"
-    current = float(book.position)
+    current = float(book.position) + float(book.pending)  # the book: filled plus working
     # Stop distance in the direction the position will face after the order.
     long_after = buy if req.quantity is not None else (req.target_position or 0.0) > 0 or (
         (req.target_position or 0.0) == 0 and current < 0)
@@ -316,7 +369,16 @@ def evaluate(limits: Any, req: OrderRequest, book: Book) -> dict[str, Any]:
               f"confidence {_below(req.confidence, limits.confidence_threshold)} is below the threshold "
               f"{limits.confidence_threshold:.2f}",
               value=req.confidence, limit=limits.confidence_threshold)
+        if book.mark is None:
+            checks["price"] = {"ok": True, "skipped": "no mark of the symbol yet"}
+        else:
+            dev = abs(req.price - book.mark) / book.mark
+            check("price", dev <= limits.max_price_deviation_pct + _EPS,
+                  f"price {req.price:g} is {dev:.2%} from the account's last price of {req.symbol} "
+                  f"{book.mark:g} (at most {limits.max_price_deviation_pct:.2%}): orders are sized on the "
+                  f"system's own prices", value=req.price, mark=book.mark, limit=limits.max_price_deviation_pct)
     else:
+        checks["price"] = dict(skip)
         for name in ("allowed_symbol", "kill_switch", "halt", "max_drawdown", "daily_loss", "confidence"):
             checks[name] = dict(skip)
 
@@ -369,14 +431,25 @@ def evaluate(limits: Any, req: OrderRequest, book: Book) -> dict[str, Any]:
         "entry": entry,
         "position_before": current,
         "position_after": new_position if approved else current,
+        "filled_position": float(book.position),
+        "pending_position": float(book.pending),
         "stop_loss": stop if entry else None,
         "take_profit": take if entry else None,
         "sizing": sizing,
     }
 
 
+def order_for(req: OrderRequest, verdict: dict[str, Any]) -> dict[str, Any]:
+    """The broker order an approved verdict places: its quantity and bracket, reduce-only when it is an exit."""
+    return {"client_order_id": req.decision_id, "account": req.account, "symbol": req.symbol,
+            "side": req.side, "qty": float(verdict["quantity"]), "stop_loss": verdict.get("stop_loss"),
+            "take_profit": verdict.get("take_profit"), "members": req.members,
+            "reduce_only": not verdict.get("entry", True),
+            "verdict": {"reasons": verdict["reasons"], "at": verdict.get("at")}}
+
+
 # -- verdict tokens: the broker places only what the risk manager signed -------------------------------
-_SIGNED_FIELDS = ("client_order_id", "account", "symbol", "side", "qty", "stop_loss", "take_profit")
+_SIGNED_FIELDS = ("client_order_id", "account", "symbol", "side", "qty", "stop_loss", "take_profit", "reduce_only")
 
 
 class VerdictTokenError(PermissionError):
@@ -388,6 +461,7 @@ def _canonical(order: dict[str, Any], expires_at: float) -> bytes:
 
     body = {k: order.get(k) for k in _SIGNED_FIELDS}
     body["qty"] = float(body["qty"]) if body["qty"] is not None else None
+    body["reduce_only"] = bool(body["reduce_only"])
     body["expires_at"] = round(float(expires_at), 3)
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 

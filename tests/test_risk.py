@@ -257,11 +257,16 @@ def test_risk_manager_kill_switch_halt_idempotency_and_no_bypass(ray_session, ma
 
         st = ray.get(risk.resume.remote("admin"))
         assert not st["kill_switch"] and st["entries_allowed"]
-        assert ray.get(risk.submit.remote(order("k4")))["verdict"]["approved"]
+        # The market is at 95 now (the broker's own mark): an entry priced at 100 is 5.26 % away and
+        # refused (at most 5 %); at the market's price it passes.
+        far = ray.get(risk.submit.remote(order("k4")))
+        assert not far["verdict"]["approved"] and far["order"] is None
+        assert any("5.26% from the account's last price of AAPL 95" in r for r in far["verdict"]["reasons"]), far
+        assert ray.get(risk.submit.remote(order("k4b", price=95.0)))["verdict"]["approved"]
 
         ray.get(risk.halt.remote("maintenance", "ops"))
-        assert "trading halted: maintenance (by ops)" in same_as_preview(order("p4"))["reasons"]
-        h = ray.get(risk.submit.remote(order("k5")))
+        assert "trading halted: maintenance (by ops)" in same_as_preview(order("p4", price=95.0))["reasons"]
+        h = ray.get(risk.submit.remote(order("k5", price=95.0)))
         assert not h["verdict"]["approved"] and "trading halted: maintenance (by ops)" in h["verdict"]["reasons"]
         assert ray.get(risk.state.remote())["reasons"] == ["halted by ops: maintenance"]
         ray.get(risk.resume.remote("ops"))
