@@ -41,6 +41,7 @@ realized_pnl, unrealized_pnl, ...}``; ``analytics(days)`` see ``core.ledger``.
 from __future__ import annotations
 
 import functools
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ class PaperAccount(_BrokerBase):
         cash = acc.starting_cash or settings.broker.starting_cash
         self.ledger = Ledger(ledger_dir(settings, account) / "ledger.sqlite", cash)
         self.bars_seen = 0
+        self.last_bar_at: float | None = None  # wall time of the last new bar
 
     # -- orders -------------------------------------------------------------------------
     def place(self, order: dict[str, Any], token: str) -> dict[str, Any]:
@@ -231,6 +233,8 @@ class PaperAccount(_BrokerBase):
                 self.ledger.mark(sym, float(bar["close"]), ts)
             used += 1
         self.bars_seen += used
+        if used:
+            self.last_bar_at = time.time()
         return {"bars": used, "fills": fills}
 
     # -- views --------------------------------------------------------------------------
@@ -250,10 +254,33 @@ class PaperAccount(_BrokerBase):
     def analytics(self, days: float = 30.0) -> dict[str, Any]:
         return {"account": self.account_name, **self.ledger.analytics(days)}
 
+    def fills(self, now: float | None = None) -> dict[str, Any]:
+        """Whether fills are flowing: a market order fills on its symbol's next bar, so one that has
+        waited ``broker.fill_stall_s`` means no bar reaches this broker (the bar pump, the feeds)."""
+        now = time.time() if now is None else now
+        waiting = [o for o in self.ledger.open_orders() if o["status"] == "pending" and o["type"] == "market"]
+        limit = self.settings.broker.fill_stall_s
+        late = [o for o in waiting if now - o["created_at"] > limit]
+        out = {"working": len(waiting), "late": len(late), "stall_after_s": limit, "last_bar_at": self.last_bar_at,
+               "stalled": bool(late)}
+        if late:
+            oldest = min(late, key=lambda o: o["created_at"])
+            out["oldest"] = {"client_order_id": oldest["client_order_id"], "symbol": oldest["symbol"],
+                             "waiting_s": round(now - oldest["created_at"], 1)}
+            out["error"] = (f"fills stalled: {len(late)} market order(s) waiting over {limit:g} s for a bar "
+                            f"(oldest {oldest['client_order_id']} on {oldest['symbol']}, "
+                            f"{now - oldest['created_at']:.0f} s); no bars reach broker:{self.account_name} "
+                            "(check the bar pump and the feeds)")
+        return out
+
     def health(self) -> dict[str, Any]:
-        return {"account": self.account_name, "kind": self.kind, "ok": True,
-                "ledger": str(self.ledger.path), "journal_mode": self.ledger.journal_mode(),
-                "bars_seen": self.bars_seen}
+        fills = self.fills()
+        out = {"account": self.account_name, "kind": self.kind, "ok": not fills["stalled"],
+               "ledger": str(self.ledger.path), "journal_mode": self.ledger.journal_mode(),
+               "bars_seen": self.bars_seen, "fills": fills}
+        if fills["stalled"]:
+            out["error"] = fills["error"]
+        return out
 
 
 @ray.remote

@@ -347,6 +347,10 @@ class BrokerSettings(_Section):
         None, description="HMAC key of the risk manager's verdict tokens; empty: a random key per start"
     )
     token_ttl_s: float = Field(30.0, gt=0, le=3600, description="how long a verdict token may be presented")
+    fill_stall_s: float = Field(
+        30.0, gt=0, le=86_400,
+        description="a paper market order waiting longer than this for its fill marks the broker's fills stalled",
+    )
 
 
 class AccountSettings(_Section):

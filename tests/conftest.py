@@ -119,6 +119,9 @@ def trading_app(ray_session, tmp_path_factory, serve_port):
         api_keys=[{"name": role, "key": key, "role": role} for role, key in KEYS.items()],
         broker={"ledger_dir": str(root / "ledger")},
         ray={"namespace": "raytrade-test"},
+        # Two more accounts for the concurrent stress test (tests/test_risk_stress.py), so its
+        # orders never move the default account that the endpoint's tests read.
+        accounts={"default": {}, "alt": {}, "alt2": {"starting_cash": 50_000}},
     )
     # Stored history before the replayed bars, so windows are full at once.
     hist = generate_bars(["SPY", "QQQ"], 600, seed=7)

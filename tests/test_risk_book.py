@@ -342,3 +342,21 @@ class RiskBookMachine(RuleBasedStateMachine):
 RiskBookMachine.TestCase.settings = hsettings(max_examples=60, stateful_step_count=40, deadline=None,
                                               suppress_health_check=[HealthCheck.too_slow])
 TestRiskBook = RiskBookMachine.TestCase
+
+
+def test_fills_that_stop_are_reported_not_silent(desk):
+    """A market order fills on the next bar; one that waits past broker.fill_stall_s (30 s) makes the
+    broker's health say fills are stalled, with the order and what to check; the next bar clears it."""
+    desk.submit(symbol="SPY", side="BUY", quantity=2, price=250.0, stop_loss=245.0, take_profit=260.0,
+                decision_id="w1")
+    placed = desk.broker.order("w1")["created_at"]
+    assert not desk.broker.fills(now=placed + 29)["stalled"]
+    late = desk.broker.fills(now=placed + 31)
+    assert late["stalled"] and late["late"] == 1 and late["oldest"]["client_order_id"] == "w1"
+    assert "fills stalled: 1 market order(s) waiting over 30 s" in late["error"]
+    assert "check the bar pump" in late["error"]
+    health = desk.broker.health()
+    assert health["ok"] == (not health["fills"]["stalled"])
+    desk.broker.on_bars([bar(2, 250.0)])
+    assert desk.broker.fills(now=placed + 31) == {**desk.broker.fills(now=placed + 31), "stalled": False,
+                                                  "working": 0, "late": 0}
