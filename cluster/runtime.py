@@ -84,6 +84,40 @@ def serve_proxy_env(settings: Settings) -> dict[str, str]:
                 os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")}
 
 
+def token_auth_env() -> dict[str, str]:
+    """Environment for a Ray that raytrade starts: Ray's token authentication on, with a token on disk.
+
+    Ray 2.60 turns token auth on for ``ray.init()``'s own local cluster, but ``ray start --head``
+    only when a token already exists, so a fresh machine's head would take any client. Every
+    client of the cluster (``raytrade`` commands, workers joining) reads the same token from
+    ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN``). ``RAY_AUTH_MODE`` set by the operator wins.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return {}
+    try:  # Ray's own token file writer (private API of Ray 2.60, hence the guard)
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+    except ImportError:  # pragma: no cover - a Ray without token auth
+        return {}
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
+        Path.home() / ".ray" / "auth_token").exists()
+    if not has_token:
+        generate_and_save_token()
+    return {"RAY_AUTH_MODE": "token"}
+
+
+def _enable_token_auth_here() -> None:
+    """Token auth for this process too: Ray's C++ config caches the mode it read first."""
+    env = token_auth_env()
+    if env:
+        os.environ.update(env)
+        try:
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except ImportError:  # pragma: no cover - other Ray versions
+            pass
+
+
 def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | None = None) -> RuntimeInfo:
     """Join or start Ray, once per process."""
     import ray
@@ -135,6 +169,7 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
             # machine) and then refuses num_cpus.
             # The local raylet, and so Serve's controller and replicas, inherit this environment.
             os.environ.update(serve_proxy_env(settings))
+            _enable_token_auth_here()
             ray.init(
                 address="local",
                 namespace=ns,
@@ -276,7 +311,7 @@ def start_head(settings: Settings, timeout_s: float = 120.0) -> tuple[str, int]:
     ]
     if not settings.ray.include_dashboard:
         cmd.append("--include-dashboard=false")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **serve_proxy_env(settings))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **serve_proxy_env(settings), **token_auth_env())
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     log_file = open(STATE_DIR / "head.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -106,3 +106,23 @@ def test_serve_proxy_setting_gives_the_environment_serve_reads(tmp_path, monkeyp
         serve_proxy_env(ha)
     with pytest.raises(ValueError, match="proxy"):
         load_settings(use_file=False, serve={"proxy": "nginx"})
+
+
+def test_the_local_ray_refuses_a_client_without_its_token(ray_session, tmp_path):
+    """The embedded default's Ray has token auth on: a client with the token on disk joins, one
+    without it (another user's home, no RAY_AUTH_TOKEN) is refused before it can reach any actor."""
+    assert os.environ.get("RAY_AUTH_MODE", "token") == "token"
+    gcs = ray.get_runtime_context().gcs_address
+    probe = f"import ray; ray.init(address={gcs!r}, namespace='probe'); print('joined', len(ray.nodes()))"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    with_token = tmp_path / "with"
+    (with_token / ".ray").mkdir(parents=True)
+    (with_token / ".ray" / "auth_token").write_text((Path.home() / ".ray" / "auth_token").read_text())
+    ok = subprocess.run([sys.executable, "-c", probe], env={**base, "HOME": str(with_token), "RAY_AUTH_MODE": "token"},
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "joined 1" in ok.stdout, ok.stderr[-2000:]
+    (tmp_path / "without").mkdir()
+    refused = subprocess.run([sys.executable, "-c", probe], env={**base, "HOME": str(tmp_path / "without")},
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "joined" not in refused.stdout
+    assert "auth" in refused.stderr.lower(), refused.stderr[-2000:]
