@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-gpu test-slow bench install browser haproxy clean
+.PHONY: run test test-gpu test-slow bench gpu-check install browser haproxy clean
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
@@ -39,6 +39,10 @@ test: $(STAMP) browser haproxy
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu -rs
+
+# On a GPU machine: the gpu tests and the GPU lines of the benchmarks, under 8 minutes, one summary.
+gpu-check: $(BENCH_STAMP)
+	bash bench/gpu_check.sh
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
