@@ -1,75 +1,214 @@
 """Starting every account (risk manager + broker) and feeding the paper brokers bars.
 
 ``start_accounts(settings)`` opens each account of ``settings.accounts``
-(``actors.risk.open_account``) and starts one ``BarPump``: it follows the feed
-router (``since(seq)``) and hands each new bar to every paper broker's
-``on_bars``, which fills orders at the next bar's open. The pump keeps its
-own cursor; a broker skips bars it has already seen, so a restarted pump or
-broker neither loses nor doubles a fill.
+(``actors.risk.open_account``) and starts one ``BarPump`` (``pump:bars``): it
+follows the feed router (``since(seq)``) and hands each new bar to every paper
+broker's ``on_bars``, which fills orders at the next bar's open.
+
+The pump needs no caller to run. Ray runs an async actor's constructor on the
+actor's event loop (checked on Ray 2.60: ``asyncio.get_running_loop()`` works
+in ``__init__``), so the constructor starts the loop, and an incarnation that
+Ray restarted after a crash or a SIGKILL (``max_restarts=-1``) pumps again at
+once. ``health()`` says how far it got and whether it is keeping up.
+
+A restarted pump starts at the oldest bar the router still holds (cursor 0),
+not at the router's present: the brokers ignore every bar at or before the
+last one they marked, so the bars they saw cost one read of the router's
+buffer (bounded by ``feeds.buffer``) and fill nothing twice, while the bars
+delivered during the outage still reach them, in order, so a stop or a
+take-profit crossed meanwhile fills at the bar that crossed it and the ledger
+is the one an uninterrupted pump would have written. Starting at the present
+would drop those bars for good.
+
+``ledger_clock(settings)`` reads how far the paper ledgers got (their last bar
+per symbol), read-only, for ``cluster.system`` to resume the replay from there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sqlite3
+import time
+from pathlib import Path
 from typing import Any
 
 import ray
+from ray._private.state import actors as gcs_actors
 
+from actors.broker import broker_actor_name, ledger_dir
+from actors.risk import open_accounts
+from actors.router import router_actor_name
 from cluster.logs import configure_logging, get_logger
+from cluster.runtime import actor_options
 from cluster.settings import Settings
 
 log = get_logger("accounts")
 
 PUMP_ACTOR = "pump:bars"
+ROUTER = router_actor_name("default")
+BAR_FIELDS = ("symbol", "ts", "open", "high", "low", "close", "volume")
+POLL_S = 0.05  # between reads of the router
+RETRY_S = 0.5  # after a failed read or a failed broker
+# Idle this long with nothing new, the pump asks whether the router's numbering
+# went back (a router made anew, without its checkpoint): its cursor would then
+# be past every bar it will ever get.
+IDLE_CHECK_S = 5.0
+
+
+def _restarts_so_far() -> int | None:
+    """How many times Ray has restarted this actor, from the GCS; None when it cannot say.
+
+    Ray's own ``RuntimeContext.was_current_actor_reconstructed`` reads this
+    same field (``NumRestarts``) with this same call; it gives only a yes or no.
+    """
+    try:
+        info = gcs_actors(actor_id=ray.get_runtime_context().get_actor_id())
+        return int(info["NumRestarts"])
+    except Exception:  # noqa: BLE001 - only a figure for health
+        return None
 
 
 @ray.remote
 class BarPump:
+    """Router -> paper brokers, from its constructor on; ``health()`` for its state."""
+
     def __init__(self, settings: Settings, brokers: list[str]):
         self.settings = settings
         configure_logging(settings)
-        self.brokers = brokers
+        self.brokers = list(brokers)
         self.cursor = 0
         self.forwarded = 0
+        self.fills = 0
         self.errors = 0
+        self.last_error: str | None = None
+        self.last_forward_at: float | None = None
+        self.started_at = time.time()
+        self.restarts = _restarts_so_far()
+        self._handles: dict[str, Any] = {}
+        self._failing = False  # in a streak of failed rounds: only its first is logged as a warning
         self._task: asyncio.Task | None = None
+        self._ensure_running()
+        if self.restarts:
+            log.warning("bar pump restarted by Ray (restart %d); resuming from the router's oldest bar", self.restarts)
 
-    async def start(self) -> bool:
+    def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
+            if self._task is not None and not self._task.cancelled() and self._task.exception() is not None:
+                self._record_error(self._task.exception())
+            # Keep the reference: the event loop holds only a weak one to its tasks.
             self._task = asyncio.get_running_loop().create_task(self._run())
-        return True
+
+    def _record_error(self, e: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{e.__class__.__name__}: {e}"[:300]
+
+    def _handle(self, name: str) -> Any:
+        h = self._handles.get(name)
+        if h is None:
+            h = self._handles[name] = ray.get_actor(name, namespace=self.settings.ray.namespace)
+        return h
 
     async def _run(self) -> None:
-        ns = self.settings.ray.namespace
+        idle_since = time.monotonic()
         while True:
             try:
-                router = ray.get_actor("router:default", namespace=ns)
-                bars = await router.since.remote(self.cursor)
+                bars = await self._handle(ROUTER).since.remote(self.cursor)
                 if bars:
-                    payload = [{k: b[k] for k in ("symbol", "ts", "open", "high", "low", "close", "volume")} for b in bars]
-                    for name in self.brokers:
-                        await ray.get_actor(name, namespace=ns).on_bars.remote(payload)
-                    self.cursor = bars[-1]["seq"]
-                    self.forwarded += len(bars)
+                    await self._forward(bars)
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > IDLE_CHECK_S:
+                    await self._check_numbering()
+                    idle_since = time.monotonic()
             except Exception as e:  # noqa: BLE001 - the router or a broker restarts; try again
-                self.errors += 1
-                log.debug("bar pump: %s", e)
-                await asyncio.sleep(0.5)
-            await asyncio.sleep(0.05)
+                # The cursor stays: the whole batch goes again, and brokers that took it skip it.
+                (log.debug if self._failing else log.warning)("bar pump: %s; retrying", e)
+                self._failing = True
+                self._record_error(e)
+                self._handles.clear()
+                await asyncio.sleep(RETRY_S)
+                continue
+            self._failing = False
+            await asyncio.sleep(POLL_S)
+
+    async def _forward(self, bars: list[dict[str, Any]]) -> None:
+        payload = [{k: b[k] for k in BAR_FIELDS} for b in bars]
+        for name in self.brokers:
+            out = await self._handle(name).on_bars.remote(payload)
+            self.fills += int(out.get("fills", 0)) if isinstance(out, dict) else 0
+        self.cursor = bars[-1]["seq"]
+        self.forwarded += len(bars)
+        self.last_forward_at = time.time()
+
+    async def _check_numbering(self) -> None:
+        seq = (await self._handle(ROUTER).health.remote())["seq"]
+        if seq < self.cursor:
+            log.warning("bar pump: the router's numbering went back (%d < %d); reading it from its start",
+                        seq, self.cursor)
+            self.cursor = 0
+
+    async def start(self) -> bool:
+        """Not needed (the constructor starts the loop); kept so older callers still work."""
+        self._ensure_running()
+        return True
 
     async def health(self) -> dict[str, Any]:
-        await self.start()
-        return {"cursor": self.cursor, "forwarded": self.forwarded, "errors": self.errors, "brokers": self.brokers}
+        self._ensure_running()
+        now = time.time()
+        return {
+            "running": not self._task.done(), "pid": os.getpid(), "started_at": self.started_at,
+            "restarts": self.restarts, "cursor": self.cursor, "forwarded": self.forwarded, "fills": self.fills,
+            "last_forward_at": self.last_forward_at,
+            "seconds_since_forward": None if self.last_forward_at is None else round(now - self.last_forward_at, 3),
+            "errors": self.errors, "last_error": self.last_error, "brokers": self.brokers,
+        }
+
+
+def ledger_marks(path: str | Path) -> dict[str, int]:
+    """The last bar time (ns) per symbol marked in one ledger file; {} when there is no such file.
+
+    Read-only (``mode=ro``): the broker that owns the file may be running, and
+    a second writer must never open it. WAL lets this reader see the last
+    committed marks without blocking the writer.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+    try:
+        return {str(sym): int(ts) for sym, ts in conn.execute("SELECT symbol, ts FROM marks")}
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return {}
+        raise
+    finally:
+        conn.close()
+
+
+def ledger_clock(settings: Settings) -> dict[str, int]:
+    """How far the paper ledgers got: per symbol, the latest bar time (ns) any of them marked.
+
+    Every paper broker is fed the same bars by the one pump, so their marks
+    agree to within a batch; the latest is the point the system had reached.
+    """
+    clock: dict[str, int] = {}
+    for account, spec in settings.accounts.items():
+        if spec.kind != "paper":
+            continue
+        path = Path(ledger_dir(settings, account)).expanduser() / "ledger.sqlite"
+        for sym, ts in ledger_marks(path).items():
+            clock[sym] = max(ts, clock.get(sym, 0))
+    return clock
 
 
 def start_accounts(settings: Settings) -> list[str]:
-    from actors.broker import broker_actor_name
-    from actors.risk import open_accounts
-    from cluster.runtime import actor_options
-
+    """Open every account and start the bar pump over the paper brokers; lines for ``up`` to show."""
     open_accounts(settings)
     paper = [broker_actor_name(a) for a, spec in settings.accounts.items() if spec.kind == "paper"]
     if paper:
+        # The brokers first: a pump that started before them would wait on their workers' start.
+        ns = settings.ray.namespace
+        ray.get([ray.get_actor(name, namespace=ns).health.remote() for name in paper], timeout=120)
         pump = BarPump.options(**actor_options("broker", settings, PUMP_ACTOR)).remote(settings, paper)
-        ray.get(pump.start.remote(), timeout=60)
+        ray.get(pump.health.remote(), timeout=60)  # up and pumping (its constructor started the loop)
     return [f"{a} ({spec.kind})" for a, spec in settings.accounts.items()]

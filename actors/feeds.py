@@ -10,6 +10,12 @@ Sources:
   as fast as possible (``feeds.replay_pace``);
 * ``synthetic``: ``core.synthetic.SyntheticMarket``, live.
 
+Both begin at ``feeds.replay_start`` unless told where (``start``): after a
+restart on an existing ledger, ``resume_start`` puts each symbol's replay just
+after the last bar the ledger marked for it, because a paper broker ignores
+every bar at or before that one (a replay from the store's beginning would
+fill nothing for hours).
+
 The feed does not choose between sources or fill gaps; the feed router does.
 """
 
@@ -67,17 +73,53 @@ class _Source:
         return settings.feeds.bar_interval_s
 
 
+def resume_start(settings: Settings, clock: dict[str, int]) -> dict[str, pd.Timestamp] | str | None:
+    """Where the replay begins: per symbol, just after the ledger's last bar (``clock``, ns), never
+    before ``feeds.replay_start``; with no clock, ``feeds.replay_start``.
+
+    A symbol the ledger has not seen begins after the ledger's latest bar of any symbol,
+    so every symbol replays from the same point in time.
+    """
+    floor = settings.feeds.replay_start
+    if not clock:
+        return floor
+    latest = max(clock.values())
+    out = {}
+    for sym in settings.feeds.symbols:
+        t = pd.Timestamp(clock.get(sym, latest) + 1, unit="ns", tz="UTC")
+        out[sym] = t if floor is None else max(t, _utc(floor))
+    return out
+
+
+def _utc(t: Any) -> pd.Timestamp:
+    t = pd.Timestamp(t)
+    return t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
+
+
+def _earliest(start: Any) -> Any:
+    """One start for a source that cannot start each symbol on its own time."""
+    return min(start.values()) if isinstance(start, dict) and start else start
+
+
 class _ReplaySource(_Source):
+    """``start``: one time for every symbol, a time per symbol (a dict), or None for the store's beginning."""
+
     def __init__(self, store: BarStore, symbols: list[str], start: Any = None):
-        frames = [store.read(s, start=start) for s in symbols]
+        starts = start if isinstance(start, dict) else {s: start for s in symbols}
+        frames = [store.read(s, start=starts.get(s)) for s in symbols]
         frames = [f for f in frames if len(f)]
+        self._groups: list[pd.DataFrame] = []
+        self._i = 0
         if not frames:
-            raise ValueError(
-                f"the store at {store.uri} has no bars for {', '.join(symbols)}; run `raytrade data generate` first"
-            )
+            if not any(len(store.read(s)) for s in symbols):
+                raise ValueError(
+                    f"the store at {store.uri} has no bars for {', '.join(symbols)}; run `raytrade data generate` first"
+                )
+            # The ledger is already past the stored history: nothing to replay (the backup carries on).
+            log.info("replay: no stored bars after %s; nothing to replay", _earliest(start))
+            return
         df = pd.concat(frames, ignore_index=True).sort_values(["ts", "symbol"], kind="stable")
         self._groups = [g for _, g in df.groupby("ts", sort=True)]
-        self._i = 0
 
     def next_bars(self) -> pd.DataFrame | None:
         if self._i >= len(self._groups):
@@ -235,7 +277,9 @@ class FeedActor(FeedBase):
             store = BarStore.from_settings(self.settings.store, self.settings.resilience)
             self._source: _Source = _ReplaySource(store, self.symbols, start)
         elif kind == "synthetic":
-            self._source = _SyntheticSource(self.symbols, self.settings.feeds.seed, start)
+            # One market for all symbols: from the earliest start, so no symbol misses a bar
+            # (the router ignores the ones it already delivered).
+            self._source = _SyntheticSource(self.symbols, self.settings.feeds.seed, _earliest(start))
         else:
             raise ValueError(f"unknown feed kind {kind!r}; use replay or synthetic (alpaca has its own actor)")
 

@@ -77,11 +77,34 @@ class System:
 
 
 def start_system(settings: Settings, fresh: bool = True, serve_app: bool = True, progress: Any = print) -> System:
-    from actors.feeds import FeedActor
+    from cluster.scheduler import start_scheduler
+
+    feeds, router = start_feeds(settings, fresh)
+    start_scheduler(settings)
+    system = System(settings, feeds, router)
+    if serve_app:
+        system.extra += start_trading(settings, progress=progress)
+    return system
+
+
+def start_feeds(settings: Settings, fresh: bool = True) -> tuple[dict[str, Any], Any]:
+    """The feed actors and the router over them, started. Returns (feeds by name, router).
+
+    On an existing ledger the replay (and the synthetic backup) resume just
+    after the paper ledgers' last bar (``actors.accounts.ledger_clock``), not
+    at ``feeds.replay_start``: bars at or before it can fill nothing there.
+    """
+    from actors.accounts import ledger_clock
+    from actors.feeds import FeedActor, resume_start
     from actors.router import FeedRouter, router_actor_name
     from core.store import BarStore
 
     symbols = settings.feeds.symbols
+    clock = ledger_clock(settings)
+    start = resume_start(settings, clock)
+    if clock:
+        log.info("the ledgers reached %s; the replay resumes after it",
+                 pd.Timestamp(max(clock.values()), unit="ns", tz="UTC"))
     feeds: dict[str, Any] = {}
     for source in settings.feeds.sources:
         name = feed_actor_name(source)
@@ -90,7 +113,8 @@ def start_system(settings: Settings, fresh: bool = True, serve_app: bool = True,
 
             actor = AlpacaFeedActor.options(**actor_options("feed", settings, name)).remote(name, symbols, settings)
         else:
-            actor = FeedActor.options(**actor_options("feed", settings, name)).remote(name, source, symbols, settings)
+            actor = FeedActor.options(**actor_options("feed", settings, name)).remote(
+                name, source, symbols, settings, start)
         feeds[name] = actor
     rname = router_actor_name("default")
     if fresh:
@@ -103,13 +127,7 @@ def start_system(settings: Settings, fresh: bool = True, serve_app: bool = True,
     )
     ray.get([a.start.remote() for a in feeds.values()], timeout=120)
     ray.get(router.start.remote(), timeout=120)
-    from cluster.scheduler import start_scheduler
-
-    start_scheduler(settings)
-    system = System(settings, feeds, router)
-    if serve_app:
-        system.extra += start_trading(settings, progress=progress)
-    return system
+    return feeds, router
 
 
 def ensure_baselines(settings: Settings, progress: Any = print) -> list[str]:
