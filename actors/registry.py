@@ -199,12 +199,19 @@ class ModelRegistry:
             raw = self.artefacts.get(INDEX)
         except FileNotFoundError:
             return {"format": INDEX_FORMAT, "generation": 0, "models": {}}
+        where = f"the registry index {INDEX} in {self.artefacts.uri}"
+        fix = ("restore it from a backup, or move it aside to start an empty registry "
+               f"(the artefacts under {MODELS_DIR}/ stay; register them again)")
         try:
             index = json.loads(raw)
-        except ValueError as e:
-            raise RegistryError(f"the registry index {INDEX} in {self.artefacts.uri} is not valid JSON: {e}") from None
-        if index.get("format") != INDEX_FORMAT:
-            raise RegistryError(f"the registry index has format {index.get('format')}; this build reads {INDEX_FORMAT}")
+        except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+            raise RegistryError(f"{where} is not valid JSON ({e}); {fix}") from None
+        fmt = index.get("format") if isinstance(index, dict) else None
+        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt != INDEX_FORMAT:  # another build's index
+            raise RegistryError(f"{where} has format {fmt}; this build reads format {INDEX_FORMAT}")
+        problem = index_problem(index)
+        if problem is not None:
+            raise RegistryError(f"{where} is malformed: {problem}; {fix}")
         return index
 
     def _commit(self, index: dict[str, Any]) -> None:
@@ -471,6 +478,80 @@ class ModelRegistry:
 
     def ping(self) -> bool:
         return True
+
+
+def index_problem(index: Any) -> str | None:
+    """What makes ``index`` not a registry index this build can use (the first thing found), or None.
+
+    Checks everything the registry reads from it, so a hand-edited or damaged
+    index is refused when it is opened, never met later as a KeyError.
+    """
+
+    if not isinstance(index, dict):
+        return f"it is a JSON {type(index).__name__}, not an object"
+    if not _is_int(index.get("format")) or index["format"] != INDEX_FORMAT:
+        return f'"format" must be {INDEX_FORMAT}'
+    if not _is_int(index.get("generation")) or index["generation"] < 0:
+        return '"generation" must be a whole number >= 0'
+    if not isinstance(index.get("models"), dict):
+        return '"models" must be an object of model name -> model'
+    requests = index.get("retraining_requests", [])
+    if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
+        return '"retraining_requests" must be a list of objects'
+    for name, m in index["models"].items():
+        at = f"models[{name!r}]"
+        if not _NAME.match(name):
+            return f"{at}: not a valid model name"
+        if not isinstance(m, dict):
+            return f"{at} must be an object"
+        if m.get("task") not in TASKS:
+            return f'{at}["task"] must be one of {", ".join(TASKS)}'
+        if not isinstance(m.get("versions"), dict):
+            return f'{at}["versions"] must be an object of version -> record'
+        if not isinstance(m.get("history"), list) or not all(_is_int(v) for v in m["history"]):
+            return f'{at}["history"] must be a list of version numbers'
+        prod = m.get("production")
+        if prod is not None and (not _is_int(prod) or str(prod) not in m["versions"]):
+            return f'{at}["production"] must be null or one of its versions'
+        for key, r in m["versions"].items():
+            vat = f'{at}["versions"][{key!r}]'
+            if not key.isdigit():
+                return f"{vat}: a version is a whole number"
+            if not isinstance(r, dict):
+                return f"{vat} must be an object"
+            fields = _record_checks(name, key, m["task"])
+            for k, ok in fields.items():
+                if k not in r:
+                    return f'{vat} has no "{k}"'
+                if not ok(r[k]):
+                    return f'{vat}["{k}"] = {json.dumps(r[k])[:80]} is not valid'
+    return None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return _is_int(x) or isinstance(x, float)
+
+
+def _record_checks(name: str, key: str, task: str) -> dict[str, Callable[[Any], bool]]:
+    """Each field of a version's record in the index, and the test its value must pass."""
+    return {
+        "name": lambda x: x == name,
+        "version": lambda x: _is_int(x) and str(x) == key,
+        "task": lambda x: x == task,
+        "kind": lambda x: isinstance(x, str) and x != "",
+        "path": lambda x: isinstance(x, str) and x.startswith(f"{MODELS_DIR}/{name}/") and ".." not in x.split("/"),
+        "sha256": lambda x: isinstance(x, str) and re.fullmatch(r"[0-9a-f]{64}", x) is not None,
+        "size": lambda x: _is_int(x) and x > 0,
+        "stage": lambda x: x in STAGES,
+        "created_at": _is_num,
+        "metadata": lambda x: isinstance(x, dict),
+        "metrics": lambda x: isinstance(x, dict) and all(_is_num(v) for v in x.values()),
+        "flags": lambda x: isinstance(x, list) and all(isinstance(f, str) for f in x),
+    }
 
 
 def check_onnx(data: bytes) -> None:

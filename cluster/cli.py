@@ -4,7 +4,7 @@
     raytrade down                           stop what `up` started
     raytrade status [--json]                nodes, resources, actors and their states
     raytrade config show                    effective settings, secrets as ***
-    raytrade data generate|import|ls        history in the store
+    raytrade data generate|import|ls|verify history in the store; verify exits 2 on a bad part
     raytrade train --symbols ... --alpha A  CVaR-PPO against the risk-neutral baseline, out of sample
     raytrade workflows ls|run|cancel        the workflow scheduler's queue
     raytrade models ls|show|promote|rollback|import|train-baseline   the model registry
@@ -99,7 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="default: feeds.seed")
     gen.add_argument("--interval", default="1min", help="bar spacing, e.g. 1min, 1h, 1D")
     gen.add_argument("--start", default="2024-01-02 14:30", help="first bar's time (UTC)")
-    data_sub.add_parser("ls", help="symbols and time ranges in the store")
+    dls = data_sub.add_parser("ls", help="symbols and time ranges in the store, each part checked as `data verify` does")
+    dls.add_argument("--quick", action="store_true", help="names only: do not read and check the parts")
+    dver = data_sub.add_parser("verify", help="check every part against its checksum and the bar rules; exit 2 if any is bad")
+    dver.add_argument("--adopt", action="store_true",
+                      help="record checksums for good parts written before the store kept them")
 
     tr = sub.add_parser("train", help="train CVaR-PPO and the risk-neutral baseline; compare them on held-out bars")
     tr.add_argument("--symbols", nargs="+", default=None, help="symbols in the store to learn from (default: feeds.symbols)")
@@ -143,6 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # A corrupt store part is the user's data to fix (the message names the part), not a
+        # traceback, whichever command read it. Imported here: the store pulls in pyarrow,
+        # which `raytrade --help` should not pay for.
+        from core.store import CorruptPartError
+
+        if isinstance(e, CorruptPartError):
+            print(f"raytrade: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
 
 
 def _one_line(e: BaseException) -> str:
@@ -264,7 +278,7 @@ def _data(args: argparse.Namespace, settings: Settings) -> int:
     from core.ingest import ImportRefused, read_bars_file
 
     if args.data_cmd is None:
-        raise UserError("raytrade data: choose an action: import, generate, ls")
+        raise UserError("raytrade data: choose an action: import, generate, ls, verify")
     store = _store(settings)
     if args.data_cmd == "import":
         sym = args.symbol.strip().upper()
@@ -307,14 +321,53 @@ def _data(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.data_cmd == "ls":
         ranges = store.ranges()
-        if not ranges:
+        check = None if args.quick else store.verify()
+        if not ranges and not (check and check.bad):
             print(f"the store at {store.uri} is empty; `raytrade data generate` writes synthetic history")
             return 0
-        print(f"{'symbol':<8} {'first':<26} {'last':<26} {'bars':>9} {'files':>6}")
+        bad_by_symbol: dict[str, int] = {}
+        for b in check.bad if check else []:
+            bad_by_symbol[b.symbol] = bad_by_symbol.get(b.symbol, 0) + 1
+        print(f"{'symbol':<8} {'first':<26} {'last':<26} {'bars':>9} {'files':>6}" + ("" if check is None else "  check"))
         for r in ranges:
-            print(f"{r.symbol:<8} {str(r.first):<26} {str(r.last):<26} {r.rows:>9} {r.files:>6}")
+            mark = "" if check is None else "  " + (f"BAD ({bad_by_symbol[r.symbol]} part(s))"
+                                                     if r.symbol in bad_by_symbol else "ok")
+            print(f"{r.symbol:<8} {str(r.first):<26} {str(r.last):<26} {r.rows:>9} {r.files:>6}{mark}")
+        if check is not None and check.bad:
+            # The ranges above come from file names; the bad parts' bars cannot be read.
+            print(f"raytrade: warning: {len(check.bad)} bad part(s) in {', '.join(sorted(bad_by_symbol))}: "
+                  "reads of them are refused; `raytrade data verify` names each part and why", file=sys.stderr)
+        elif check is not None and check.unchecked:
+            print(f"note: {check.unchecked} part(s) were written before the store kept checksums (bar rules checked); "
+                  "`raytrade data verify --adopt` records them", file=sys.stderr)
         return 0
+    if args.data_cmd == "verify":
+        return _data_verify(store, args.adopt)
     raise UserError(f"unknown data action {args.data_cmd}")
+
+
+def _data_verify(store: Any, adopt: bool) -> int:
+    """One line per bad part (its path and why), then a one-line summary; exit 2 if any part is bad."""
+    check = store.verify(adopt=adopt)
+    for b in check.bad:
+        print(f"bad part {b.path}: {b.reason}")
+    if check.parts == 0 and not check.bad:
+        print(f"the store at {store.uri} is empty: nothing to verify")
+        return 0
+    notes = []
+    if check.unchecked:
+        notes.append(f"{check.unchecked} written before the store kept checksums, bar rules checked"
+                     + (f", checksums now recorded for {check.adopted}" if check.adopted else
+                        " (`raytrade data verify --adopt` records them)"))
+    if check.interrupted:
+        notes.append(f"{check.interrupted} interrupted write(s) left hidden files that no read sees")
+    tail = f" ({'; '.join(notes)})" if notes else ""
+    if check.bad:
+        print(f"{len(check.bad)} bad part(s) of {check.parts} in {store.uri}{tail}: restore each from a backup, or "
+              "delete it (and its entry under _manifest/) and write its bars again")
+        return EXIT_USAGE
+    print(f"all {check.parts} part(s) ({check.bars} bars) in {store.uri} verified{tail}")
+    return 0
 
 
 # -- cluster ------------------------------------------------------------------------
@@ -332,6 +385,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     st["scheduler"] = scheduler_summary(settings)
     if args.json:
         st["feeds"] = _router_health(settings)
+        st["fills"] = _broker_health(settings)
         print(json.dumps(st, indent=2, default=str))
         return 0
     print(f"namespace {st['namespace']}  profile {st['profile']}")
@@ -348,6 +402,12 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     h = _router_health(settings)
     if h is not None:
         _print_feeds(h)
+    for acct, health in _broker_health(settings).items():
+        fills = health.get("fills") or {}
+        if health.get("error"):
+            print(f"fills {acct}: {health['error']}")
+        elif fills:
+            print(f"fills {acct}: flowing ({fills['working']} market order(s) waiting for their bar)")
     sch = st["scheduler"]
     if sch is None:
         print("scheduler: not running")
@@ -357,6 +417,23 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         held = "; ".join(f"{j['id']} holds {','.join(j['locks_held'])}" for j in sch["running"]) or "nothing running"
         print(f"scheduler: {len(sch['running'])} running, {sch['queued']} queued ({held})")
     return 0
+
+
+def _broker_health(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Each running broker's health by account (fills flowing or stalled); accounts not running are left out."""
+    import ray
+
+    from actors.broker import broker_actor_name
+
+    out = {}
+    for acct in settings.accounts:
+        try:
+            broker = ray.get_actor(broker_actor_name(acct), namespace=settings.ray.namespace)
+            out[acct] = ray.get(broker.health.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - not running, or not answering: say which
+            if not isinstance(e, ValueError):
+                out[acct] = {"error": f"broker:{acct} did not answer: {_one_line(e)}"}
+    return out
 
 
 def _router_health(settings: Settings) -> dict[str, Any] | None:

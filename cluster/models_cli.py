@@ -13,23 +13,48 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
+
+import ray
 
 from cluster.settings import Settings
 
 
 class _Remote:
-    """A registry actor handle that reads like the class (blocking calls)."""
+    """A registry actor handle that reads like the class (blocking calls, the class's own errors)."""
 
     def __init__(self, handle: Any):
         self._h = handle
 
     def __getattr__(self, name: str) -> Any:
-        import ray
-
         method = getattr(self._h, name)
-        return lambda *a, **k: ray.get(method.remote(*a, **k), timeout=300)
+        return lambda *a, **k: _call_actor(method, *a, **k)
+
+
+def _call_actor(method: Any, *args: Any, **kwargs: Any) -> Any:
+    from actors.registry import RegistryError
+
+    try:
+        return ray.get(method.remote(*args, **kwargs), timeout=300)
+    except ray.exceptions.RayTaskError as e:
+        # The registry's own refusal, without the remote traceback Ray wraps around it.
+        if isinstance(e.cause, RegistryError):
+            raise e.cause from None
+        raise
+    except ray.exceptions.RayActorError as e:
+        # An actor that cannot start (e.g. a malformed index) dies in __init__; Ray's message then
+        # holds the remote traceback, and the registry's one-line reason at its end.
+        raise RegistryError(_actor_death_reason(str(e))) from None
+
+
+def _actor_death_reason(message: str) -> str:
+    reasons = re.findall(r"RegistryError: (.+)", message)
+    if reasons:
+        return f"the model registry cannot start: {reasons[-1].strip()}"
+    first = message.strip().splitlines()[0] if message.strip() else "no reason given"
+    return f"the model registry actor died ({first}); `raytrade status` shows the actors, its logs say why"
 
 
 def open_registry(settings: Settings) -> Any:
@@ -167,11 +192,14 @@ def _import(reg: Any, args: Any, settings: Settings, user_error: type[Exception]
 
 def _train(reg: Any, args: Any, settings: Settings, user_error: type[Exception]) -> int:
     from core.baselines import train_direction_model
-    from core.store import BarStore
+    from core.store import BarStore, CorruptPartError
 
     store = BarStore.from_settings(settings.store, settings.resilience)
     symbols = [s.upper() for s in (args.symbols or settings.feeds.symbols)]
-    bars = {s: store.read(s) for s in symbols}
+    try:
+        bars = {s: store.read(s) for s in symbols}
+    except CorruptPartError as e:
+        raise user_error(str(e)) from None
     empty = [s for s, b in bars.items() if len(b) == 0]
     if empty:
         raise user_error(f"the store at {store.uri} has no bars for {', '.join(empty)}; `raytrade data generate` first")
