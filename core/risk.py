@@ -321,7 +321,11 @@ def evaluate(limits: Any, req: OrderRequest, book: Book) -> dict[str, Any]:
     entry = not exit_only
     added = abs(new_position) if new_position * current < 0 else max(0.0, abs(new_position) - abs(current))
 
-    if req.quantity is None and sizing.get("target_shares") is None:
+    if req.quantity is not None and qty != req.quantity:
+        unit = "whole shares" if limits.whole_shares else "at most 6 decimals"
+        check("sizing", False, f"quantity {req.quantity:g} is not a quantity this account trades ({unit}); "
+              f"send {qty:g} or {qty + (1 if limits.whole_shares else 1e-6):g}", quantity=req.quantity)
+    elif req.quantity is None and sizing.get("target_shares") is None:
         check("sizing", False, f"cannot size {req.symbol}: {sizing['binding']}", binding=sizing["binding"])
     elif (delta > 0) != buy or qty <= 0:
         why = (f"{req.side} {req.symbol}: position {current:g} is already at the target {current + delta:g}"

@@ -185,6 +185,16 @@ def test_a_callers_price_cannot_size_an_entry(desk):
     assert near["approved"] and near["checks"]["price"]["ok"]
 
 
+def test_a_fractional_quantity_is_refused_never_floored(desk):
+    """1.7 shares on a whole-share account used to place 1; it is refused with what to send."""
+    v = desk.submit(symbol="SPY", side="BUY", quantity=1.7, price=250.0, stop_loss=245.0, take_profit=270.0,
+                    decision_id="frac")
+    assert not v["approved"] and v["quantity"] == 0 and desk.broker.book()["working"] == []
+    assert "quantity 1.7 is not a quantity this account trades (whole shares); send 1 or 2" in v["reasons"], v
+    assert desk.submit(symbol="SPY", side="BUY", quantity=2.0, price=250.0, stop_loss=245.0, take_profit=270.0,
+                       decision_id="whole")["approved"]
+
+
 def test_the_check_that_guards_the_book_can_fail():
     """Without the working orders the stacked order would pass: the pending field is what refuses it."""
     limits = RiskLimits(allowed_symbols=["AAPL"], confidence_threshold=0.0)
