@@ -34,8 +34,9 @@ haproxy:
 	command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy >/dev/null) \
 		|| echo "haproxy not installed: tests/test_haproxy.py will be skipped"
 
+# Everything but the gpu tests, the slow ones included (a bare `pytest` leaves out `slow` too).
 test: $(STAMP) browser haproxy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not gpu"
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu -rs

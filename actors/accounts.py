@@ -21,7 +21,7 @@ is the one an uninterrupted pump would have written. Starting at the present
 would drop those bars for good.
 
 ``ledger_clock(settings)`` reads how far the paper ledgers got (their last bar
-per symbol), read-only, for ``cluster.system`` to resume the replay from there.
+per symbol), read-only, for ``raytrade.system`` to resume the replay from there.
 """
 
 from __future__ import annotations
@@ -36,17 +36,16 @@ from typing import Any
 import ray
 from ray._private.state import actors as gcs_actors
 
-from actors.broker import broker_actor_name, ledger_dir
+from actors.broker import ledger_dir
 from actors.risk import open_accounts
-from actors.router import router_actor_name
+from cluster import names
 from cluster.logs import configure_logging, get_logger
 from cluster.runtime import actor_options
 from cluster.settings import Settings
 
 log = get_logger("accounts")
 
-PUMP_ACTOR = "pump:bars"
-ROUTER = router_actor_name("default")
+ROUTER = names.router()
 BAR_FIELDS = ("symbol", "ts", "open", "high", "low", "close", "volume")
 POLL_S = 0.05  # between reads of the router
 RETRY_S = 0.5  # after a failed read or a failed broker
@@ -204,11 +203,11 @@ def ledger_clock(settings: Settings) -> dict[str, int]:
 def start_accounts(settings: Settings) -> list[str]:
     """Open every account and start the bar pump over the paper brokers; lines for ``up`` to show."""
     open_accounts(settings)
-    paper = [broker_actor_name(a) for a, spec in settings.accounts.items() if spec.kind == "paper"]
+    paper = [names.broker(a) for a, spec in settings.accounts.items() if spec.kind == "paper"]
     if paper:
         # The brokers first: a pump that started before them would wait on their workers' start.
         ns = settings.ray.namespace
         ray.get([ray.get_actor(name, namespace=ns).health.remote() for name in paper], timeout=120)
-        pump = BarPump.options(**actor_options("broker", settings, PUMP_ACTOR)).remote(settings, paper)
+        pump = BarPump.options(**actor_options("broker", settings, names.BAR_PUMP)).remote(settings, paper)
         ray.get(pump.health.remote(), timeout=60)  # up and pumping (its constructor started the loop)
     return [f"{a} ({spec.kind})" for a, spec in settings.accounts.items()]

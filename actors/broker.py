@@ -57,10 +57,6 @@ from core.risk import VerdictTokenError, leg_ids, verify_order
 log = get_logger("broker")
 
 
-def broker_actor_name(account: str) -> str:
-    return f"broker:{account}"
-
-
 def ledger_dir(settings: Settings, account: str) -> Path:
     return Path(settings.broker.ledger_dir) / account
 

@@ -1,576 +1,90 @@
-"""The model registry: versions, stages, metrics and checked artefacts in the store.
+"""The model registry as the named Ray actor ``model-registry``, and the client of that actor.
 
-One ``ModelRegistry`` (a plain class, run as the named Ray actor
-``model-registry`` through ``RegistryActor``) owns everything under
-``models/`` in the store::
+The registry itself, its index and its artefacts are Ray-free and live in
+``core.models`` (``ModelRegistry``, ``core.models.index``,
+``core.models.artefacts``). Here:
 
-    models/index.json                       every model, version, stage and sha256
-    models/<name>/v<version>/model.onnx     the artefact, written once, never changed
-    models/<name>/v<version>/performance.json   tracked metrics and outcomes
+- ``RegistryActor``: ``ModelRegistry`` run as a Ray actor, logging configured
+  from settings in its own process; ``get_or_create_registry`` gives the
+  named one, with the ``registry`` role's resources from the table;
+- ``RegistryHandle``: the ``RegistryClient`` of that actor (``call`` blocks on
+  ``ray.get``, ``acall`` awaits the reference);
+- ``registry_client``: the one ``RegistryClient`` for each way a caller names
+  a registry (the named actor, the store read in this process, an object, a
+  handle).
 
-The artefact goes to the store through the minio client when the store is
-``s3://`` (MinIO or S3) and through ``BarStore.put_bytes`` (write, then
-rename) on a local directory. A ``register`` writes the artefact, reads it
-back and checks its sha256, and only then writes the index, so the index
-never names an artefact that is not whole; an artefact left behind by a
-crash in between is never listed. The index itself is one object replaced
-whole (atomic on both backends). Every load checks the sha256 again; a
-corrupted artefact is refused with ``CorruptArtefact``.
-
-A restarted registry holds nothing it did not read back: its state is the
-index in the store, so killing the actor loses nothing that was acknowledged.
-
-Stages: a new version is a *candidate*; ``promote`` makes it *production* and
-archives the previous production; ``rollback`` archives the current
-production and puts back the one before it. The ensemble follows the
-production versions (``production()`` with a generation number that changes
-on every write).
-
-Metric conventions are ``core.metrics``'s: ``max_drawdown`` is a positive
-fraction (lower is better), ``cvar`` a return at the lower tail (negative;
-higher is better).
-
-Not here: loading models into memory (``actors.model_cache``), or training.
+A restarted registry actor holds nothing it did not read back from the store,
+so killing it loses nothing that was acknowledged.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import logging
-import posixpath
-import re
-import time
-from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable
-from urllib.parse import urlparse
+from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 
-from cluster.logs import configure_logging, get_logger
+from cluster import names
+from cluster.logs import configure_logging
+from cluster.runtime import actor_options
+from core.models.registry import ModelRegistry, OnFirstUse, RegistryClient
 
-log = get_logger("registry")
-
-REGISTRY_ACTOR = "model-registry"
-MODELS_DIR = "models"
-INDEX = f"{MODELS_DIR}/index.json"
-INDEX_FORMAT = 1
-STAGES = ("candidate", "production", "archived")
-TASKS = ("forecasting", "classification", "policy", "regression")
-# Metric -> whether larger is better (conventions of core.metrics).
-METRICS: dict[str, bool] = {
-    "sharpe": True,
-    "max_drawdown": False,
-    "cvar": True,
-    "win_rate": True,
-    "hit_rate": True,
-    "latency_ms": False,
-}
-MAX_HISTORY = 1000
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+REGISTRY_ACTOR = names.REGISTRY
+# Seconds a blocking call waits for the actor before it gives up.
+CALL_TIMEOUT_S = 60.0
 
 
-class RegistryError(ValueError):
-    """A request the registry refuses; the message says what to fix."""
+class RegistryService(ModelRegistry):
+    """``ModelRegistry`` in its own process: this process's logging configured from settings first."""
 
-
-class UnknownModel(RegistryError, LookupError):
-    pass
-
-
-class CorruptArtefact(RegistryError):
-    """An artefact's bytes do not match the sha256 recorded when it was registered."""
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# -- where artefacts live ---------------------------------------------------------------
-class ArtefactStore:
-    """Bytes under the store's root: minio client for s3://, BarStore for a local directory."""
-
-    def __init__(self, put: Callable[[str, bytes], None], get: Callable[[str], bytes], uri: str):
-        self._put, self._get, self.uri = put, get, uri
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> "ArtefactStore":
-        s = settings.store
-        from core.resilience import Resilient
-
-        # A missing object or a refusal is an answer, not an outage: no retry, no breaker count.
-        call = Resilient.from_settings(
-            "store-artefacts", settings.resilience, non_retryable=(FileNotFoundError, KeyError, PermissionError)
-        ).call
-        if s.uri.startswith("s3://"):
-            return cls._minio(s, call)
-        from core.store import BarStore
-
-        store = BarStore.from_settings(s)  # its own call is a plain call; ours wraps it
-
-        return cls(lambda rel, data: call(store.put_bytes, rel, data), lambda rel: call(store.get_bytes, rel), s.uri)
-
-    @classmethod
-    def _minio(cls, s: Any, call: Callable[..., Any]) -> "ArtefactStore":
-        from minio.error import S3Error
-
-        from core.store import minio_client
-
-        parsed = urlparse(s.uri)
-        bucket, prefix = parsed.netloc, parsed.path.strip("/")
-        client = minio_client(s)
-
-        def key(rel: str) -> str:
-            return posixpath.join(prefix, rel) if prefix else rel
-
-        def put(rel: str, data: bytes) -> None:
-            # An S3 object becomes visible only when its upload completes.
-            client.put_object(bucket, key(rel), io.BytesIO(data), len(data), content_type="application/octet-stream")
-
-        def get(rel: str) -> bytes:
-            try:
-                resp = client.get_object(bucket, key(rel))
-            except S3Error as e:
-                if e.code in ("NoSuchKey", "NoSuchObject"):
-                    raise FileNotFoundError(f"s3://{bucket}/{key(rel)}") from None
-                if e.code == "NoSuchBucket":
-                    raise FileNotFoundError(f"bucket {bucket} does not exist; create it first") from None
-                raise
-            try:
-                return resp.read()
-            finally:
-                resp.close()
-                resp.release_conn()
-
-        return cls(lambda rel, data: call(put, rel, data), lambda rel: call(get, rel), s.uri)
-
-    def put(self, rel: str, data: bytes) -> None:
-        self._put(rel, data)
-
-    def get(self, rel: str) -> bytes:
-        return self._get(rel)
-
-    def load_verified(self, record: dict[str, Any]) -> bytes:
-        """The artefact of ``record``, refused unless its sha256 matches."""
-        try:
-            data = self.get(record["path"])
-        except FileNotFoundError:
-            raise CorruptArtefact(
-                f"{record['name']} v{record['version']}: artefact {record['path']} is missing from {self.uri}"
-            ) from None
-        got = sha256(data)
-        if got != record["sha256"]:
-            raise CorruptArtefact(
-                f"{record['name']} v{record['version']}: artefact {record['path']} has sha256 {got[:16]}..., "
-                f"registered as {record['sha256'][:16]}... ({len(data)} bytes, registered {record['size']}); "
-                "it is corrupted: refusing to load it. Roll back or register the model again."
-            )
-        return data
-
-
-# -- the registry -------------------------------------------------------------------------
-@dataclass
-class _Outcomes:
-    hits: deque
-    total: int = 0
-
-
-class ModelRegistry:
-    """Versions, stages and metrics of every model; the store holds the truth."""
-
-    def __init__(self, settings: Any, artefacts: ArtefactStore | None = None, announce: bool = True):
-        # Settings travel pickled (secrets intact, in memory only). ``announce``: log what was read
-        # (the actor does; a CLI that only reads a model keeps its stderr to its own lines).
-        self.settings = settings
+    def __init__(self, settings: Any, artefacts: Any = None, announce: bool = True):
+        # Settings travel pickled (secrets intact, in memory only).
         configure_logging(settings)
-        self.artefacts = artefacts or ArtefactStore.from_settings(settings)
-        self._index = self._read_index()
-        self._outcomes: dict[tuple[str, int], _Outcomes] = {}
-        self._retrain: list[dict[str, Any]] = list(self._index.get("retraining_requests", []))
-        n = sum(len(m["versions"]) for m in self._index["models"].values())
-        log.log(logging.INFO if announce else logging.DEBUG, "registry: %d models, %d versions read from %s",
-                len(self._index["models"]), n, self.artefacts.uri)
-
-    # -- index ---------------------------------------------------------------------
-    def _read_index(self) -> dict[str, Any]:
-        try:
-            raw = self.artefacts.get(INDEX)
-        except FileNotFoundError:
-            return {"format": INDEX_FORMAT, "generation": 0, "models": {}}
-        where = f"the registry index {INDEX} in {self.artefacts.uri}"
-        fix = ("restore it from a backup, or move it aside to start an empty registry "
-               f"(the artefacts under {MODELS_DIR}/ stay; register them again)")
-        try:
-            index = json.loads(raw)
-        except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-            raise RegistryError(f"{where} is not valid JSON ({e}); {fix}") from None
-        fmt = index.get("format") if isinstance(index, dict) else None
-        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt != INDEX_FORMAT:  # another build's index
-            raise RegistryError(f"{where} has format {fmt}; this build reads format {INDEX_FORMAT}")
-        problem = index_problem(index)
-        if problem is not None:
-            raise RegistryError(f"{where} is malformed: {problem}; {fix}")
-        return index
-
-    def _commit(self, index: dict[str, Any]) -> None:
-        """Replace the index whole; in memory only once the store has it."""
-        index = json.loads(json.dumps(index))  # a copy, and proof it serialises
-        index["generation"] = self._index["generation"] + 1
-        index["retraining_requests"] = self._retrain[-100:]
-        self.artefacts.put(INDEX, json.dumps(index, indent=1, sort_keys=True).encode())
-        self._index = index
-
-    def _model(self, name: str) -> dict[str, Any]:
-        try:
-            return self._index["models"][name]
-        except KeyError:
-            known = ", ".join(sorted(self._index["models"])) or "none"
-            raise UnknownModel(f"no model named {name!r}; registered models: {known}") from None
-
-    def _version(self, name: str, version: int | str | None = None, stage: str | None = None) -> dict[str, Any]:
-        m = self._model(name)
-        if version is None:
-            if stage == "production" or stage is None and m.get("production") is not None:
-                if m.get("production") is None:
-                    raise RegistryError(f"{name} has no production version; promote one first")
-                version = m["production"]
-            else:
-                pool = [int(v) for v, r in m["versions"].items() if stage is None or r["stage"] == stage]
-                if not pool:
-                    raise UnknownModel(f"{name} has no {stage} version")
-                version = max(pool)
-        rec = m["versions"].get(str(int(version)))
-        if rec is None:
-            raise UnknownModel(f"{name} has no version {version}; versions: {', '.join(sorted(m['versions'], key=int))}")
-        return rec
-
-    # -- writes ----------------------------------------------------------------------
-    def register(
-        self,
-        name: str,
-        artefact: bytes,
-        task: str,
-        metadata: dict[str, Any] | None = None,
-        kind: str = "onnx",
-    ) -> dict[str, Any]:
-        """Store a new version (a candidate) and return its record."""
-        if not _NAME.match(name or ""):
-            raise RegistryError(f"model name {name!r}: use letters, digits, '_', '-', '.' (at most 64)")
-        if task not in TASKS:
-            raise RegistryError(f"task {task!r}: must be one of {', '.join(TASKS)}")
-        if not isinstance(artefact, (bytes, bytearray)) or not artefact:
-            raise RegistryError("the artefact is empty")
-        metadata = dict(metadata or {})
-        if kind == "onnx":
-            check_onnx(bytes(artefact))
-        m = self._index["models"].get(name)
-        if m is not None and m["task"] != task:
-            raise RegistryError(f"{name} is a {m['task']} model; a new version cannot be a {task} model")
-        parent = metadata.get("parent_version")
-        if parent is not None and (m is None or str(int(parent)) not in m["versions"]):
-            raise RegistryError(f"parent_version {parent} of {name} does not exist")
-        version = 1 + max((int(v) for v in (m or {}).get("versions", {})), default=0)
-        path = f"{MODELS_DIR}/{name}/v{version}/model.{kind}"
-        digest = sha256(bytes(artefact))
-        self.artefacts.put(path, bytes(artefact))
-        back = self.artefacts.get(path)
-        if sha256(back) != digest:
-            raise CorruptArtefact(f"{path}: the store returned different bytes than were written; not registered")
-        record = {
-            "name": name,
-            "version": version,
-            "task": task,
-            "kind": kind,
-            "path": path,
-            "sha256": digest,
-            "size": len(artefact),
-            "stage": "candidate",
-            "created_at": time.time(),
-            "metadata": metadata,
-            "metrics": {},
-            "flags": [],
-        }
-        index = json.loads(json.dumps(self._index))
-        entry = index["models"].setdefault(name, {"task": task, "versions": {}, "production": None, "history": []})
-        entry["versions"][str(version)] = record
-        self._commit(index)
-        log.info("registered %s v%d (%s, %d bytes, sha256 %s)", name, version, task, len(artefact), digest[:12])
-        return record
-
-    def promote(self, name: str, version: int) -> dict[str, Any]:
-        """Make ``version`` production; the previous production is archived."""
-        rec = self._version(name, version)
-        index = json.loads(json.dumps(self._index))
-        m = index["models"][name]
-        prev = m.get("production")
-        if prev == rec["version"]:
-            return rec
-        if prev is not None:
-            m["versions"][str(prev)]["stage"] = "archived"
-        m["versions"][str(rec["version"])]["stage"] = "production"
-        m["versions"][str(rec["version"])]["flags"] = []
-        m["production"] = rec["version"]
-        m["history"].append(rec["version"])
-        self._commit(index)
-        log.info("promoted %s v%d to production (was %s)", name, rec["version"], prev)
-        return self._version(name, rec["version"])
-
-    def rollback(self, name: str) -> dict[str, Any]:
-        """Archive the production version and restore the one promoted before it."""
-        m = self._model(name)
-        cur = m.get("production")
-        if cur is None:
-            raise RegistryError(f"{name} has no production version to roll back")
-        earlier = [v for v in m["history"][:-1] if v != cur]
-        if not earlier:
-            raise RegistryError(f"{name} v{cur} has no earlier production version; nothing to roll back to")
-        target = earlier[-1]
-        index = json.loads(json.dumps(self._index))
-        mi = index["models"][name]
-        mi["versions"][str(cur)]["stage"] = "archived"
-        mi["versions"][str(target)]["stage"] = "production"
-        mi["production"] = target
-        # Drop the rolled-back version from the history, so a second rollback goes further back.
-        while mi["history"] and mi["history"][-1] == cur:
-            mi["history"].pop()
-        if not mi["history"] or mi["history"][-1] != target:
-            mi["history"].append(target)
-        self._commit(index)
-        log.info("rolled back %s from v%d to v%d", name, cur, target)
-        return self._version(name, target)
-
-    def archive(self, name: str, version: int) -> dict[str, Any]:
-        rec = self._version(name, version)
-        if rec["stage"] == "production":
-            raise RegistryError(f"{name} v{version} is in production; promote another version or roll back first")
-        index = json.loads(json.dumps(self._index))
-        index["models"][name]["versions"][str(rec["version"])]["stage"] = "archived"
-        self._commit(index)
-        return self._version(name, version)
-
-    # -- metrics -----------------------------------------------------------------------
-    def _perf_path(self, name: str, version: int) -> str:
-        return f"{MODELS_DIR}/{name}/v{version}/performance.json"
-
-    def _history(self, name: str, version: int) -> list[dict[str, Any]]:
-        try:
-            return json.loads(self.artefacts.get(self._perf_path(name, version)))
-        except FileNotFoundError:
-            return []
-
-    def track_performance(self, name: str, version: int, metrics: dict[str, float]) -> dict[str, Any]:
-        """Append metrics (sharpe, max_drawdown, cvar, win_rate, hit_rate, latency_ms) to a version's history."""
-        rec = self._version(name, version)
-        unknown = sorted(set(metrics) - set(METRICS))
-        if unknown:
-            raise RegistryError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
-        clean = {}
-        for k, v in metrics.items():
-            try:
-                f = float(v)
-            except (TypeError, ValueError):
-                raise RegistryError(f"metric {k}={v!r} is not a number") from None
-            if f != f or f in (float("inf"), float("-inf")):
-                raise RegistryError(f"metric {k}={v!r} is not finite")
-            clean[k] = f
-        history = self._history(name, rec["version"])
-        history.append({"at": time.time(), "metrics": clean})
-        history = history[-MAX_HISTORY:]
-        # The history first, then the index that summarises it.
-        self.artefacts.put(self._perf_path(name, rec["version"]), json.dumps(history).encode())
-        index = json.loads(json.dumps(self._index))
-        index["models"][name]["versions"][str(rec["version"])]["metrics"].update(clean)
-        self._commit(index)
-        return self._version(name, rec["version"])
-
-    def performance(self, name: str, version: int) -> list[dict[str, Any]]:
-        rec = self._version(name, version)
-        return self._history(name, rec["version"])
-
-    def best(self, task: str, metric: str, stages: tuple[str, ...] = ("candidate", "production")) -> dict[str, Any]:
-        """The version of any model of ``task`` with the best latest ``metric``."""
-        if metric not in METRICS:
-            raise RegistryError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
-        larger = METRICS[metric]
-        pool = [
-            r for m in self._index["models"].values() if m["task"] == task
-            for r in m["versions"].values() if r["stage"] in stages and metric in r["metrics"]
-        ]
-        if not pool:
-            raise RegistryError(f"no {task} model in {'/'.join(stages)} has a tracked {metric}")
-        # Ties go to the newer version.
-        return max(pool, key=lambda r: ((r["metrics"][metric] if larger else -r["metrics"][metric]), r["created_at"]))
-
-    def record_outcomes(self, name: str, version: int, hits: list[bool]) -> dict[str, Any]:
-        """Fold realised outcomes (was the predicted direction right?) into rolling accuracy.
-
-        A production version whose rolling accuracy over
-        ``ensemble.accuracy_window`` outcomes falls below
-        ``ensemble.degradation_threshold`` (with at least
-        ``degradation_min_samples``) is flagged ``degraded`` and a retraining
-        request is raised.
-        """
-        rec = self._version(name, version)
-        cfg = self.settings.ensemble
-        key = (name, rec["version"])
-        o = self._outcomes.get(key)
-        if o is None:
-            o = self._outcomes[key] = _Outcomes(deque(maxlen=cfg.accuracy_window))
-        o.hits.extend(bool(h) for h in hits)
-        o.total += len(hits)
-        n = len(o.hits)
-        acc = sum(o.hits) / n if n else float("nan")
-        out = {"name": name, "version": rec["version"], "rolling_accuracy": acc, "samples": n, "degraded": False}
-        if rec["stage"] == "production" and n >= cfg.degradation_min_samples and acc < cfg.degradation_threshold:
-            out["degraded"] = True
-            if "degraded" not in rec["flags"]:
-                request = {
-                    "model": name,
-                    "version": rec["version"],
-                    "reason": f"rolling accuracy {acc:.3f} over {n} outcomes is below {cfg.degradation_threshold}",
-                    "at": time.time(),
-                }
-                self._retrain.append(request)
-                index = json.loads(json.dumps(self._index))
-                r = index["models"][name]["versions"][str(rec["version"])]
-                r["flags"] = sorted(set(r["flags"]) | {"degraded"})
-                r["metrics"]["hit_rate"] = acc
-                self._commit(index)
-                log.warning("%s v%d degraded: %s; retraining requested", name, rec["version"], request["reason"])
-        return out
-
-    def retraining_requests(self, clear: bool = False) -> list[dict[str, Any]]:
-        out = list(self._retrain)
-        if clear and out:
-            self._retrain = []
-            self._commit(json.loads(json.dumps(self._index)))
-        return out
-
-    # -- reads -------------------------------------------------------------------------
-    def generation(self) -> int:
-        return int(self._index["generation"])
-
-    def get(self, name: str, version: int | None = None, stage: str | None = None) -> dict[str, Any]:
-        return dict(self._version(name, version, stage))
-
-    def list(self, name: str | None = None) -> list[dict[str, Any]]:
-        models = [name] if name else sorted(self._index["models"])
-        out = []
-        for n in models:
-            m = self._model(n)
-            out.extend(m["versions"][v] for v in sorted(m["versions"], key=int))
-        return out
-
-    def production(self, tasks: list[str] | None = None) -> dict[str, Any]:
-        """{"generation": g, "models": {name: record}} for every model with a production version."""
-        models = {
-            n: m["versions"][str(m["production"])]
-            for n, m in self._index["models"].items()
-            if m.get("production") is not None and (tasks is None or m["task"] in tasks)
-        }
-        return {"generation": self.generation(), "models": models}
-
-    def load(self, name: str, version: int | None = None, stage: str | None = None) -> bytes:
-        """An artefact's bytes, refused unless its sha256 matches the record."""
-        return self.artefacts.load_verified(self._version(name, version, stage))
-
-    def ping(self) -> bool:
-        return True
-
-
-def index_problem(index: Any) -> str | None:
-    """What makes ``index`` not a registry index this build can use (the first thing found), or None.
-
-    Checks everything the registry reads from it, so a hand-edited or damaged
-    index is refused when it is opened, never met later as a KeyError.
-    """
-
-    if not isinstance(index, dict):
-        return f"it is a JSON {type(index).__name__}, not an object"
-    if not _is_int(index.get("format")) or index["format"] != INDEX_FORMAT:
-        return f'"format" must be {INDEX_FORMAT}'
-    if not _is_int(index.get("generation")) or index["generation"] < 0:
-        return '"generation" must be a whole number >= 0'
-    if not isinstance(index.get("models"), dict):
-        return '"models" must be an object of model name -> model'
-    requests = index.get("retraining_requests", [])
-    if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
-        return '"retraining_requests" must be a list of objects'
-    for name, m in index["models"].items():
-        at = f"models[{name!r}]"
-        if not _NAME.match(name):
-            return f"{at}: not a valid model name"
-        if not isinstance(m, dict):
-            return f"{at} must be an object"
-        if m.get("task") not in TASKS:
-            return f'{at}["task"] must be one of {", ".join(TASKS)}'
-        if not isinstance(m.get("versions"), dict):
-            return f'{at}["versions"] must be an object of version -> record'
-        if not isinstance(m.get("history"), list) or not all(_is_int(v) for v in m["history"]):
-            return f'{at}["history"] must be a list of version numbers'
-        prod = m.get("production")
-        if prod is not None and (not _is_int(prod) or str(prod) not in m["versions"]):
-            return f'{at}["production"] must be null or one of its versions'
-        for key, r in m["versions"].items():
-            vat = f'{at}["versions"][{key!r}]'
-            if not key.isdigit():
-                return f"{vat}: a version is a whole number"
-            if not isinstance(r, dict):
-                return f"{vat} must be an object"
-            fields = _record_checks(name, key, m["task"])
-            for k, ok in fields.items():
-                if k not in r:
-                    return f'{vat} has no "{k}"'
-                if not ok(r[k]):
-                    return f'{vat}["{k}"] = {json.dumps(r[k])[:80]} is not valid'
-    return None
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return _is_int(x) or isinstance(x, float)
-
-
-def _record_checks(name: str, key: str, task: str) -> dict[str, Callable[[Any], bool]]:
-    """Each field of a version's record in the index, and the test its value must pass."""
-    return {
-        "name": lambda x: x == name,
-        "version": lambda x: _is_int(x) and str(x) == key,
-        "task": lambda x: x == task,
-        "kind": lambda x: isinstance(x, str) and x != "",
-        "path": lambda x: isinstance(x, str) and x.startswith(f"{MODELS_DIR}/{name}/") and ".." not in x.split("/"),
-        "sha256": lambda x: isinstance(x, str) and re.fullmatch(r"[0-9a-f]{64}", x) is not None,
-        "size": lambda x: _is_int(x) and x > 0,
-        "stage": lambda x: x in STAGES,
-        "created_at": _is_num,
-        "metadata": lambda x: isinstance(x, dict),
-        "metrics": lambda x: isinstance(x, dict) and all(_is_num(v) for v in x.values()),
-        "flags": lambda x: isinstance(x, list) and all(isinstance(f, str) for f in x),
-    }
-
-
-def check_onnx(data: bytes) -> None:
-    """Refuse bytes that are not a well-formed ONNX model."""
-    import onnx
-
-    try:
-        model = onnx.load_model_from_string(data)
-        onnx.checker.check_model(model)
-    except Exception as e:  # noqa: BLE001 - onnx raises many kinds
-        raise RegistryError(f"not a valid ONNX model: {str(e).splitlines()[0][:300]}") from None
+        super().__init__(settings, artefacts, announce)
 
 
 # Decorators carry no numbers: resources come from the table via actor_options.
-RegistryActor = ray.remote(ModelRegistry)
+RegistryActor = ray.remote(RegistryService)
 
 
 def get_or_create_registry(settings: Any) -> Any:
     """The named registry actor, created with the registry role's resources if absent."""
-    from cluster.runtime import actor_options
-
     return RegistryActor.options(**actor_options("registry", settings, REGISTRY_ACTOR)).remote(settings)
+
+
+class RegistryHandle:
+    """The ``RegistryClient`` of a registry actor: its methods called through the handle."""
+
+    def __init__(self, handle: Any, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        self.handle, self.timeout_s = handle, timeout_s
+
+    def call(self, method: str, *args: Any) -> Any:
+        return ray.get(getattr(self.handle, method).remote(*args), timeout=self.timeout_s)
+
+    async def acall(self, method: str, *args: Any) -> Any:
+        return await getattr(self.handle, method).remote(*args)
+
+
+def registry_client(registry: Any, settings: Any, timeout_s: float = CALL_TIMEOUT_S) -> RegistryClient:
+    """One ``RegistryClient`` for each way a caller names the registry:
+
+    - ``None``: the named actor in ``settings.ray.namespace``, looked up on first use
+      (and again on the next call while it is not there);
+    - ``"store"``: no registry actor (Serve's local testing mode, a notebook): a
+      ``ModelRegistry`` in this process, reading the index from the store on first use
+      (an ensemble on it sees promotions only on ``refresh(force=True)``);
+    - a registry actor's handle (``get_or_create_registry``'s);
+    - a ``RegistryClient`` (a ``ModelRegistry`` in this process is one) as it is.
+    """
+    if registry is None:
+        namespace = settings.ray.namespace
+        return OnFirstUse(lambda: RegistryHandle(ray.get_actor(REGISTRY_ACTOR, namespace=namespace), timeout_s))
+    if isinstance(registry, str):
+        if registry != "store":
+            raise ValueError(f"registry {registry!r}: give None (the named actor), 'store', a handle or a client")
+        return OnFirstUse(lambda: ModelRegistry(settings))
+    if isinstance(registry, ActorHandle):
+        return RegistryHandle(registry, timeout_s)
+    if isinstance(registry, RegistryClient):
+        return registry
+    raise TypeError(f"registry: {type(registry).__name__} is neither a registry actor's handle nor a RegistryClient")

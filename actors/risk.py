@@ -52,7 +52,8 @@ from typing import Any
 
 import ray
 
-from actors.broker import broker_actor_name, broker_class, ledger_dir
+from actors.broker import broker_class, ledger_dir
+from cluster import names
 from cluster.logs import add_secrets, get_logger
 from cluster.runtime import actor_options
 from cluster.settings import Settings
@@ -63,10 +64,6 @@ from core.risk import (Book, OrderRequest, OrderRequestError, bad_request_verdic
                        sign_order)
 
 log = get_logger("risk")
-
-
-def risk_actor_name(account: str) -> str:
-    return f"risk:{account}"
 
 
 def _today() -> str:
@@ -306,16 +303,8 @@ def open_account(settings: Settings, account: str = "default", *, detached: bool
     if account not in settings.accounts:
         raise ValueError(f"unknown account {account!r}; accounts are {', '.join(settings.accounts)}")
     settings = _absolute(settings)
-    ns = settings.ray.namespace
-    names = (risk_actor_name(account), broker_actor_name(account))
-
-    def lookup(name: str) -> Any | None:
-        try:
-            return ray.get_actor(name, namespace=ns)
-        except ValueError:
-            return None
-
-    found = [lookup(n) for n in names]
+    pair = (names.risk(account), names.broker(account))
+    found = [names.lookup(n, settings) for n in pair]
     if all(h is not None for h in found):
         return found[0], found[1]
     if settings.broker.signing_key is not None:
@@ -326,9 +315,9 @@ def open_account(settings: Settings, account: str = "default", *, detached: bool
             if h is not None:
                 ray.kill(h, no_restart=True)
     cls = broker_class(settings, account)
-    broker = cls.options(**actor_options("broker", settings, names[1], detached=detached)).remote(
+    broker = cls.options(**actor_options("broker", settings, pair[1], detached=detached)).remote(
         account, settings, key)
-    risk = RiskManager.options(**actor_options("risk", settings, names[0], detached=detached)).remote(
+    risk = RiskManager.options(**actor_options("risk", settings, pair[0], detached=detached)).remote(
         account, settings, key, broker)
     return risk, broker
 

@@ -87,10 +87,6 @@ def poll_interval_s(bar_interval_s: float) -> float:
     return min(0.1, max(0.002, bar_interval_s / 50))
 
 
-def router_actor_name(group: str = "default") -> str:
-    return f"router:{group}"
-
-
 @ray.remote
 class FeedRouter(LoopActor):
     def __init__(self, group: str, source_names: list[str], symbols: list[str], settings: Settings,

@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actors.model_cache import DeviceConfig, OnnxModel  # noqa: E402
 from core.baselines import export_onnx, random_model  # noqa: E402
 from core.features import FEATURE_NAMES, compute_features  # noqa: E402
+from core.models.cache import DeviceConfig, OnnxModel  # noqa: E402
 from core.synthetic import generate_bars  # noqa: E402
 
 F = len(FEATURE_NAMES)
@@ -153,7 +153,7 @@ def _settings(store: str, **ensemble):
 
 
 def _register_baselines(settings) -> None:
-    from actors.registry import ModelRegistry
+    from core.models.registry import ModelRegistry
 
     reg = ModelRegistry(settings)
     for kind, seed in (("mlp", 1), ("lstm", 2)):
@@ -172,8 +172,9 @@ def batching(quick: bool) -> None:
     import ray
 
     from actors.ensemble import BatchingHandle, Ensemble, get_or_create_ensemble
-    from actors.registry import ModelRegistry, get_or_create_registry
+    from actors.registry import get_or_create_registry
     from cluster.runtime import connect
+    from core.models.registry import ModelRegistry
 
     seconds = 2.0 if quick else 3.0
     rounds = 1 if quick else 3
@@ -283,7 +284,7 @@ def batching(quick: bool) -> None:
 
 def end_to_end(quick: bool) -> None:
     from actors.ensemble import Ensemble
-    from actors.registry import ModelRegistry
+    from core.models.registry import ModelRegistry
 
     store = tempfile.mkdtemp(prefix="bench-ensemble-")
     settings = _settings(store, member_timeout_s=10.0, reload_poll_s=60.0)

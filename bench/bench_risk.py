@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_risk.py [--duration 6] [--rounds 3] [--clients 8]
 
-One local Ray and the whole system (``cluster.system.start_system``, as ``raytrade up`` starts
+One local Ray and the whole system (``raytrade.system.start_system``, as ``raytrade up`` starts
 it) over a temporary store, with two paper accounts. In each round, interleaved:
 
 - ``decide``: every client sends ``POST /v1/decisions`` without ``execute``: the ingress's live
@@ -150,9 +150,9 @@ def main() -> int:
     import ray
 
     from cluster.runtime import connect
-    from cluster.system import start_system, stop_system
     from core.store import BarStore
     from core.synthetic import generate_bars
+    from raytrade.system import start_system, stop_system
 
     t_start = time.time()
     tmp = tempfile.mkdtemp(prefix="raytrade-bench-risk-")

@@ -6,7 +6,7 @@
     .venv/bin/python bench/bench_serve.py --haproxy                        # serve.proxy = "haproxy" (needs haproxy)
 
 One local Ray; the whole system comes up as ``raytrade up`` brings it
-(``cluster.system.start_system``: feeds, router, registry with the baseline
+(``raytrade.system.start_system``: feeds, router, registry with the baseline
 MLP and LSTM trained on first start, accounts, Serve on 127.0.0.1) over a
 temporary store. Then the same client (httpx ``AsyncClient``, N concurrent
 callers, each sending its next request when the last one answered) measures,
@@ -125,8 +125,9 @@ def plain_server(store: str, port: int) -> None:
 
     from actors.ensemble import Ensemble
     from core.store import BarStore
-    from serve.app import MIN_POSITION_CHANGE, WINDOW_BARS
     from serve.auth import AuthError, KeyRing, key_from_headers
+    from serve.decide import MIN_POSITION_CHANGE
+    from serve.live import WINDOW_BARS
     from serve.schemas import Decision, DecisionRequest, LastBar, MemberContribution, RiskVerdict
 
     settings = bench_settings(store, port)
@@ -318,9 +319,9 @@ def main() -> int:
     from ray import serve
 
     from cluster.runtime import connect
-    from cluster.system import start_system, stop_system
     from core.store import BarStore
     from core.synthetic import generate_bars
+    from raytrade.system import start_system, stop_system
 
     t_start = time.time()
     tmp = tempfile.mkdtemp(prefix="raytrade-bench-serve-")

@@ -1,11 +1,11 @@
-"""Connecting to Ray, or starting it, and finding raytrade's actors.
+"""Connecting to Ray, or starting it, and the options raytrade's actors are created with.
 
 ``connect(settings)`` joins the cluster named by ``RAY_ADDRESS`` (or
 ``ray.address`` in settings, or the one ``raytrade up`` recorded), and
 otherwise starts a local Ray on this machine: the embedded default. All of
 raytrade's actors are named and live in one namespace (``ray.namespace``,
 default ``raytrade``), so any process (the CLI, Serve, a Tune driver) finds
-them by name.
+them by name: ``cluster.names`` holds every name and ``lookup``.
 
 ``status()`` is the one health view of the cluster: nodes and resources, and
 each raytrade actor with its state, including actors that are waiting for
@@ -54,6 +54,17 @@ def _target_address(settings: Settings) -> str | None:
     if settings.ray.address:
         return settings.ray.address
     return None
+
+
+def serve_recovery_env() -> dict[str, str]:
+    """Serve's proxy health check every 2 s instead of 10 s, for a Ray that raytrade starts.
+
+    Serve's controller replaces a proxy after three failed checks; at Serve's default period
+    a SIGKILLed proxy left the HTTP port refusing connections for about 30 s. An operator's own
+    value wins.
+    """
+    key = "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S"
+    return {} if key in os.environ else {key: "2"}
 
 
 def serve_proxy_env(settings: Settings) -> dict[str, str]:
@@ -169,6 +180,7 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
             # machine) and then refuses num_cpus.
             # The local raylet, and so Serve's controller and replicas, inherit this environment.
             os.environ.update(serve_proxy_env(settings))
+            os.environ.update(serve_recovery_env())
             _enable_token_auth_here()
             ray.init(
                 address="local",
@@ -262,15 +274,6 @@ def actor_options(role: str, settings: Settings, name: str, *, detached: bool = 
     return opts
 
 
-def get_actor(name: str, settings: Settings) -> Any:
-    import ray
-
-    try:
-        return ray.get_actor(name, namespace=settings.ray.namespace)
-    except ValueError:
-        raise LookupError(f"no raytrade actor named {name!r}; is the system up (`raytrade up`)?") from None
-
-
 # -- `up` bookkeeping -------------------------------------------------------------
 def record_up(address: str, started_head: bool, head_pgid: int | None = None) -> None:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -292,6 +295,11 @@ def recorded_up() -> dict[str, Any] | None:
         return None
 
 
+def forget_up() -> None:
+    """What ``record_up`` wrote is over (``raytrade down``, or the end of a foreground ``up``)."""
+    UP_STATE.unlink(missing_ok=True)
+
+
 def start_head(settings: Settings, timeout_s: float = 120.0) -> tuple[str, int]:
     """Start a local Ray head that outlives this process (``ray start --head --block``).
 
@@ -311,7 +319,8 @@ def start_head(settings: Settings, timeout_s: float = 120.0) -> tuple[str, int]:
     ]
     if not settings.ray.include_dashboard:
         cmd.append("--include-dashboard=false")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **serve_proxy_env(settings), **token_auth_env())
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **serve_proxy_env(settings), **token_auth_env(),
+               **serve_recovery_env())
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     log_file = open(STATE_DIR / "head.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)

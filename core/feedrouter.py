@@ -474,9 +474,7 @@ class RouterState:
             n_total += 1
             i += 1
         if run:
-            out.extend(run)
-            self.delivered.extend(run)
-            self.windows[sym].extend(run)
+            self._append_run(sym, run, out)
             stats.total, stats.total_sq = total, total_sq
             self.seq, self.total_delivered = seq, n_total
             self.last_delivered[sym] = last
@@ -566,10 +564,24 @@ class RouterState:
         self._prev_ts[sym] = self.last_delivered[sym] = ts_list[j - 1]
         self.seq += j
         self.total_delivered += j
+        self._append_run(sym, run, out)
+        return start + j
+
+    def _append_run(self, sym: str, run: list[dict[str, Any]], out: list[dict[str, Any]]) -> None:
+        """Hand delivered bars (numbered, the statistics already updated) to the step's output, the
+        delivered buffer and the symbol's window."""
         out.extend(run)
         self.delivered.extend(run)
         self.windows[sym].extend(run)
-        return start + j
+
+    def _note_bar(self, sym: str, close: float, ts: int) -> None:
+        """What a delivered (or replayed) bar teaches the rules: its log return (the spike filter's
+        statistics), its close, and its spacing. ``_deliver_plain_*`` do the same in bulk."""
+        prev = self._last_close.get(sym)
+        if prev is not None and prev > 0:
+            self._stats(sym).push(math.log(close / prev))
+        self._last_close[sym] = close
+        self._note_spacing(sym, ts)
 
     def _note_spacing(self, sym: str, ts: int) -> None:
         prev = self._prev_ts.get(sym)
@@ -678,11 +690,7 @@ class RouterState:
         rec["seq"] = self.seq
         if flagged:
             rec["flagged"] = True
-        prev = self._last_close.get(sym)
-        if prev is not None and prev > 0:
-            self._stats(sym).push(math.log(rec["close"] / prev))
-        self._last_close[sym] = rec["close"]
-        self._note_spacing(sym, rec["ts"])
+        self._note_bar(sym, rec["close"], rec["ts"])
         self.last_delivered[sym] = rec["ts"]
         self.delivered.append(rec)
         self._window(sym).append(rec)
@@ -705,12 +713,7 @@ class RouterState:
         """Warm the spike filter and windows from stored bars (after a restart), delivering nothing."""
         for b in bars:
             sym = b["symbol"]
-            prev = self._last_close.get(sym)
-            if prev is not None and prev > 0:
-                self._stats(sym).push(math.log(b["close"] / prev))
-            self._last_close[sym] = b["close"]
-            self._note_spacing(sym, int(b["ts"]))
-
+            self._note_bar(sym, b["close"], int(b["ts"]))
             self._window(sym).append(b)
 
     # -- reading ----------------------------------------------------------------------

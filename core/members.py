@@ -3,7 +3,7 @@
 A member maps a batch of rows to target positions in [-1, 1], one per row.
 A row is one symbol's latest window: its feature rows (``core.features``) and,
 for members that need them, the bars they were computed from. Learned members
-(ONNX files run by ONNX Runtime, ``actors.model_cache.OnnxModel``) read the
+(ONNX files run by ONNX Runtime, ``core.models.cache.OnnxModel``) read the
 features; rule members run core's strategies on the bars and take the
 position after the last bar.
 

@@ -12,16 +12,29 @@ Strategies are *stateful* where the rule is (a breakout holds its position
 until an exit condition, not just while the entry condition lasts), so the
 inner loops are compiled with numba.
 
+**The registry.** A :class:`Strategy` wraps a rule for search: bars and a
+parameter table (name -> array ``[P]``) in, targets ``[P, T]`` out, with its
+default grid and the rule that masks nonsense sets. The rule strategies here
+are registered by name (``get_strategy("sma_crossover")``); a learned model
+joins through :func:`model_strategy` and :func:`register_strategy`, or, for
+names of the form ``model:NAME@VERSION``, through the ``resolver`` the caller
+passes to :func:`get_strategy` (``tune.models.connect_registry`` makes one
+over the model registry). There is no global hook: a name resolves the same
+way in every caller that passes the same resolver.
+
 This module does not size orders, charge costs or compute P&L (``core.engine``),
-and it does not compute model features (``core.features``, whose indicator
-functions it reuses).
+it does not compute model features (``core.features``, whose indicator
+functions it reuses), and it does not load models or search (``tune``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 from numba import njit, prange
 
 from core.bitmask import trailing_zeros
@@ -332,3 +345,168 @@ def rsi_reversion(
         allow_short, out,
     )
     return out[0] if scalar else out
+
+
+# -- parameter tables ---------------------------------------------------------------
+ParamTable = dict[str, np.ndarray]  # name -> [P] values: P parameter sets as columns
+
+
+def table_size(table: ParamTable) -> int:
+    sizes = {len(v) for v in table.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"parameter columns have different lengths: {sorted(sizes)}")
+    return sizes.pop() if sizes else 1
+
+
+def params_at(table: ParamTable, i: int) -> dict[str, Any]:
+    """Parameter set ``i`` as plain Python scalars."""
+    return {k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in table.items()}
+
+
+def take(table: ParamTable, index) -> ParamTable:
+    return {k: np.asarray(v)[index] for k, v in table.items()}
+
+
+def filter_table(table: ParamTable, valid, rule: str = "") -> ParamTable:
+    """The sets of ``table`` that ``valid`` accepts; a ValueError that states ``rule`` when none is."""
+    if valid is None or not table:
+        return table
+    keep = np.asarray(valid(table), dtype=bool)
+    out = {k: v[keep] for k, v in table.items()}
+    if table_size(out) == 0:
+        raise ValueError("no valid parameter set among those given" + (f" (needs {rule})" if rule else ""))
+    return out
+
+
+def grid_table(grid: Mapping[str, Sequence[Any]], valid=None) -> ParamTable:
+    """Every combination of the grid's values (minus invalid ones), as columns."""
+    if not grid:
+        return {}
+    names = list(grid)
+    values = [list(np.atleast_1d(grid[k])) for k in names]
+    if any(len(v) == 0 for v in values):
+        raise ValueError("every parameter needs at least one value")
+    rows = list(product(*values))
+    return filter_table({k: np.array([r[i] for r in rows]) for i, k in enumerate(names)}, valid)
+
+
+# -- strategies for search, and their registry ---------------------------------------
+@dataclass(frozen=True)
+class Strategy:
+    """A strategy Tune can search: bars and a parameter table in, targets ``[P, T]`` out.
+
+    ``run(bars, table)`` gets one symbol's bars (a frame) and a table of ``P``
+    parameter sets (name -> array ``[P]``) and returns ``[P, T]`` targets in
+    [-1, 1], target ``t`` decided from bars ``<= t``. ``grid`` is the default
+    search space (name -> values; the cartesian product is searched);
+    ``valid`` masks combinations that make no sense (a fast SMA not shorter
+    than the slow one).
+    """
+
+    name: str
+    run: Callable[[pd.DataFrame, ParamTable], np.ndarray]
+    grid: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    valid: Callable[[ParamTable], np.ndarray] | None = None
+    description: str = ""
+    rule: str = ""  # what ``valid`` asks, in words, for error messages
+    whole: tuple[str, ...] = ()  # parameters that take whole numbers only (windows, in bars)
+    # A learned model's training bars, symbol -> (first ts, last ts): a backtest over them is in-sample.
+    trained_on: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    def check(self, table: ParamTable) -> ParamTable:
+        """The sets of ``table`` that ``valid`` accepts; a ValueError that states the rule when none is."""
+        return filter_table(table, self.valid, self.rule)
+
+    def targets(self, bars: pd.DataFrame, table: ParamTable) -> np.ndarray:
+        n = table_size(table)
+        out = np.asarray(self.run(bars, table), dtype=np.float64)
+        if out.ndim == 1:
+            out = out[None, :]
+        if out.shape != (n, len(bars)):
+            raise ValueError(f"strategy {self.name} returned targets {out.shape}, expected ({n}, {len(bars)})")
+        return out
+
+
+def model_strategy(name: str, predict: Callable[..., Any], grid: Mapping[str, Sequence[Any]] | None = None,
+                   description: str = "", trained_on: Mapping[str, tuple[str, str]] | None = None) -> Strategy:
+    """A learned model or policy as a strategy.
+
+    ``predict(bars, **params)`` returns that model's targets ``[T]`` in
+    [-1, 1] for one symbol's bars, target ``t`` from bars ``<= t`` (an ONNX
+    member or a CVaR-PPO policy wrapped by the registry does this with
+    ``core.features.compute_features``). ``grid`` holds the knobs worth
+    searching (a position scale, a confidence threshold, a model version);
+    without one there is a single candidate and walk-forward only checks it
+    out of sample.
+    """
+    grid = dict(grid or {})
+
+    def run(bars: pd.DataFrame, table: ParamTable) -> np.ndarray:
+        n = table_size(table)
+        return np.stack([np.asarray(predict(bars, **params_at(table, i)), dtype=np.float64) for i in range(n)])
+
+    return Strategy(name=name, run=run, grid=grid, description=description or f"model {name}",
+                    trained_on=dict(trained_on or {}))
+
+
+def _sma(bars, p):
+    return sma_crossover(bars, p["fast"], p["slow"])
+
+
+def _sma_valid(p):
+    return p["fast"] < p["slow"]
+
+
+def _atr(bars, p):
+    return atr_breakout(bars, p["window"], p["multiplier"], p["atr_window"])
+
+
+def _rsi(bars, p):
+    return rsi_reversion(bars, p["window"], p["lower"], p["upper"], p["exit_level"])
+
+
+def _rsi_valid(p):
+    return (p["lower"] < p["exit_level"]) & (p["exit_level"] < p["upper"])
+
+
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    """Make ``strategy`` available by name (to ``get_strategy`` and the CLI)."""
+    _STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def strategy_names() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def get_strategy(name: str, resolver: Callable[[str], Strategy] | None = None) -> Strategy:
+    """The strategy registered as ``name``; ``model:NAME@VERSION`` through ``resolver`` (the caller's
+    model registry, e.g. ``tune.models.connect_registry(settings)``), which nothing here remembers."""
+    if name in _STRATEGIES:
+        return _STRATEGIES[name]
+    if name.startswith("model:"):
+        if resolver is None:
+            raise KeyError(f"strategy {name!r}: no model registry was given to resolve model strategies "
+                           "(pass resolver=, e.g. tune.models.connect_registry(settings))")
+        return resolver(name)
+    raise KeyError(f"unknown strategy {name!r}; choose one of {', '.join(strategy_names())} or model:NAME@VERSION")
+
+
+register_strategy(Strategy(
+    "sma_crossover", _sma,
+    grid={"fast": list(range(5, 55, 5)), "slow": list(range(20, 220, 20))}, valid=_sma_valid,
+    description="long when SMA(fast) crosses above SMA(slow), short on the opposite crossing", rule="fast < slow",
+    whole=("fast", "slow")))
+register_strategy(Strategy(
+    "atr_breakout", _atr,
+    grid={"window": [10, 20, 50], "multiplier": [1.0, 1.5, 2.0, 3.0], "atr_window": [14]},
+    description="Keltner-channel breakout; exit when the close crosses back through the SMA",
+    whole=("window", "atr_window")))
+register_strategy(Strategy(
+    "rsi_reversion", _rsi,
+    grid={"window": [7, 14, 21], "lower": [20.0, 30.0], "upper": [70.0, 80.0], "exit_level": [50.0]},
+    valid=_rsi_valid, description="long below RSI lower, short above upper, flat at exit_level",
+    rule="lower < exit_level < upper", whole=("window",)))

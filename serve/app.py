@@ -9,13 +9,15 @@ Build it with ``build_app(AppArgs(...))``; the Serve config next to this file
 
 Routes (``/v1`` needs an API key; roles read < trade < admin):
 
-    POST /v1/decisions            decide for a symbol (bars in the body, or the live window); execute=true trades
+    POST /v1/decisions            decide for a symbol (bars in the body for a preview, or the live window);
+                                  execute=true trades, on the live window only
     GET  /v1/signal/{symbol}      the current decision from live data, never executed
     POST /v1/signals/external     an outside signal, blended in by ``serve.external_weight``
     GET  /v1/positions  /v1/orders  POST /v1/orders  (orders always go through the risk manager)
     POST /v1/risk/halt  /v1/risk/resume               (admin)
     GET  /v1/status  /v1/analytics
-    GET  /healthz  /health/detailed  /health/components/{name}  /health/alerts   (no key)
+    GET  /healthz  /health/detailed  /health/components/{name}  /health/alerts   (no key: status only;
+                                  a read key: the detail)
     GET  /ui                      the operator dashboard (no key to load; it asks for one)  (serve.dashboard)
     GET  /v1/ui/state  /v1/reports/{name}             what the dashboard polls; a backtest report, inlined
     POST /v1/models/{name}/promote {version}  /v1/models/{name}/rollback   (admin)
@@ -28,100 +30,67 @@ the ensemble as its own Serve deployment, one hop away, scaled apart from
 HTTP). A decision that is not executed carries a *preview* of the risk
 verdict: ``core.risk.evaluate`` over the account's snapshot
 (``RiskManager.snapshot``), which a background task keeps at most
-``RISK_REFRESH_S`` old, and which an admin's halt through this replica
+``serve.live.RISK_REFRESH_S`` old, and which an admin's halt through this replica
 drops at once. An order is never judged from the preview: it goes to the
 account's risk manager, the only way to a broker, and is judged there on the
 account as it is.
+
+Hardening, in order of a request's life: the request gate (``serve.gate``)
+checks a ``/v1`` request's key before a byte of its body is read (401, or 429
+for an address that sent too many wrong keys) and counts the body as it
+streams (413 past ``serve.gate.MAX_BODY_BYTES``); each route's ``RequireKey`` dependency
+(``serve.auth``) checks the role (403) and the key's rate (429); the strict
+body models refuse coercions (422). An actor that died under a request gives
+503 with a message, anything unexpected a JSON 500, never a plain-text one
+(``serve.errors``).
+
+This module holds the routes and the builder only. The jobs behind them:
+``serve.decide`` (the decision), ``serve.live`` (bar windows, risk
+snapshots), ``serve.health`` (the component view, actor handles, alerts),
+``serve.metrics``, ``serve.dashboard``.
 
 Not here: the risk rules (``core.risk``/``actors.risk``), fusion
 (``actors.ensemble``), brokers (``actors.broker``).
 """
 
-
 import asyncio
-import datetime
-import json
-import math
 import time
 import uuid
-from collections import deque
 from typing import Any
 
-import numpy as np
-import ray
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import FastAPI, Security
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.logs import configure_logging, get_logger
+from cluster import names
+from cluster.logs import configure_logging
+from cluster.resources import combined_options, ray_options
+from cluster.runtime import current_profile
 from cluster.settings import Settings, load_settings
-from core.risk import OrderRequest as RiskOrderRequest
-from core.risk import OrderRequestError, bad_request_verdict, book_from_snapshot
-from core.risk import evaluate as evaluate_risk
-from serve.auth import AuthError, KeyRing, key_from_headers
-from serve.schemas import (
-    Decision, DecisionRequest, ExternalSignal, HaltRequest, LastBar, MemberContribution, OrderRequest, PromoteRequest,
-    RiskVerdict,
-)
+from core.models.errors import RegistryError, UnknownModel
+from serve.auth import Caller, KeyRing, RequireKey
 from serve.dashboard import UI_HEADERS, EquityHistory, page_html, report_page, ui_state
+from serve.decide import Decider
+from serve.ensemble import ensemble_deployment
+from serve.errors import ApiError, install_error_handlers, validation_detail
+from serve.gate import install_gate
+from serve.health import STATUS_ONLY, ActorHandles, HealthView, account_names, overall_status, safe, status_only
+from serve.live import BarWindows, RiskSnapshots
+from serve.metrics import ServeMetrics, percentile
+from serve.schemas import Decision, DecisionRequest, ExternalSignal, HaltRequest, OrderRequest, PromoteRequest
 
-log = get_logger("serve")
-
-MAX_BODY_BYTES = 2 * 1024 * 1024
-WINDOW_BARS = 256
-# A target this close to the current position is not worth an order.
-MIN_POSITION_CHANGE = 0.05
-# The ingress's copy of each account's risk snapshot: refreshed in the
-# background this often while decisions come in; a decision never judges
-# from one older than RISK_MAX_AGE_S (it waits for a fresh one instead).
-RISK_REFRESH_S = 0.2
-RISK_MAX_AGE_S = 1.0
-RISK_IDLE_S = 30.0  # accounts not decided on for this long are not refreshed
 # Serve's default max_ongoing_requests is 5: a sixth concurrent request is
 # refused by the replica and retried with backoff (25 ms doubling to 500 ms),
 # and @serve.batch never sees a batch over 5. Both replicas are async and
 # mostly wait, so they take many at once; the ensemble as many as a batch holds.
 INGRESS_MAX_ONGOING = 256
-# How often a replica hands its requests' counts and latencies to Ray's metrics.
-METRICS_FLUSH_S = 1.0
 
 
 class AppArgs(BaseModel):
     """What ``build_app`` takes (``serve run serve.app:build_app config=raytrade.toml``)."""
 
     config: str | None = None
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, error: str, detail: str, fields: list[str] | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status, self.error, self.detail, self.fields, self.headers = status, error, detail, fields or [], headers
-
-
-def _error(status: int, error: str, detail: str, fields: list[str] | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail, "fields": fields or []}, status_code=status, headers=headers)
-
-
-def _validation_detail(exc: RequestValidationError | ValidationError) -> tuple[str, list[str]]:
-    parts, fields = [], []
-    for e in exc.errors()[:10]:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        msg = e.get("msg", "invalid")
-        if e.get("type") == "json_invalid":
-            ctx = e.get("ctx", {}).get("error", "")
-            msg = f"body is not valid JSON ({ctx})" if ctx else "body is not valid JSON"
-            loc = "body"
-        elif e.get("type") == "finite_number":
-            msg = "must be a finite number (NaN and Infinity are refused)"
-        msg = msg.removeprefix("Value error, ")
-        fields.append(loc)
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts), fields
 
 
 fastapi_app = FastAPI(
@@ -131,163 +100,29 @@ fastapi_app = FastAPI(
 )
 
 
-@fastapi_app.exception_handler(RequestValidationError)
-async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    detail, fields = _validation_detail(exc)
-    return _error(422, "invalid request", detail, fields)
+def _ingress() -> "Ingress":
+    """This replica's ``Ingress`` (Serve's replica context holds it; routes get it as ``self`` the same way)."""
+    return serve.get_replica_context().servable_object
 
 
-@fastapi_app.exception_handler(ApiError)
-async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.error, exc.detail, exc.fields, exc.headers)
+def _keys() -> KeyRing:
+    return _ingress().keys
 
 
-@fastapi_app.exception_handler(StarletteHTTPException)
-async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, "http error", str(exc.detail))
+install_error_handlers(fastapi_app)
+install_gate(fastapi_app, _keys)
 
-
-class _BodyLimit:
-    """413 for a body declared over ``MAX_BODY_BYTES``, before it is read.
-
-    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``)
-    runs every request through an extra task and memory streams, a cost each
-    decision paid.
-    """
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-            if length is not None:
-                try:
-                    n = int(length)
-                except ValueError:
-                    return await _error(400, "bad request", "Content-Length is not a number")(scope, receive, send)
-                if n > MAX_BODY_BYTES:
-                    return await _error(413, "body too large", f"the body is {n} bytes; the limit is {MAX_BODY_BYTES}")(
-                        scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-fastapi_app.add_middleware(_BodyLimit)
-
-
-def _percentile(values: deque, q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
-class _Metrics:
-    """Prometheus metrics through Ray's metrics agent.
-
-    A request's own counts and latency are kept here and handed to Ray's
-    metrics by ``flush()`` (the ingress calls it every ``METRICS_FLUSH_S``):
-    recording a Ray metric costs tens of microseconds, which a decision's
-    answer need not wait for.
-    """
-
-    def __init__(self) -> None:
-        from collections import Counter
-
-        from ray.util import metrics
-
-        self._requests: Counter = Counter()
-        self._latencies: list[tuple[str, float]] = []
-        self._decisions: Counter = Counter()
-        self._rejections: Counter = Counter()
-
-        self.requests = metrics.Counter("raytrade_requests", "HTTP requests", tag_keys=("route", "status"))
-        self.latency = metrics.Histogram("raytrade_request_latency_ms", "request latency (ms)",
-                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], tag_keys=("route",))
-        self.decisions = metrics.Counter("raytrade_decisions", "decisions by action", tag_keys=("action",))
-        self.rejections = metrics.Counter("raytrade_risk_rejections", "orders the risk manager refused",
-                                          tag_keys=("account",))
-        self.failovers = metrics.Counter("raytrade_feed_failovers", "feed router switches", tag_keys=("kind",))
-        self.broker_errors = metrics.Counter("raytrade_broker_errors", "broker errors seen by the risk manager",
-                                             tag_keys=("account",))
-
-    def request(self, route: str, status: int, ms: float) -> None:
-        self._requests[(route, str(status))] += 1
-        if len(self._latencies) < 100_000:  # bounded if flushes stall
-            self._latencies.append((route, ms))
-
-    def decision(self, action: str) -> None:
-        self._decisions[action] += 1
-
-    def rejection(self, account: str) -> None:
-        self._rejections[account] += 1
-
-    def flush(self) -> None:
-        requests, self._requests = self._requests, type(self._requests)()
-        latencies, self._latencies = self._latencies, []
-        decisions, self._decisions = self._decisions, type(self._decisions)()
-        rejections, self._rejections = self._rejections, type(self._rejections)()
-        for (route, status), n in requests.items():
-            self.requests.inc(n, tags={"route": route, "status": status})
-        for route, ms in latencies:
-            self.latency.observe(ms, tags={"route": route})
-        for action, n in decisions.items():
-            self.decisions.inc(n, tags={"action": action})
-        for account, n in rejections.items():
-            self.rejections.inc(n, tags={"account": account})
-
-
-async def _safe(ref: Any, timeout: float = 5.0) -> Any:
-    try:
-        return await asyncio.wait_for(ref, timeout)
-    except Exception as e:  # noqa: BLE001 - health shows it, never raises
-        return {"error": e.__class__.__name__}
-
-
-def _bar_columns(rows: list[Any], get: Any, ts: Any = None) -> dict[str, np.ndarray]:
-    """Bars (records or request models, read with ``get(row, field)``) as the ensemble's arrays."""
-    cols = {"ts": np.fromiter((ts(r) if ts else get(r, "ts") for r in rows), np.int64, len(rows))}
-    for k in ("open", "high", "low", "close", "volume"):
-        cols[k] = np.fromiter((get(r, k) for r in rows), np.float64, len(rows))
-    return cols
+# Every /v1 route takes one of these as a parameter (a test asks each /v1 route in the OpenAPI schema
+# without a key and expects 401); the health pages take MAYBE_KEY: status only without a key, the detail
+# with a read key (a wrong key there is a 401, as anywhere).
+READ = Security(RequireKey(_keys, "read"))
+TRADE = Security(RequireKey(_keys, "trade"))
+ADMIN = Security(RequireKey(_keys, "admin"))
+MAYBE_KEY = Security(RequireKey(_keys, None))
 
 
 def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
-
-
-_RECENT_FIELDS = {"decision_id", "symbol", "account", "action", "target_position", "quantity", "confidence", "risk",
-                  "executed", "last_bar", "reason", "regime", "members"}
-
-
-def _ns(t: Any) -> int:
-    import pandas as pd
-
-    ts = pd.Timestamp(t)
-    return int((ts.tz_localize("UTC") if ts.tz is None else ts.tz_convert("UTC")).value)
-
-
-def account_names(settings: Settings) -> list[str]:
-    return list(settings.accounts)
-
-
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-
-
-def _ts(ns: Any) -> datetime.datetime:
-    """Epoch nanoseconds as a UTC datetime, to the microsecond (what pandas' ``to_pydatetime`` keeps)."""
-    return _EPOCH + datetime.timedelta(microseconds=int(ns) // 1000)
-
-
-def _atr(cols: dict[str, np.ndarray], n: int = 14) -> float:
-    """The ATR the risk manager sizes with: ``core.features.atr`` on the window's last bars."""
-    from core.features import atr
-
-    hi, lo, cl = (cols[k][-(n + 1):] for k in ("high", "low", "close"))
-    value = atr(hi, lo, cl, n)[-1] if len(cl) > n else float("nan")
-    # Too short a window for n true ranges: the last bar's range is the best guess there is.
-    return float(value) if np.isfinite(value) else float(hi[-1] - lo[-1])
-
 
 
 @serve.deployment(name="Ingress")
@@ -296,623 +131,34 @@ class Ingress:
     def __init__(self, settings: Settings, ensemble: Any = None):
         self.settings = settings
         configure_logging(settings)
-        # A deployment handle (serve.ensemble = "deployment"), or None: the ensemble runs here.
-        self.ensemble = ensemble
-        self._local_ensemble = None
-        if ensemble is None:
-            from actors.ensemble import Ensemble
-
-            # No wait for company: a lone decision is not held back, and decisions that arrive
-            # while a batch runs still form the next batch.
-            self._local_ensemble = Ensemble(settings, batch_wait_s=0.0)
         self.keys = KeyRing.from_settings(settings.api_keys, settings.serve.rate_limit_per_s, settings.serve.rate_burst)
-        self.ns = settings.ray.namespace
-        self.windows: dict[str, deque] = {}
-        self._signals: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}  # symbol -> ((bar, generation), signal)
-        self.last_seq = 0
-        self.external: dict[str, dict[str, Any]] = {}
-        self.latencies: deque[float] = deque(maxlen=5000)
-        self.decisions = {"BUY": 0, "SELL": 0, "HOLD": 0}
-        self.risk_rejections = 0
         self.started = time.time()
-        self.recent: deque[Decision] = deque(maxlen=100)  # dumped when read (recent_decisions)
-        self._alerts: deque[dict[str, Any]] = deque(maxlen=200)
-        self._seen_events: set[tuple] = set()
-        self._feed_task: asyncio.Task | None = None
-        self._watch_task: asyncio.Task | None = None
-        self._metrics = _Metrics()
-        self._risk_snaps: dict[str, dict[str, Any]] = {}
-        self._risk_used: dict[str, float] = {}
-        self._risk_refreshing: dict[str, asyncio.Task] = {}
-        self._risk_task: asyncio.Task | None = None
-        self._metrics_task: asyncio.Task | None = None
-        self._columns: dict[str, tuple[int, dict[str, np.ndarray], float]] = {}
-        self._handles: dict[str, Any] = {}
+        self.handles = ActorHandles(settings)
+        self.metrics = ServeMetrics()
+        self.bars = BarWindows(settings, self.handles)
+        self.risk = RiskSnapshots(settings, self.handles)
+        # ensemble: a deployment handle (serve.ensemble = "deployment"), or None: the ensemble runs here.
+        self.decider = Decider(settings, self.bars, self.risk, self.metrics, ensemble)
+        self.health = HealthView(settings, self.handles, self.metrics, self.decider.ensemble_status)
         self._ui_equity = EquityHistory()
+        self._background: dict[str, asyncio.Task] = {}
 
-    # -- plumbing -------------------------------------------------------------------------
-    def _auth(self, request: Request, need: str) -> str:
-        try:
-            name, _ = self.keys.authenticate(key_from_headers(request.headers), need)
-        except AuthError as e:
-            headers = {"Retry-After": f"{math.ceil(e.retry_after)}"} if e.retry_after else None
-            raise ApiError(e.status, {401: "unauthorized", 403: "forbidden", 429: "too many requests"}[e.status],
-                           e.message, headers=headers) from None
-        return name
+    def forget_actors(self) -> None:
+        """Drop every cached actor handle (one of them died): the next lookups find the restarted actors."""
+        self.handles.clear()
 
-    def _actor(self, name: str) -> Any | None:
-        # Looking a name up is a blocking call to the GCS (about a millisecond);
-        # keep handles, and forget one whose actor has gone (see _forget).
-        h = self._handles.get(name)
-        if h is not None:
-            return h
-        try:
-            h = ray.get_actor(name, namespace=self.ns)
-        except ValueError:
-            return None
-        self._handles[name] = h
-        return h
+    def _start_background(self) -> None:
+        """Start (or restart, if one ended) the loops that keep the replica's live state and metrics."""
+        loops = {"bars": self.bars.follow, "health": self.health.watch, "risk": self.risk.follow,
+                 "metrics": self.metrics.flush_forever}
+        for name, loop in loops.items():
+            task = self._background.get(name)
+            if task is None or task.done():
+                self._background[name] = asyncio.get_running_loop().create_task(loop())
 
-    def _forget(self, name: str) -> None:
-        self._handles.pop(name, None)
-
-    def _ensure_feed_task(self) -> None:
-        if self._feed_task is None or self._feed_task.done():
-            self._feed_task = asyncio.get_running_loop().create_task(self._follow_router())
-        if self._watch_task is None or self._watch_task.done():
-            self._watch_task = asyncio.get_running_loop().create_task(self._watch_health())
-        if self._risk_task is None or self._risk_task.done():
-            self._risk_task = asyncio.get_running_loop().create_task(self._follow_risk())
-        if self._metrics_task is None or self._metrics_task.done():
-            self._metrics_task = asyncio.get_running_loop().create_task(self._flush_metrics())
-
-    async def _flush_metrics(self) -> None:
-        while True:
-            await asyncio.sleep(METRICS_FLUSH_S)
-            try:
-                self._metrics.flush()
-            except Exception as e:  # noqa: BLE001 - metrics must never take the endpoint down
-                log.warning("metrics flush failed: %s", e)
-
-    # -- the ensemble, here or one hop away --------------------------------------------------
-    async def _predict(self, request: dict[str, Any], bar: int | None = None) -> dict[str, Any]:
-        """The ensemble's signal for ``request``; ``bar``: the seq of the live window's last bar.
-
-        The signal is a function of the window's bars and the models being
-        served, so with ``serve.signal_per_bar`` a decision on a bar the
-        ensemble has already answered for (and the same model generation)
-        reuses that answer: many callers per bar cost one ensemble pass. An
-        answer with a failed member is not kept (the next call may get it).
-        """
-        local = self._local_ensemble
-        if local is None:
-            return await self.ensemble.predict_one.remote(request)
-        if bar is None or not self.settings.serve.signal_per_bar:
-            return await local.predict_one(request)
-        key = (bar, local.generation)
-        sym = request["symbol"]
-        hit = self._signals.get(sym)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        sig = await local.predict_one(request)
-        if not sig.get("failed") and sig.get("generation") == key[1]:
-            self._signals[sym] = (key, sig)
-        return sig
-
-    async def _ensemble_status(self) -> dict[str, Any]:
-        if self._local_ensemble is not None:
-            return await self._local_ensemble.status()
-        return await self.ensemble.status.remote()
-
-    def recent_decisions(self, n: int = 100) -> list[dict[str, Any]]:
-        return [json.loads(d.model_dump_json(include=_RECENT_FIELDS)) for d in list(self.recent)[:n]]
-
-    async def _watch_health(self) -> None:
-        # Failovers and broker errors become metrics (and alerts) even when nobody asks for health.
-        seen_switch: set[tuple] = set()
-        seen_broker: set[tuple] = set()
-        while True:
-            router = self._actor("router:default")
-            h = await _safe(router.health.remote()) if router else None
-            for e in (h or {}).get("events", []) if isinstance(h, dict) else []:
-                key = (e.get("wall"), e.get("kind"), e.get("from"), e.get("to"))
-                if key not in seen_switch and e.get("kind") in ("failover", "failback"):
-                    seen_switch.add(key)
-                    self._metrics.failovers.inc(tags={"kind": e["kind"]})
-                    self._alert("feeds", f"{e['kind']}: {e['from']} -> {e['to']} ({e['reason']})", e.get("wall"),
-                                key=("feed", e.get("wall"), e["kind"]))
-            for acct in account_names(self.settings):
-                r = self._actor(f"risk:{acct}")
-                st = await _safe(r.state.remote()) if r else None
-                for ev in (st or {}).get("events", []) if isinstance(st, dict) else []:
-                    if isinstance(ev, dict) and "error" in str(ev.get("kind", "")):
-                        key = (acct, ev.get("at"), ev.get("kind"))
-                        if key not in seen_broker:
-                            seen_broker.add(key)
-                            self._metrics.broker_errors.inc(tags={"account": acct})
-                            self._alert("broker", f"{acct}: {ev.get('kind')}: {ev.get('error') or ev.get('reason') or ''}",
-                                        ev.get("at"), key=("brokererr",) + key)
-            await asyncio.sleep(2.0)
-
-    async def _follow_router(self) -> None:
-        # Keep each symbol's latest window here, so a decision needs no call to the router.
-        while True:
-            router = self._actor("router:default")
-            if router is None:
-                await asyncio.sleep(1.0)
-                continue
-            try:
-                bars = await router.since.remote(self.last_seq)
-            except Exception:  # noqa: BLE001 - the router restarts; try again
-                self._forget("router:default")
-                await asyncio.sleep(0.5)
-                continue
-            if bars and bars[0]["seq"] <= self.last_seq:
-                bars = [b for b in bars if b["seq"] > self.last_seq]
-            for b in bars:
-                w = self.windows.get(b["symbol"])
-                if w is None:
-                    # A symbol's first live bar: start its window with the stored bars before it.
-                    w = self.windows[b["symbol"]] = deque(await self._history_before(b["symbol"], b["ts"]),
-                                                          maxlen=WINDOW_BARS)
-                w.append(b)
-            if bars:
-                self.last_seq = bars[-1]["seq"]
-            await asyncio.sleep(0.05)
-
-    async def _history_before(self, sym: str, ts_ns: int) -> list[dict[str, Any]]:
-        import pandas as pd
-
-        from core.store import BarStore
-
-        def read() -> list[dict[str, Any]]:
-            store = BarStore.from_settings(self.settings.store, self.settings.resilience)
-            df = store.read(sym, end=pd.Timestamp(ts_ns - 1, tz="UTC")).tail(WINDOW_BARS - 1)
-            recs = df.assign(ts=df["ts"].astype("int64"), seq=None).to_dict("records")
-            return recs
-
-        try:
-            return await asyncio.to_thread(read)
-        except Exception as e:  # noqa: BLE001 - live bars alone will fill the window
-            log.warning("ingress: no stored history for %s: %s", sym, e)
-            return []
-
-    async def _call_risk(self, account: str, method: str, *args: Any) -> Any:
-        """A call to the account's risk manager; a handle to a dead actor is dropped and looked up again once."""
-        for attempt in (1, 2):
-            risk = self._actor(f"risk:{account}")
-            if risk is None:
-                raise ApiError(503, "risk manager unavailable", f"the risk manager of {account!r} is not running; "
-                               "no order can be placed or judged until it is")
-            try:
-                return await getattr(risk, method).remote(*args)
-            except ray.exceptions.RayActorError:
-                self._forget(f"risk:{account}")
-                if attempt == 2:
-                    raise ApiError(503, "risk manager unavailable", f"the risk manager of {account!r} is restarting; "
-                                   "retry shortly") from None
-        raise AssertionError("unreachable")
-
-    # -- the accounts' risk snapshots -------------------------------------------------------
-    async def _refresh_risk(self, account: str) -> dict[str, Any]:
-        snap = await self._call_risk(account, "snapshot")
-        snap["_got"] = time.monotonic()
-        self._risk_snaps[account] = snap
-        return snap
-
-    def _refreshing(self, account: str) -> asyncio.Task:
-        """The refresh of ``account``'s snapshot under way, started if none is: one call however many wait."""
-        task = self._risk_refreshing.get(account)
-        if task is None or task.done():
-            task = self._risk_refreshing[account] = asyncio.get_running_loop().create_task(self._refresh_risk(account))
-        return task
-
-    async def _risk_snapshot(self, account: str) -> dict[str, Any]:
-        """The account's snapshot, at most ``RISK_MAX_AGE_S`` old (one call when it is older)."""
-        self._risk_used[account] = time.monotonic()
-        snap = self._risk_snaps.get(account)
-        if snap is not None and time.monotonic() - snap["_got"] <= RISK_MAX_AGE_S:
-            return snap
-        return await asyncio.shield(self._refreshing(account))
-
-    async def _follow_risk(self) -> None:
-        # Keep the snapshots of accounts in use fresh, off the decisions' path.
-        while True:
-            await asyncio.sleep(RISK_REFRESH_S)
-            now = time.monotonic()
-            for account, used in list(self._risk_used.items()):
-                if now - used > RISK_IDLE_S:
-                    continue
-                try:
-                    await asyncio.shield(self._refreshing(account))
-                except Exception as e:  # noqa: BLE001 - a decision that needs it waits, and says why
-                    log.debug("risk snapshot of %s: %s", account, e)
-
-    def _drop_risk_snapshot(self, account: str) -> None:
-        self._risk_snaps.pop(account, None)
-
-    def _position_units(self, account: str, sym: str, price: float, snap: dict[str, Any]) -> float:
-        """The account's position in ``sym`` in target units (1 = the symbol's position limit)."""
-        qty = float(snap["positions"].get(sym, 0.0))
-        cap = float(snap["equity"]) * self.settings.risk_limits_for(account).max_position_for(sym)
-        return max(-1.0, min(1.0, qty * price / cap)) if cap > 0 else 0.0
-
-    def _preview_verdict(self, account: str, order_req: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
-        """The risk manager's verdict, judged here from its snapshot: the same rules, the same reading."""
-        try:
-            req = RiskOrderRequest.from_dict(order_req)
-        except OrderRequestError as e:
-            return bad_request_verdict(str(e), order_req)
-        verdict = evaluate_risk(self.settings.risk_limits_for(account), req, book_from_snapshot(snap, req.symbol))
-        verdict["preview"] = True
-        verdict["state_age_ms"] = round((time.monotonic() - snap["_got"]) * 1000, 1)
-        return verdict
-
-    def _window_columns(self, sym: str, w: deque) -> tuple[dict[str, np.ndarray], float]:
-        """The window as arrays and its ATR, built once per new bar (its seq says which) rather than per decision."""
-        last_seq = w[-1].get("seq")
-        hit = self._columns.get(sym)
-        if hit is not None and hit[0] == last_seq and last_seq is not None:
-            return hit[1], hit[2]
-        cols = _bar_columns(list(w), dict.__getitem__)
-        atr = _atr(cols)
-        self._columns[sym] = (last_seq, cols, atr)
-        return cols, atr
-
-    def _known_symbols(self) -> set[str]:
-        return set(self.settings.risk.allowed_symbols) | set(self.settings.feeds.symbols) | set(self.windows)
-
-    # -- the decision ---------------------------------------------------------------------
-    async def _decide(self, req: DecisionRequest, execute: bool) -> Decision:
-        t0 = time.perf_counter()
-        self._ensure_feed_task()
-        sym = req.symbol
-        if sym not in self._known_symbols():
-            raise ApiError(422, "unknown symbol", f"{sym} is neither an allowed symbol nor fed; known: "
-                           f"{', '.join(sorted(self._known_symbols()))}", ["symbol"])
-        if req.bars is not None:
-            cols = _bar_columns(req.bars, getattr, ts=lambda b: _ns(b.ts))
-            atr = _atr(cols)
-            last_seq = None
-        else:
-            w = self.windows.get(sym)
-            if not w:
-                raise ApiError(503, "no data yet", f"no bars for {sym} have arrived from the feeds yet; "
-                               "retry shortly or send bars in the request", ["symbol"])
-            cols, atr = self._window_columns(sym, w)
-            last_seq = w[-1].get("seq")
-        last_close, last_ts = float(cols["close"][-1]), int(cols["ts"][-1])
-        ens_req = {"symbol": sym, "bars": cols}
-        try:
-            sig = await self._predict(ens_req, last_seq)
-        except Exception as e:  # noqa: BLE001 - the ensemble is down: HOLD, with the reason
-            log.warning("ensemble call failed: %s", e)
-            sig = {"position": 0.0, "confidence": 0.0, "hold": True,
-                   "reason": f"ensemble unavailable ({e.__class__.__name__})", "members": {}, "failed": {},
-                   "model_versions": {}}
-        internal = float(sig.get("position") or 0.0)
-        confidence = float(sig.get("confidence") or 0.0)
-        ext = self.external.get(sym)
-        if ext is not None and ext["expires"] < time.time():
-            self.external.pop(sym, None)
-            ext = None
-        target = internal
-        if ext is not None:
-            w_ext = self.settings.serve.external_weight
-            target = (1 - w_ext) * internal + w_ext * ext["position"]
-            confidence = (1 - w_ext) * confidence + w_ext * ext["confidence"]
-        target = max(-1.0, min(1.0, target))
-        if req.account not in self.settings.accounts:
-            raise ApiError(422, "unknown account", f"no account named {req.account!r}; accounts: "
-                           f"{', '.join(account_names(self.settings))}", ["account"])
-        snap = await self._risk_snapshot(req.account)
-        current = self._position_units(req.account, sym, last_close, snap)
-        delta = target - current
-        if sig.get("hold") or abs(delta) < MIN_POSITION_CHANGE:
-            action = "HOLD"
-        else:
-            action = "BUY" if delta > 0 else "SELL"
-        decision_id = req.decision_id or uuid.uuid4().hex
-        order_req = {
-            "account": req.account, "symbol": sym, "side": action if action != "HOLD" else None,
-            "target_position": target, "confidence": confidence,
-            "price": last_close, "atr": atr, "decision_id": decision_id,
-            "members": {n: m.get("contribution", 0.0) for n, m in (sig.get("members") or {}).items()},
-        }
-        order = None
-        executed = False
-        if action == "HOLD":
-            verdict = {"approved": False, "quantity": 0.0,
-                       "reasons": [sig.get("reason") or f"target {target:+.2f} is within {MIN_POSITION_CHANGE} of the "
-                                   f"current position {current:+.2f}"], "checks": {}}
-        elif execute:
-            res = await self._call_risk(req.account, "submit", order_req)
-            verdict, order = res["verdict"], res.get("order")
-            executed = order is not None
-            self._drop_risk_snapshot(req.account)
-        else:
-            verdict = self._preview_verdict(req.account, order_req, snap)
-        if action != "HOLD" and not verdict.get("approved"):
-            self.risk_rejections += 1
-            self._metrics.rejection(req.account)
-        self.decisions[action] += 1
-        self._metrics.decision(action)
-        ms = (time.perf_counter() - t0) * 1000
-        self.latencies.append(ms)
-        d = Decision(
-            decision_id=decision_id, symbol=sym, account=req.account, action=action, target_position=target,
-            current_position=current, quantity=float(verdict.get("quantity") or 0.0), confidence=confidence,
-            reason=sig.get("reason"), regime=sig.get("regime"),
-            members={n: MemberContribution(**{k: m.get(k) for k in ("position", "contribution", "weight", "version")
-                                              if m.get(k) is not None})
-                     for n, m in (sig.get("members") or {}).items()},
-            failed_members=sig.get("failed") or {}, model_versions=sig.get("model_versions") or {},
-            external=None if ext is None else {k: ext[k] for k in ("source", "position", "confidence")},
-            risk=RiskVerdict(approved=bool(verdict.get("approved")), reasons=list(verdict.get("reasons") or []),
-                             quantity=float(verdict.get("quantity") or 0.0), checks=verdict.get("checks") or {},
-                             preview=bool(verdict.get("preview")), state_age_ms=verdict.get("state_age_ms")),
-            last_bar=LastBar(seq=last_seq, ts=_ts(last_ts), close=last_close),
-            executed=executed, order=order, latency_ms=round(ms, 3),
-        )
-        self.recent.appendleft(d)
-        return d
-
-    # -- routes ---------------------------------------------------------------------------
-    # The routes that return a Decision hand FastAPI the JSON (the model is built and checked in
-    # _decide); response_model still documents it in the OpenAPI schema.
-    @fastapi_app.post("/v1/decisions", response_model=Decision)
-    async def decisions(self, body: DecisionRequest, request: Request) -> Response:
-        self._auth(request, "trade" if body.execute else "read")
-        return _json(await self._timed("decisions", self._decide(body, execute=body.execute)))
-
-    @fastapi_app.get("/v1/signal/{symbol}", response_model=Decision)
-    async def signal(self, symbol: str, request: Request, account: str = "default") -> Response:
-        self._auth(request, "read")
-        try:
-            req = DecisionRequest(symbol=symbol, account=account)
-        except ValidationError as e:
-            detail, fields = _validation_detail(e)
-            raise ApiError(422, "invalid request", detail, fields) from None
-        return _json(await self._timed("signal", self._decide(req, execute=False)))
-
-    @fastapi_app.post("/v1/signals/external")
-    async def external_signal(self, body: ExternalSignal, request: Request) -> dict[str, Any]:
-        self._auth(request, "trade")
-        if body.symbol not in self._known_symbols():
-            raise ApiError(422, "unknown symbol", f"{body.symbol} is not a known symbol", ["symbol"])
-        self.external[body.symbol] = {"source": body.source, "position": body.position,
-                                      "confidence": body.confidence, "expires": time.time() + body.ttl_s}
-        return {"accepted": True, "symbol": body.symbol, "weight": self.settings.serve.external_weight,
-                "expires_in_s": body.ttl_s}
-
-    @fastapi_app.get("/v1/positions")
-    async def positions(self, request: Request, account: str = "default") -> dict[str, Any]:
-        self._auth(request, "read")
-        risk = self._account_actor("risk", account)
-        return {"account": account, "positions": await risk.positions.remote(),
-                "account_state": await risk.account_summary.remote()}
-
-    @fastapi_app.get("/v1/orders")
-    async def orders(self, request: Request, account: str = "default", limit: int = 100) -> dict[str, Any]:
-        self._auth(request, "read")
-        if not 1 <= limit <= 1000:
-            raise ApiError(422, "invalid request", "limit must be between 1 and 1000", ["limit"])
-        risk = self._account_actor("risk", account)
-        return {"account": account, "orders": await risk.orders.remote(limit)}
-
-    @fastapi_app.post("/v1/orders")
-    async def place_order(self, body: OrderRequest, request: Request) -> dict[str, Any]:
-        self._auth(request, "trade")
-        if body.symbol not in self._known_symbols():
-            raise ApiError(422, "unknown symbol", f"{body.symbol} is not a known symbol", ["symbol"])
-        self._account_actor("risk", body.account)  # 422 for an unknown account
-        w = self.windows.get(body.symbol)
-        price = float(w[-1]["close"]) if w else None
-        if price is None:
-            raise ApiError(503, "no data yet", f"no price for {body.symbol} yet; retry shortly", ["symbol"])
-        order_req = {
-            "account": body.account, "symbol": body.symbol, "side": body.side, "quantity": body.quantity,
-            "confidence": body.confidence, "price": price, "atr": self._window_columns(body.symbol, w)[1],
-            "stop_loss": body.stop_loss, "take_profit": body.take_profit,
-            "decision_id": body.client_order_id or uuid.uuid4().hex,
-        }
-        res = await self._call_risk(body.account, "submit", order_req)
-        self._drop_risk_snapshot(body.account)
-        if not res["verdict"].get("approved"):
-            self.risk_rejections += 1
-            self._metrics.rejection(body.account)
-            raise ApiError(422, "rejected by risk", "; ".join(res["verdict"].get("reasons") or ["rejected"]))
-        return res
-
-    @fastapi_app.post("/v1/risk/halt")
-    async def halt(self, body: HaltRequest, request: Request) -> dict[str, Any]:
-        who = self._auth(request, "admin")
-        out = {}
-        for acct in ([body.account] if body.account else account_names(self.settings)):
-            out[acct] = await self._account_actor("risk", acct).halt.remote(body.reason, who)
-            self._drop_risk_snapshot(acct)
-        self._alert("risk", f"trading halted by {who}: {body.reason}")
-        return {"halted": out}
-
-    @fastapi_app.post("/v1/risk/resume")
-    async def resume(self, body: HaltRequest, request: Request) -> dict[str, Any]:
-        who = self._auth(request, "admin")
-        out = {}
-        for acct in ([body.account] if body.account else account_names(self.settings)):
-            out[acct] = await self._account_actor("risk", acct).resume.remote(who)
-            self._drop_risk_snapshot(acct)
-        self._alert("risk", f"trading resumed by {who}")
-        return {"resumed": out}
-
-    @fastapi_app.get("/v1/analytics")
-    async def analytics(self, request: Request, account: str = "default", days: int = 30) -> dict[str, Any]:
-        self._auth(request, "read")
-        if not 1 <= days <= 3650:
-            raise ApiError(422, "invalid request", "days must be between 1 and 3650", ["days"])
-        return await self._account_actor("risk", account).analytics.remote(days)
-
-    @fastapi_app.get("/v1/status")
-    async def status(self, request: Request) -> dict[str, Any]:
-        self._auth(request, "read")
-        self._ensure_feed_task()
-        risk = {}
-        pnl = {}
-        for acct in account_names(self.settings):
-            r = self._actor(f"risk:{acct}")
-            risk[acct] = await _safe(r.state.remote()) if r else None
-            pnl[acct] = await _safe(r.account_summary.remote()) if r else None
-        return {
-            "uptime_s": round(time.time() - self.started, 1),
-            "decisions": dict(self.decisions), "risk_rejections": self.risk_rejections,
-            "latency_ms": {"p50": _percentile(self.latencies, 0.5), "p90": _percentile(self.latencies, 0.9),
-                           "p99": _percentile(self.latencies, 0.99), "n": len(self.latencies)},
-            "risk": risk, "accounts": pnl, "recent_decisions": self.recent_decisions(20),
-            "symbols": {s: {"bars": len(w), "last_seq": w[-1]["seq"], "last_close": w[-1]["close"]}
-                        for s, w in self.windows.items() if w},
-        }
-
-    # -- the operator dashboard (serve.dashboard) ------------------------------------------
-    @fastapi_app.get("/ui", response_class=HTMLResponse)
-    async def ui(self) -> HTMLResponse:
-        self._ensure_feed_task()
-        return HTMLResponse(page_html(), headers=UI_HEADERS)
-
-    @fastapi_app.get("/v1/ui/state")
-    async def ui_state(self, request: Request) -> dict[str, Any]:
-        name = self._auth(request, "read")
-        self._ensure_feed_task()
-        role = next((k.role for k in self.settings.api_keys if k.name == name), "read")
-        return await ui_state(self, role)
-
-    @fastapi_app.get("/v1/reports/{name}", response_class=HTMLResponse)
-    async def report(self, name: str, request: Request) -> HTMLResponse:
-        self._auth(request, "read")
-        page = await asyncio.to_thread(report_page, name)
-        if page is None:
-            raise ApiError(404, "unknown report", f"no backtest report named {name!r} under reports/")
-        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
-
-    @fastapi_app.post("/v1/models/{name}/promote")
-    async def promote_model(self, name: str, body: PromoteRequest, request: Request) -> dict[str, Any]:
-        who = self._auth(request, "admin")
-        rec = await self._registry_call("promote", name, body.version)
-        self._alert("registry", f"{name} v{rec['version']} promoted to production by {who}")
-        return {"promoted": rec}
-
-    @fastapi_app.post("/v1/models/{name}/rollback")
-    async def rollback_model(self, name: str, request: Request) -> dict[str, Any]:
-        who = self._auth(request, "admin")
-        rec = await self._registry_call("rollback", name)
-        self._alert("registry", f"{name} rolled back to v{rec['version']} by {who}")
-        return {"production": rec}
-
-    async def _registry_call(self, method: str, *args: Any) -> dict[str, Any]:
-        from actors.registry import REGISTRY_ACTOR, RegistryError, UnknownModel
-
-        reg = self._actor(REGISTRY_ACTOR)
-        if reg is None:
-            raise ApiError(503, "registry unavailable", "the model registry is not running")
-        try:
-            return await getattr(reg, method).remote(*args)
-        except Exception as e:  # noqa: BLE001 - Ray wraps the registry's own error
-            cause = getattr(e, "cause", e)
-            if isinstance(cause, UnknownModel):
-                raise ApiError(404, "unknown model", str(cause)) from None
-            if isinstance(cause, RegistryError):
-                raise ApiError(422, "refused by the registry", str(cause)) from None
-            raise
-
-    @fastapi_app.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        self._ensure_feed_task()
-        return {"ok": True}
-
-    @fastapi_app.get("/health/detailed")
-    async def health_detailed(self) -> dict[str, Any]:
-        comps = await self._components()
-        bad = [n for n, c in comps.items() if c["status"] == "down"]
-        degraded = [n for n, c in comps.items() if c["status"] == "degraded"]
-        overall = "down" if bad else ("degraded" if degraded else "ok")
-        return {"status": overall, "components": comps}
-
-    @fastapi_app.get("/health/components/{name}")
-    async def health_component(self, name: str) -> dict[str, Any]:
-        comps = await self._components()
-        if name not in comps:
-            raise ApiError(404, "unknown component", f"no component {name!r}; components: {', '.join(comps)}")
-        return comps[name]
-
-    @fastapi_app.get("/health/alerts")
-    async def alerts(self, limit: int = 50) -> dict[str, Any]:
-        await self._components()  # collects new alerts as a side effect
-        return {"alerts": list(self._alerts)[:max(1, min(limit, 200))]}
-
-    # -- health ---------------------------------------------------------------------------
-    def _alert(self, source: str, message: str, at: float | None = None, key: tuple | None = None) -> None:
-        if key is not None:
-            if key in self._seen_events:
-                return
-            self._seen_events.add(key)
-        self._alerts.appendleft({"at": at or time.time(), "source": source, "message": message})
-
-    async def _components(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        router = self._actor("router:default")
-        h = await _safe(router.health.remote()) if router else None
-        if h is None or "error" in (h or {}):
-            out["feeds"] = {"status": "down", "detail": "no feed router running"}
-        else:
-            healthy = [s["name"] for s in h["sources"] if s["healthy"]]
-            out["feeds"] = {"status": "ok" if h["active"] and len(healthy) == len(h["sources"]) else
-                            ("degraded" if h["active"] else "down"),
-                            "active": h["active"], "sources": h["sources"], "delivered": h["delivered"]}
-            for e in h["events"]:
-                self._alert("feeds", f"{e['kind']}: {e['from']} -> {e['to']} ({e['reason']})", e.get("wall"),
-                            key=("feed", e.get("wall"), e["kind"]))
-        try:
-            st = await asyncio.wait_for(self._ensemble_status(), 5)
-            failing = st.get("load_errors") or {}
-            out["ensemble"] = {"status": "degraded" if failing else "ok", **st}
-            for m, why in failing.items():
-                self._alert("ensemble", f"member {m} failing: {why}", key=("member", m, why))
-        except Exception as e:  # noqa: BLE001
-            out["ensemble"] = {"status": "down", "detail": e.__class__.__name__}
-        reg = self._actor("model-registry")
-        models = await _safe(reg.list.remote()) if reg else None
-        if isinstance(models, list):
-            out["registry"] = {"status": "ok", "models": sorted({m.get("name") for m in models if isinstance(m, dict)}),
-                               "versions": len(models)}
-        else:
-            out["registry"] = {"status": "down", "detail": (models or {}).get("error", "not running")}
-        learner = self._actor("learner")
-        out["learner"] = {"status": "ok" if learner else "idle"}
-        for acct in account_names(self.settings):
-            r = self._actor(f"risk:{acct}")
-            rs = await _safe(r.state.remote()) if r else None
-            bs = await _safe(r.broker_health.remote()) if r else None
-            ok_rs = isinstance(rs, dict) and "error" not in rs
-            halted = bool(ok_rs and (rs.get("halted") or rs.get("kill_switch") or rs.get("daily_halt")))
-            out[f"risk:{acct}"] = {"status": "down" if not ok_rs else ("degraded" if halted else "ok"), **(rs or {})}
-            out[f"broker:{acct}"] = {"status": "down" if not isinstance(bs, dict) or "error" in bs else "ok", **(bs or {})}
-            if halted:
-                why = "; ".join(rs.get("reasons") or []) or "halted"
-                self._alert("risk", f"{acct}: {why}", key=("halt", acct, why))
-            for ev in (rs or {}).get("events", []) if ok_rs else []:
-                if isinstance(ev, dict) and ev.get("kind") in ("kill_switch", "daily_halt", "broker_error"):
-                    self._alert("risk", f"{acct}: {ev.get('kind')}: {ev.get('reason') or ev.get('error') or ''}",
-                                ev.get("at"), key=("riskev", acct, ev.get("kind"), ev.get("at")))
-        try:
-            from core.store import BarStore
-
-            store = BarStore.from_settings(self.settings.store)
-            await asyncio.to_thread(store.symbols)
-            out["store"] = {"status": "ok", "uri": self.settings.store.uri}
-        except Exception as e:  # noqa: BLE001
-            out["store"] = {"status": "down", "detail": e.__class__.__name__}
-        return out
-
-    def _account_actor(self, kind: str, account: str) -> Any:
-        a = self._actor(f"{kind}:{account}")
+    def _risk_actor(self, account: str) -> Any:
+        """The account's risk manager; 422 for an account that does not exist."""
+        a = self.handles.get(names.risk(account)) if account in self.settings.accounts else None
         if a is None:
             raise ApiError(422, "unknown account", f"no account named {account!r}; accounts: "
                            f"{', '.join(account_names(self.settings))}", ["account"])
@@ -930,7 +176,197 @@ class Ingress:
             status = 500
             raise
         finally:
-            self._metrics.request(route, status, (time.perf_counter() - t0) * 1000)
+            self.metrics.request(route, status, (time.perf_counter() - t0) * 1000)
+
+    # -- routes ---------------------------------------------------------------------------
+    # The routes that return a Decision hand FastAPI the JSON (the model is built and checked in
+    # Decider.decide); response_model still documents it in the OpenAPI schema.
+    @fastapi_app.post("/v1/decisions", response_model=Decision)
+    async def decisions(self, body: DecisionRequest, caller: Caller = READ) -> Response:
+        if body.execute:
+            caller.require("trade")
+        self._start_background()
+        return _json(await self._timed("decisions", self.decider.decide(body, execute=body.execute)))
+
+    @fastapi_app.get("/v1/signal/{symbol}", response_model=Decision)
+    async def signal(self, symbol: str, account: str = "default", caller: Caller = READ) -> Response:
+        try:
+            req = DecisionRequest(symbol=symbol, account=account)
+        except ValidationError as e:
+            detail, fields = validation_detail(e)
+            raise ApiError(422, "invalid request", detail, fields) from None
+        self._start_background()
+        return _json(await self._timed("signal", self.decider.decide(req, execute=False)))
+
+    @fastapi_app.post("/v1/signals/external")
+    async def external_signal(self, body: ExternalSignal, caller: Caller = TRADE) -> dict[str, Any]:
+        if body.symbol not in self.decider.known_symbols():
+            raise ApiError(422, "unknown symbol", f"{body.symbol} is not a known symbol", ["symbol"])
+        self.decider.add_external(body.symbol, body.source, body.position, body.confidence, body.ttl_s)
+        return {"accepted": True, "symbol": body.symbol, "weight": self.settings.serve.external_weight,
+                "expires_in_s": body.ttl_s}
+
+    @fastapi_app.get("/v1/positions")
+    async def positions(self, account: str = "default", caller: Caller = READ) -> dict[str, Any]:
+        risk = self._risk_actor(account)
+        return {"account": account, "positions": await risk.positions.remote(),
+                "account_state": await risk.account_summary.remote()}
+
+    @fastapi_app.get("/v1/orders")
+    async def orders(self, account: str = "default", limit: int = 100, caller: Caller = READ) -> dict[str, Any]:
+        if not 1 <= limit <= 1000:
+            raise ApiError(422, "invalid request", "limit must be between 1 and 1000", ["limit"])
+        risk = self._risk_actor(account)
+        return {"account": account, "orders": await risk.orders.remote(limit)}
+
+    @fastapi_app.post("/v1/orders")
+    async def place_order(self, body: OrderRequest, caller: Caller = TRADE) -> dict[str, Any]:
+        if body.symbol not in self.decider.known_symbols():
+            raise ApiError(422, "unknown symbol", f"{body.symbol} is not a known symbol", ["symbol"])
+        self._risk_actor(body.account)  # 422 for an unknown account
+        units = body.units_error(self.settings.risk_limits_for(body.account).whole_shares)
+        if units is not None:
+            raise ApiError(422, "invalid request", units, ["quantity"])
+        w = self.bars.windows.get(body.symbol)
+        price = float(w[-1]["close"]) if w else None
+        if price is None:
+            raise ApiError(503, "no data yet", f"no price for {body.symbol} yet; retry shortly", ["symbol"])
+        order_req = {
+            "account": body.account, "symbol": body.symbol, "side": body.side, "quantity": body.quantity,
+            "confidence": body.confidence, "price": price, "atr": self.bars.columns(body.symbol, w)[1],
+            "stop_loss": body.stop_loss, "take_profit": body.take_profit,
+            "decision_id": body.client_order_id or uuid.uuid4().hex,
+        }
+        res = await self.risk.call(body.account, "submit", order_req)
+        self.risk.drop(body.account)
+        if not res["verdict"].get("approved"):
+            self.decider.rejected(body.account)
+            raise ApiError(422, "rejected by risk", "; ".join(res["verdict"].get("reasons") or ["rejected"]))
+        return res
+
+    @fastapi_app.post("/v1/risk/halt")
+    async def halt(self, body: HaltRequest, caller: Caller = ADMIN) -> dict[str, Any]:
+        out = {}
+        for acct in ([body.account] if body.account else account_names(self.settings)):
+            out[acct] = await self._risk_actor(acct).halt.remote(body.reason, caller.name)
+            self.risk.drop(acct)
+        self.health.alerts.trading_halted(caller.name, body.reason)
+        return {"halted": out}
+
+    @fastapi_app.post("/v1/risk/resume")
+    async def resume(self, body: HaltRequest, caller: Caller = ADMIN) -> dict[str, Any]:
+        out = {}
+        for acct in ([body.account] if body.account else account_names(self.settings)):
+            out[acct] = await self._risk_actor(acct).resume.remote(caller.name)
+            self.risk.drop(acct)
+        self.health.alerts.trading_resumed(caller.name)
+        return {"resumed": out}
+
+    @fastapi_app.get("/v1/analytics")
+    async def analytics(self, account: str = "default", days: int = 30, caller: Caller = READ) -> dict[str, Any]:
+        if not 1 <= days <= 3650:
+            raise ApiError(422, "invalid request", "days must be between 1 and 3650", ["days"])
+        return await self._risk_actor(account).analytics.remote(days)
+
+    @fastapi_app.get("/v1/status")
+    async def status(self, caller: Caller = READ) -> dict[str, Any]:
+        self._start_background()
+        risk = {}
+        pnl = {}
+        for acct in account_names(self.settings):
+            r = self.handles.get(names.risk(acct))
+            risk[acct] = await safe(r.state.remote()) if r else None
+            pnl[acct] = await safe(r.account_summary.remote()) if r else None
+        d = self.decider
+        return {
+            "uptime_s": round(time.time() - self.started, 1),
+            "decisions": dict(d.counts), "risk_rejections": d.risk_rejections,
+            "latency_ms": {"p50": percentile(d.latencies, 0.5), "p90": percentile(d.latencies, 0.9),
+                           "p99": percentile(d.latencies, 0.99), "n": len(d.latencies)},
+            "risk": risk, "accounts": pnl, "recent_decisions": d.recent_decisions(20),
+            "symbols": {s: {"bars": len(w), "last_seq": w[-1]["seq"], "last_close": w[-1]["close"]}
+                        for s, w in self.bars.windows.items() if w},
+        }
+
+    # -- the operator dashboard (serve.dashboard) ------------------------------------------
+    @fastapi_app.get("/ui", response_class=HTMLResponse)
+    async def ui(self) -> HTMLResponse:
+        self._start_background()
+        return HTMLResponse(page_html(), headers=UI_HEADERS)
+
+    @fastapi_app.get("/v1/ui/state")
+    async def ui_state(self, caller: Caller = READ) -> dict[str, Any]:
+        self._start_background()
+        d = self.decider
+        return await ui_state(self.health, self._ui_equity, self.bars.windows, d.recent_decisions(),
+                              {"decisions": dict(d.counts), "risk_rejections": d.risk_rejections}, caller.role)
+
+    @fastapi_app.get("/v1/reports/{name}", response_class=HTMLResponse)
+    async def report(self, name: str, caller: Caller = READ) -> HTMLResponse:
+        page = await asyncio.to_thread(report_page, name)
+        if page is None:
+            raise ApiError(404, "unknown report", f"no backtest report named {name!r} under reports/")
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @fastapi_app.post("/v1/models/{name}/promote")
+    async def promote_model(self, name: str, body: PromoteRequest, caller: Caller = ADMIN) -> dict[str, Any]:
+        rec = await self._registry_call("promote", name, body.version)
+        self.health.alerts.model_promoted(name, rec["version"], caller.name)
+        return {"promoted": rec}
+
+    @fastapi_app.post("/v1/models/{name}/rollback")
+    async def rollback_model(self, name: str, caller: Caller = ADMIN) -> dict[str, Any]:
+        rec = await self._registry_call("rollback", name)
+        self.health.alerts.model_rolled_back(name, rec["version"], caller.name)
+        return {"production": rec}
+
+    async def _registry_call(self, method: str, *args: Any) -> dict[str, Any]:
+        reg = self.handles.get(names.REGISTRY)
+        if reg is None:
+            raise ApiError(503, "registry unavailable", "the model registry is not running")
+        try:
+            return await getattr(reg, method).remote(*args)
+        except Exception as e:  # noqa: BLE001 - Ray wraps the registry's own error
+            cause = getattr(e, "cause", e)
+            if isinstance(cause, UnknownModel):
+                raise ApiError(404, "unknown model", str(cause)) from None
+            if isinstance(cause, RegistryError):
+                raise ApiError(422, "refused by the registry", str(cause)) from None
+            raise
+
+    # -- health (serve.health) -------------------------------------------------------------
+    @fastapi_app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        self._start_background()
+        return {"ok": True}
+
+    # Without a key the health pages say how each component is (ok, degraded, down, idle) and nothing
+    # else: no equity, cash, positions, limits, halt reasons or who halted. A read key shows the detail.
+    @fastapi_app.get("/health/detailed")
+    async def health_detailed(self, caller: Caller | None = MAYBE_KEY) -> dict[str, Any]:
+        comps = await self.health.components()
+        if caller is None:
+            return {"status": overall_status(comps), "components": {n: status_only(c) for n, c in comps.items()},
+                    "note": STATUS_ONLY}
+        return {"status": overall_status(comps), "components": comps}
+
+    @fastapi_app.get("/health/components/{name}")
+    async def health_component(self, name: str, caller: Caller | None = MAYBE_KEY) -> dict[str, Any]:
+        comps = await self.health.components()
+        if name not in comps:
+            raise ApiError(404, "unknown component", f"no component {name!r}; components: {', '.join(comps)}")
+        if caller is None:
+            return {**status_only(comps[name]), "note": STATUS_ONLY}
+        return comps[name]
+
+    @fastapi_app.get("/health/alerts")
+    async def alerts(self, limit: int = 50, caller: Caller | None = MAYBE_KEY) -> dict[str, Any]:
+        await self.health.components()  # collects new alerts as a side effect
+        alerts = self.health.alerts.recent(max(1, min(limit, 200)))
+        if caller is None:
+            # An alert's message names accounts, reasons and operators: only when and where, without a key.
+            return {"alerts": [{"at": a["at"], "source": a["source"]} for a in alerts], "note": STATUS_ONLY}
+        return {"alerts": alerts}
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Any:
@@ -941,16 +377,11 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Any:
 
 def ingress_options(settings: Settings, profile: str) -> dict[str, Any]:
     """The ingress replica's ``ray_actor_options``: its role's, plus the ensemble's when it runs the ensemble."""
-    from cluster.resources import combined_options, ray_options
-
     roles = ["ingress"] + (["ensemble"] if settings.serve.ensemble == "ingress" else [])
     return combined_options([ray_options(r, profile, settings.ray.resource_overrides) for r in roles])
 
 
 def build_app_from_settings(settings: Settings) -> Any:
-    from actors.ensemble import ensemble_deployment
-    from cluster.runtime import current_profile
-
     profile = current_profile(settings)
     opts = ingress_options(settings, profile)
     # With the ensemble inside it, the ingress batches concurrent decisions itself (Ensemble.predict_one).

@@ -2,8 +2,9 @@
 
 The page (``serve/static/dashboard.html``, one file, no build step, nothing
 fetched from the internet) is served at ``GET /ui`` without a key; with no
-key it shows only health (``/health/detailed``, ``/health/alerts``). With a
-key it polls ``GET /v1/ui/state`` about once a second, which gathers in one
+key it shows only health (``/health/detailed``, ``/health/alerts``), which
+without a key is each component's status and when and where an alert was
+raised, nothing about the accounts. With a key it polls ``GET /v1/ui/state`` about once a second, which gathers in one
 call what the page shows: feeds and their failovers, the ensemble and the
 registry, decisions, positions, orders, equity, risk, the scheduler and the
 latest backtest reports. Its controls use the ordinary admin routes
@@ -17,6 +18,10 @@ Two numbers exist only here, both from this ingress replica's memory:
 - a member's recent accuracy is the share of this replica's recent decisions
   where the member's direction matched the next bar's return.
 
+What the page shows of health is ``serve.health``'s component view, the
+same the health routes read; the rest (the live windows, recent decisions,
+counts) is passed in by the ingress.
+
 Not here: the routes themselves (``serve.app``), risk rules, the registry.
 """
 
@@ -24,13 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import re
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
+from cluster import names
 from cluster.runtime import REPO_ROOT
+from serve.health import HealthView, account_names, overall_status, safe
 
 PAGE = Path(__file__).with_name("static") / "dashboard.html"
 # Where `raytrade backtest` writes by default (``reports/<name>/index.html``).
@@ -125,8 +133,6 @@ def latest_reports(root: Path = REPORTS_DIR, limit: int = 10) -> list[dict[str, 
 
 
 def _unescape(s: str) -> str:
-    import html
-
     return html.unescape(s.strip())
 
 
@@ -157,13 +163,6 @@ async def _none() -> None:
     return None
 
 
-async def _safe(ref: Any, timeout: float = 5.0) -> Any:
-    try:
-        return await asyncio.wait_for(ref, timeout)
-    except Exception as e:  # noqa: BLE001 - the page shows it, never raises
-        return {"error": e.__class__.__name__}
-
-
 def _registry_rows(records: Any) -> Any:
     if not isinstance(records, list):
         return records
@@ -173,35 +172,40 @@ def _registry_rows(records: Any) -> Any:
              "metadata": {k: v for k, v in (r.get("metadata") or {}).items() if k in keep}} for r in records]
 
 
-async def ui_state(ingress: Any, role: str) -> dict[str, Any]:
-    """Everything the page shows, in one answer (the ``Ingress`` holds the live parts)."""
-    from serve.app import account_names
+async def ui_state(health: HealthView, equity: EquityHistory, windows: Mapping[str, Sequence[dict[str, Any]]],
+                   recent: list[dict[str, Any]], counts: dict[str, Any], role: str) -> dict[str, Any]:
+    """Everything the page shows, in one answer.
 
-    health = await ingress._components()
-    router = ingress._actor("router:default")
-    reg = ingress._actor("model-registry")
-    sched = ingress._actor("scheduler")
-    accounts = account_names(ingress.settings)
-    risks = {a: ingress._actor(f"risk:{a}") for a in accounts}
+    ``health``: the replica's component view (and its actor handles and
+    alerts); ``equity``: the curve this replica samples; ``windows``: the live
+    bar windows; ``recent``: the replica's recent decisions, newest first;
+    ``counts``: its decision and rejection counts.
+    """
+    comps = await health.components()
+    handles = health.handles
+    router = handles.get(names.router())
+    reg = handles.get(names.REGISTRY)
+    sched = handles.get(names.SCHEDULER)
+    accounts = account_names(health.settings)
+    risks = {a: handles.get(names.risk(a)) for a in accounts}
     router_h, registry, scheduler, *per_acct = await asyncio.gather(
-        _safe(router.health.remote()) if router else _none(),
-        _safe(reg.list.remote()) if reg else _none(),
-        _safe(sched.status.remote(10)) if sched else _none(),
-        *[_safe(r.positions.remote()) if r else _none() for r in risks.values()],
-        *[_safe(r.orders.remote(20)) if r else _none() for r in risks.values()],
+        safe(router.health.remote()) if router else _none(),
+        safe(reg.list.remote()) if reg else _none(),
+        safe(sched.status.remote(10)) if sched else _none(),
+        *[safe(r.positions.remote()) if r else _none() for r in risks.values()],
+        *[safe(r.orders.remote(20)) if r else _none() for r in risks.values()],
     )
     positions = dict(zip(accounts, per_acct[:len(accounts)]))
     orders = {a: [{k: o.get(k) for k in ORDER_FIELDS} for o in os] if isinstance(os, list) else os
               for a, os in zip(accounts, per_acct[len(accounts):])}
     now = time.time()
-    equity = {}
+    curves = {}
     for a in accounts:
-        rs = health.get(f"risk:{a}") or {}
-        ingress._ui_equity.sample(a, rs.get("equity"), now)
-        equity[a] = ingress._ui_equity.series(a)
-    recent = ingress.recent_decisions()
+        rs = comps.get(names.risk(a)) or {}
+        equity.sample(a, rs.get("equity"), now)
+        curves[a] = equity.series(a)
     symbols = {}
-    for s, w in sorted(ingress.windows.items()):
+    for s, w in sorted(windows.items()):
         if w:
             b = w[-1]
             symbols[s] = {"source": b.get("source"), "seq": b.get("seq"), "ts": b.get("ts"), "close": b.get("close"),
@@ -210,18 +214,16 @@ async def ui_state(ingress: Any, role: str) -> dict[str, Any]:
     return {
         "role": role,
         "at": now,
-        "health": {"status": "down" if any(c.get("status") == "down" for c in health.values()) else
-                   ("degraded" if any(c.get("status") == "degraded" for c in health.values()) else "ok"),
-                   "components": {n: c.get("status") for n, c in health.items()}},
-        "alerts": list(ingress._alerts)[:30],
+        "health": {"status": overall_status(comps), "components": {n: c.get("status") for n, c in comps.items()}},
+        "alerts": health.alerts.recent(30),
         "feeds": {"symbols": symbols, "router": router_h},
-        "ensemble": health.get("ensemble"),
-        "accuracy": member_accuracy(recent, ingress.windows),
+        "ensemble": comps.get("ensemble"),
+        "accuracy": member_accuracy(recent, windows),
         "registry": _registry_rows(registry),
         "decisions": recent[:25],
-        "counts": {"decisions": dict(ingress.decisions), "risk_rejections": ingress.risk_rejections},
-        "accounts": {a: {"risk": health.get(f"risk:{a}"), "broker": health.get(f"broker:{a}"),
-                         "positions": positions[a], "orders": orders[a], "equity": equity[a]} for a in accounts},
+        "counts": counts,
+        "accounts": {a: {"risk": comps.get(names.risk(a)), "broker": comps.get(names.broker(a)),
+                         "positions": positions[a], "orders": orders[a], "equity": curves[a]} for a in accounts},
         "scheduler": scheduler,
         "reports": reports,
     }

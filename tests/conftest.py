@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 
 import pytest
 
@@ -29,16 +28,6 @@ def pytest_report_header(config):
     if not gpu:
         return "gpu tests: skipped - no CUDA GPU on this machine (run `pytest -m gpu` on a GPU machine)"
     return "gpu tests: a CUDA GPU is available"
-
-
-@pytest.fixture(autouse=True)
-def _no_model_resolver_left_behind():
-    """The backtest CLI connects ``model:`` names to the registry for its process; a test that ran
-    the CLI must not leave that connection to the next test."""
-    yield
-    walk_forward = sys.modules.get("tune.walk_forward")
-    if walk_forward is not None:
-        walk_forward.set_model_resolver(None)
 
 
 @pytest.fixture
@@ -103,9 +92,9 @@ def trading_app(ray_session, tmp_path_factory, serve_port):
     from ray import serve
 
     from cluster.settings import load_settings
-    from cluster.system import start_system, stop_system
     from core.store import BarStore
     from core.synthetic import generate_bars
+    from raytrade.system import start_system, stop_system
 
     root = tmp_path_factory.mktemp("trading")
     port = serve_port

@@ -1,4 +1,4 @@
-"""The Alpaca broker against the local Alpaca server (tests/alpaca_server.py) on 127.0.0.1.
+"""The Alpaca broker against the local Alpaca server (tests/support/alpaca_server.py) on 127.0.0.1.
 
 alpaca-py's real TradingClient talks to a real HTTP server: bracket orders,
 client order ids, a response lost to a timeout after the order was accepted
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from core.risk import sign_order
-from tests.alpaca_server import AlpacaFakeServer, make_bars
+from tests.support.alpaca_server import AlpacaFakeServer, make_bars
 
 KEY = b"k" * 32
 

@@ -15,10 +15,7 @@ import ray
 from cluster.runtime import actor_options
 from cluster.settings import load_settings
 
-try:
-    from alpaca_server import AlpacaFakeServer, make_bars
-except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.alpaca_server import AlpacaFakeServer, make_bars
+from tests.support.alpaca_server import AlpacaFakeServer, make_bars
 
 SYMS = ["AAPL", "MSFT"]
 

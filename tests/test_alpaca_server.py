@@ -1,6 +1,6 @@
 """The Alpaca double, exercised through the real alpaca-py clients.
 
-These tests pin down two things at once: that tests/alpaca_server.py speaks
+These tests pin down two things at once: that tests/support/alpaca_server.py speaks
 Alpaca's protocols well enough for alpaca-py (StockDataStream,
 StockHistoricalDataClient, TradingClient) to work against it unchanged, and
 how alpaca-py itself behaves on the failures our feed and broker actors must
@@ -40,10 +40,7 @@ from alpaca.trading.requests import (
     TakeProfitRequest,
 )
 
-try:  # tests/ is on sys.path under pytest's default import mode
-    from alpaca_server import AlpacaFakeServer, FakeBar, make_bars
-except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.alpaca_server import AlpacaFakeServer, FakeBar, make_bars
+from tests.support.alpaca_server import AlpacaFakeServer, FakeBar, make_bars
 
 WS_LOGGER = "alpaca.data.live.websocket"
 
@@ -532,7 +529,7 @@ def test_injected_http_errors_reach_the_client_and_place_nothing():
 
 
 def test_command_line_entry_point_serves_and_stops_on_sigterm():
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alpaca_server.py")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "alpaca_server.py")
     proc = subprocess.Popen(
         [sys.executable, script, "--port", "0", "--symbols", "AAPL", "--n-bars", "3",
          "--max-seconds", "30"],

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cluster.cli import main
 from core.synthetic import generate_bars
+from raytrade.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +21,7 @@ def run_cli(*args, env=None, cwd=None, timeout=120):
     e.update(env or {})
     e["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, env=e, cwd=cwd or ROOT,
+        [sys.executable, "-m", "raytrade", *args], capture_output=True, text=True, env=e, cwd=cwd or ROOT,
         timeout=timeout,
     )
 
@@ -31,6 +31,21 @@ def test_help_lists_the_commands():
     assert r.returncode == 0
     for cmd in ("up", "down", "status", "config", "data"):
         assert cmd in r.stdout
+
+
+def test_help_and_a_bad_flag_load_no_heavy_library():
+    # Each verb module imports Ray, pandas, the store, torch and tune/ only when its verb runs.
+    probe = ("import sys\nfrom raytrade.cli import main\n"
+             "def code(argv):\n    try:\n        return main(argv)\n    except SystemExit as e:  # --help exits\n"
+             "        return e.code\n"
+             "codes = [code(['--help']), code(['up', '--duration', 'soon']), code(['backtest', 'run', '--help'])]\n"
+             "heavy = ('ray', 'pandas', 'pyarrow', 'torch', 'numba', 'core.store', 'actors', 'tune', 'serve')\n"
+             "print(codes, sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("RAYTRADE_")}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**e, "PYTHONPATH": str(ROOT)},
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[0, 2, 0] []"
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Golden-number tests of the backtest engine on hand-made bars.
 
 Every expected number below is worked out by hand in the comments, from the
-fill rules in core/engine.py's docstring; none is copied from the engine's
+fill rules in core/engine/__init__.py's docstring; none is copied from the engine's
 output. Sizes use backtesting.py's rule: floor(equity * (1 - 2**-52) /
 (fill price * (1 + commission))).
 """

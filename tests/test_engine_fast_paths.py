@@ -34,7 +34,7 @@ FULL = 1.0 - 2.0**-52
 def reference_backtest(open_, close, targets, cash, commission, slippage, fill, whole_units, close_at_end):
     """The module docstring's rules, bar by bar, in plain Python: (equity, units, closed-trade P&L, trades).
 
-    Written from core/engine.py's docstring, not from the compiled code;
+    Written from core/engine/__init__.py's docstring, not from the compiled code;
     the arithmetic is spelled in the same order so results can match to
     the bit.
     """

@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from actors.ensemble import BatchingHandle, Ensemble, EnsembleActor, ensemble_deployment, get_or_create_ensemble
-from actors.model_cache import DeviceConfig, OnnxModel
-from actors.registry import ModelRegistry, get_or_create_registry
+from actors.ensemble import BatchingHandle, Ensemble, EnsembleActor, get_or_create_ensemble
+from actors.registry import get_or_create_registry
 from core.baselines import export_onnx, random_model
 from core.features import FEATURE_NAMES, WARMUP
 from core.fusion import MultiplicativeWeights, outcome_loss
+from core.models.cache import DeviceConfig, OnnxModel
+from core.models.registry import ModelRegistry
 from core.strategies import rsi_reversion, sma_crossover
 from core.synthetic import generate_bars
+from serve.ensemble import ensemble_deployment
 
 F = len(FEATURE_NAMES)
 HERE = "tests.test_ensemble"
@@ -109,7 +111,7 @@ def test_small_batches_run_rule_and_onnx_members_inline_and_a_late_one_is_still_
     timeout cannot be cut off there, but its late answer is left out as a thread's would be."""
     import threading
 
-    from actors.ensemble import INLINE_MAX_ROWS, _Slot
+    from core.ensemble import INLINE_MAX_ROWS, _Slot
 
     seen = {}
 
@@ -391,12 +393,12 @@ def test_callers_answered_by_a_batch_form_the_next_one_without_waiting_again():
     # Only a burst's first batch waits batch_wait_s for company. Callers that
     # resubmit as soon as they are answered (a closed loop, as the benchmark's
     # and a busy ingress's are) must not pay it again on every batch.
-    from actors.ensemble import _Batcher
+    from core.batching import Batcher
 
     async def answer(items):
         return [i * 2 for i in items]
 
-    batcher = _Batcher(answer, max_batch=64, wait_s=0.05)
+    batcher = Batcher(answer, max_batch=64, wait_s=0.05)
 
     async def caller(k):
         return [await batcher.submit(k) for _ in range(10)]

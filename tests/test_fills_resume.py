@@ -1,6 +1,6 @@
 """Fills never stop silently: a SIGKILLed bar pump and a whole-system restart, on real Ray actors.
 
-Each test starts the system's trading path the way ``cluster.system`` does
+Each test starts the system's trading path the way ``raytrade.system`` does
 (``start_feeds`` then ``start_accounts``: replay feed, router, risk manager,
 paper broker, bar pump) in a namespace of its own, leaves an order pending,
 kills, and waits (bounded) for that order's fill. The fill is known exactly:
@@ -21,15 +21,16 @@ import pandas as pd
 import pytest
 import ray
 
-from actors.accounts import PUMP_ACTOR, ledger_clock, ledger_marks, start_accounts
+from actors.accounts import ledger_clock, ledger_marks, start_accounts
 from actors.broker import ledger_dir
 from actors.feeds import _ReplaySource, resume_start
 from actors.risk import open_account
+from cluster.names import BAR_PUMP as PUMP_ACTOR
 from cluster.settings import load_settings
-from cluster.system import start_feeds
 from core.ledger import Ledger
 from core.store import BarStore
 from core.synthetic import generate_bars
+from raytrade.system import start_feeds
 
 SYMS = ["SPY", "QQQ"]
 BAR_S = 1.0  # the embedded default's bar interval: "two bars" is 2 s
@@ -159,6 +160,7 @@ def test_a_sigkilled_bar_pump_resumes_by_itself_and_fills_within_two_bars(ray_se
         _kill_namespace(ns)
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: left out of a bare `pytest`, run by `make test`
 def test_after_a_whole_system_kill_the_replay_resumes_from_the_ledgers_clock(ray_session, tmp_path):
     ns = "raytrade-test-fills-system"
     s1 = _settings(tmp_path, ns)

@@ -55,7 +55,7 @@ def test_raytrade_up_serves_decisions_through_haproxy_and_stops_cleanly(tmp_path
         RAYTRADE_STATE_DIR=str(tmp_path / "state"), RAYTRADE_RAY__NAMESPACE="raytrade-haproxy-test",
         RAYTRADE_RAY__INCLUDE_DASHBOARD="false", RAYTRADE_RAY__NUM_CPUS="2",
     )
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--duration", "240"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "raytrade", "up", "--duration", "240"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)

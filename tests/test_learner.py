@@ -17,25 +17,16 @@ import pytest
 import ray
 import torch
 
-from actors.learner import (
-    EVAL_CASH,
-    LearnerBusy,
-    MemberPolicy,
-    MultiSymbolEnv,
-    RunRequest,
-    evaluate,
-    export_member_onnx,
-    get_or_create_learner,
-    load_data,
-    run_path,
-    run_training,
-    select_device,
-)
+from actors.learner import LearnerBusy, get_or_create_learner, select_device
 from cluster.settings import load_settings
 from core.engine import backtest
 from core.features import FEATURE_NAMES, feature_spec_hash
 from core.rl.cvar_ppo import ActorCritic, CVaRPPOSettings
+from core.rl.data import MultiSymbolEnv, load_data
 from core.rl.env import TradingEnv
+from core.rl.evaluate import EVAL_CASH, evaluate
+from core.rl.export import MemberPolicy, export_member_onnx
+from core.rl.run import RunRequest, run_path, run_training
 from core.store import BarStore
 from core.synthetic import SyntheticMarket
 
@@ -192,8 +183,8 @@ def test_training_envs_never_hold_a_heldout_bar(store_with_bars):
 
 # --------------------------------------------------------------------------- a run, in process
 def test_a_run_checkpoints_exports_evaluates_and_registers_then_answers_from_the_store(store_with_bars):
-    from actors.model_cache import DeviceConfig, OnnxModel
-    from actors.registry import ModelRegistry
+    from core.models.cache import DeviceConfig, OnnxModel
+    from core.models.registry import ModelRegistry
 
     settings, store, _ = store_with_bars
     registry = ModelRegistry(settings)
@@ -239,8 +230,8 @@ def test_a_run_checkpoints_exports_evaluates_and_registers_then_answers_from_the
 
 
 def test_registering_a_run_twice_keeps_one_candidate(tmp_path):
-    from actors.learner import register_candidate
-    from actors.registry import ModelRegistry
+    from core.models.registry import ModelRegistry
+    from core.rl.run import register_candidate
 
     settings = tiny_settings(tmp_path)
     registry = ModelRegistry(settings)
@@ -254,7 +245,7 @@ def test_registering_a_run_twice_keeps_one_candidate(tmp_path):
 
 
 def test_stopped_run_resumes_from_its_store_checkpoint_with_the_numbers_of_an_unbroken_run(store_with_bars):
-    from actors.registry import ModelRegistry
+    from core.models.registry import ModelRegistry
 
     settings, store, market = store_with_bars
     registry = ModelRegistry(settings)
@@ -338,6 +329,7 @@ def _actor(settings):
     return get_or_create_learner(settings, name=f"learner-test-{uuid.uuid4().hex[:8]}", detached=False)
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: left out of a bare `pytest`, run by `make test`
 def test_actor_answers_progress_while_training_and_refuses_a_second_run(ray_session, named_registry, store_with_bars):
     settings, _, _ = store_with_bars
     learner = _actor(settings)
@@ -366,6 +358,7 @@ def test_actor_answers_progress_while_training_and_refuses_a_second_run(ray_sess
         ray.kill(learner, no_restart=True)
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: left out of a bare `pytest`, run by `make test`
 def test_killed_actor_is_restarted_and_training_resumes_from_the_checkpoint_not_zero(ray_session, named_registry, store_with_bars):
     settings, store, _ = store_with_bars
     learner = _actor(settings)
@@ -417,7 +410,7 @@ def cli_env(tmp_path, monkeypatch):
     (["--symbols", "SPY", "--beta", "-0.01", "--lambda-lr", "nan"], "--lambda-lr nan"),
 ])
 def test_train_cli_bad_input_is_one_line_exit_2(cli_env, capsys, args, needle):
-    from cluster.cli import main
+    from raytrade.cli import main
 
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -425,7 +418,7 @@ def test_train_cli_bad_input_is_one_line_exit_2(cli_env, capsys, args, needle):
 
 
 def test_train_cli_prints_baseline_and_cvar_ppo_on_the_same_heldout_bars(ray_session, named_registry, cli_env, capsys):
-    from cluster.cli import main
+    from raytrade.cli import main
 
     assert main(["train", "--symbols", "SPY", "--steps", str(2 * BATCH), "--alpha", "0.25", "--run", "cli"]) == 0
     out = capsys.readouterr().out
@@ -449,14 +442,14 @@ def test_train_cli_prints_baseline_and_cvar_ppo_on_the_same_heldout_bars(ray_ses
 
 def test_scheduler_target_trains_once_per_run_id(ray_session, named_registry, cli_env):
     from actors.learner import LEARNER_ACTOR, train_workflow
-    from cluster.scheduler import import_target
+    from core.scheduling import import_target
 
     settings = load_settings(use_file=False)
     assert import_target(settings.scheduler.workflows["model_training"].target) is train_workflow
     try:
         first = train_workflow("wf", ["SPY"], 2 * BATCH, alpha=0.25)
         store = BarStore.from_settings(settings.store)
-        from actors.registry import ModelRegistry
+        from core.models.registry import ModelRegistry
 
         assert first["sha256"] == hashlib.sha256(ModelRegistry(settings).load("cvar-ppo", first["version"])).hexdigest()
         assert first["global_step"] == 2 * BATCH

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from actors.model_cache import (
+from core.baselines import _torch_export, export_onnx, parity, random_model, train_direction_model
+from core.features import FEATURE_NAMES
+from core.models.cache import (
+    GATE_BUFFER_BYTES,
     BadModelContract,
     CacheFull,
     DeviceConfig,
@@ -15,9 +18,6 @@ from actors.model_cache import (
     OnnxModel,
     detect_device,
 )
-from actors.model_cache import GATE_BUFFER_BYTES
-from core.baselines import _torch_export, export_onnx, parity, random_model, train_direction_model
-from core.features import FEATURE_NAMES
 from core.onnx_graph import gate_bytes_per_row, lean_recurrent
 
 F = len(FEATURE_NAMES)

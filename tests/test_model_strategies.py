@@ -1,7 +1,7 @@
 """Registered models as strategies: a CVaR-PPO member from the registry, backtested and walked forward.
 
 The oracle for the targets is the learner's own evaluation path
-(``actors.learner.member_positions`` on the windows built by hand), so a
+(``core.rl.evaluate.member_positions`` on the windows built by hand), so a
 registered policy trades in a backtest exactly as its held-out evaluation
 said it would.
 """
@@ -14,21 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from actors.learner import export_member_onnx, member_positions
-from actors.registry import ModelRegistry, UnknownModel
 from core.baselines import export_onnx, random_model
 from core.features import FEATURE_NAMES, WARMUP, compute_features
+from core.models.registry import ModelRegistry, UnknownModel
 from core.rl.cvar_ppo import ActorCritic
+from core.rl.evaluate import member_positions
+from core.rl.export import export_member_onnx
+from core.strategies import get_strategy, grid_table
 from core.synthetic import generate_bars
 from tune.models import connect_registry, parse_model_spec
 from tune.walk_forward import (
     Costs,
-    get_strategy,
-    grid_table,
     infer_periods_per_year,
     make_folds,
     out_of_sample,
-    set_model_resolver,
     walk_forward,
 )
 
@@ -43,9 +42,14 @@ def registered(make_settings):
     check = np.random.default_rng(1).normal(size=(20, W, F)).astype(np.float32)
     data, _ = export_member_onnx(policy, W, F, check)
     ModelRegistry(settings).register("ppo", data, "policy", {"algorithm": "cvar-ppo"})
-    connect_registry(settings)
-    yield settings, data
-    set_model_resolver(None)
+    return settings, data
+
+
+@pytest.fixture
+def resolve(registered):
+    """``model:`` names resolved through ``registered``'s registry."""
+    settings, _ = registered
+    return connect_registry(settings)
 
 
 def one_symbol(n: int, seed: int = 3):
@@ -62,10 +66,10 @@ def by_hand(data: bytes, bars) -> np.ndarray:
     return out
 
 
-def test_a_registered_policy_trades_as_its_evaluation_says(registered):
+def test_a_registered_policy_trades_as_its_evaluation_says(registered, resolve):
     _, data = registered
     bars = one_symbol(300)
-    s = get_strategy("model:ppo@1")
+    s = get_strategy("model:ppo@1", resolve)
     assert s.name == "model:ppo@1" and set(s.grid) == {"scale", "threshold"}
     want = by_hand(data, bars)
     assert np.any(want != 0) and np.all(want[:WARMUP + W - 1] == 0)
@@ -81,17 +85,17 @@ def test_a_registered_policy_trades_as_its_evaluation_says(registered):
     np.testing.assert_array_equal(after[:201], want[:201])
     assert not np.array_equal(after[201:], want[201:])
     # With no version the registry's default (no production yet: the newest) is taken.
-    assert get_strategy("model:ppo").name == "model:ppo@1"
+    assert get_strategy("model:ppo", resolve).name == "model:ppo@1"
 
 
-def test_names_versions_and_contracts_are_checked(registered, make_settings):
+def test_names_versions_and_contracts_are_checked(registered, resolve, make_settings):
     settings, _ = registered
     with pytest.raises(UnknownModel, match="no version 7"):
-        get_strategy("model:ppo@7")
+        get_strategy("model:ppo@7", resolve)
     with pytest.raises(UnknownModel, match="no model named 'nope'"):
-        get_strategy("model:nope@1")
+        get_strategy("model:nope@1", resolve)
     with pytest.raises(ValueError, match="no production version"):
-        get_strategy("model:ppo@production")
+        get_strategy("model:ppo@production", resolve)
     with pytest.raises(ValueError, match="model:NAME@VERSION"):
         parse_model_spec("model:two words")
     with pytest.raises(ValueError, match="number, production or candidate"):
@@ -100,21 +104,21 @@ def test_names_versions_and_contracts_are_checked(registered, make_settings):
     three = random_model("mlp", n_features=3, window=W, seed=0)
     ModelRegistry(settings).register("narrow", export_onnx(three, W, 3), "forecasting")
     with pytest.raises(ValueError, match=f"takes 3 features, this build computes {F}"):
-        get_strategy("model:narrow@1")
+        get_strategy("model:narrow@1", resolve)
     ModelRegistry(settings).register("pickled", b"not onnx", "forecasting", kind="pt")
     with pytest.raises(ValueError, match="model:pickled@1 is a pt artefact; only ONNX members"):
-        get_strategy("model:pickled@1")
+        get_strategy("model:pickled@1", resolve)
 
 
-def test_walk_forward_over_a_registered_policy_through_tune(ray_session, registered, tmp_path):
+def test_walk_forward_over_a_registered_policy_through_tune(ray_session, registered, resolve, tmp_path):
     _, data = registered
     bars = one_symbol(460)
     wf = walk_forward(bars, "model:ppo@1", train=150, test=100, params={"scale": [0.5, 1.0]},
-                      storage_path=str(tmp_path), name="ppo-wf")
+                      storage_path=str(tmp_path), name="ppo-wf", resolver=resolve)
     assert wf.strategy == "model:ppo@1" and len(wf.folds) == 3
     # Each fold's out-of-sample figures are those of the scale it chose, run by hand; the other
     # scale would have given different ones, so the choice is what the numbers show.
-    strategy, ppy = get_strategy("model:ppo@1"), infer_periods_per_year(bars)
+    strategy, ppy = get_strategy("model:ppo@1", resolve), infer_periods_per_year(bars)
     for fold, row in zip(make_folds(len(bars), 150, 100), wf.folds.to_dict("records")):
         runs = {scale: out_of_sample(bars, strategy, {"scale": scale, "threshold": 0.0}, fold, Costs(), ppy)
                 for scale in (0.5, 1.0)}
@@ -128,7 +132,7 @@ def test_walk_forward_over_a_registered_policy_through_tune(ray_session, registe
 
 
 def test_cli_backtests_a_registered_policy(registered, tmp_path, monkeypatch, capsys):
-    from cluster.cli import main
+    from raytrade.cli import main
 
     settings, data = registered
     monkeypatch.setenv("RAYTRADE_STORE__URI", settings.store.uri)
@@ -171,7 +175,7 @@ def test_a_baseline_records_its_training_bars_up_to_the_held_out_ones():
 
 def test_training_ranges_in_both_spellings_and_the_in_sample_count():
     from tune.models import in_sample_warning, training_ranges
-    from tune.walk_forward import model_strategy
+    from core.strategies import model_strategy
 
     baseline = {"training_data": [{"symbol": "spy", "first": "2024-01-02", "last": "2024-01-05"}]}
     learner = {"training_data": {"SPY": {"first": "2024-01-02", "last": "2024-01-05"}},

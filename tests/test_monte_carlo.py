@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from ray import cloudpickle
 
+from core.strategies import get_strategy, model_strategy
 from core.synthetic import generate_bars
 from tune.monte_carlo import block_bootstrap, bootstrap_trades, gbm_closes, monte_carlo, path_stats
-from tune.walk_forward import Costs, model_strategy
+from tune.walk_forward import Costs
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials run in workers that cannot import tests/
 
@@ -146,7 +147,6 @@ def test_bad_monte_carlo_input_is_refused():
 
 def _synthetic_inputs():
     from tune.monte_carlo import _inputs
-    from tune.walk_forward import get_strategy
 
     bars = generate_bars(["X"], 300, seed=12, interval="1D")
     inputs, _, _ = _inputs(bars, get_strategy("sma_crossover"), {"fast": 5, "slow": 20}, Costs(commission=0.001),

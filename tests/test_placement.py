@@ -1,6 +1,6 @@
 """Roles land on the node types meant for them; a role no node can hold is reported, not left hanging.
 
-The multi-node part runs tests/placement_cluster.py in its own process: it starts
+The multi-node part runs tests/support/placement_cluster.py in its own process: it starts
 a three-node Ray cluster on 127.0.0.1 (one node with a GPU count, one with the
 ``feed`` resource), which cannot share a process with the session's Ray.
 """
@@ -45,7 +45,7 @@ def placement(tmp_path_factory):
     # Windows/macOS, but it is exactly "use 127.0.0.1 as this node's address".
     env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     store = str(tmp_path_factory.mktemp("placement-store"))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "placement_cluster.py"), store], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "placement_cluster.py"), store], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=240)
@@ -59,6 +59,7 @@ def placement(tmp_path_factory):
     return json.loads(lines[-1][len("PLACEMENT "):])
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: left out of a bare `pytest`, run by `make test`
 def test_gpu_roles_land_on_the_gpu_node(placement):
     assert placement["profile"] == "gpu"  # the cluster has a GPU, so the GPU profile is chosen
     for role in ("ensemble", "learner"):
@@ -133,7 +134,7 @@ def _cuda() -> bool:
 def test_two_roles_share_one_gpu_each_inside_its_share():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYTRADE_")}
     env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES=env.get("CUDA_VISIBLE_DEVICES", "0"))
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "gpu_share_probe.py"), role, "3"], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "gpu_share_probe.py"), role, "3"], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for role in ("ensemble", "learner")]
     results = {}

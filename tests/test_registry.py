@@ -9,17 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from actors.registry import (
-    INDEX,
-    ArtefactStore,
-    CorruptArtefact,
-    ModelRegistry,
-    RegistryError,
-    UnknownModel,
-    get_or_create_registry,
-)
+from actors.registry import get_or_create_registry
 from core.baselines import export_onnx, random_model
 from core.features import FEATURE_NAMES
+from core.models.artefacts import ArtefactStore
+from core.models.errors import CorruptArtefact, RegistryError, UnknownModel
+from core.models.index import INDEX
+from core.models.registry import ModelRegistry
 
 F = len(FEATURE_NAMES)
 
@@ -218,7 +214,7 @@ def test_registry_actor_rebuilds_itself_after_being_killed(ray_session, make_set
 
 
 def test_models_cli_without_a_cluster(make_settings, blobs, tmp_path, capsys, monkeypatch):
-    from cluster.cli import main
+    from raytrade.cli import main
 
     settings = make_settings()
     cfg = tmp_path / "raytrade.toml"
@@ -253,7 +249,7 @@ def test_models_cli_without_a_cluster(make_settings, blobs, tmp_path, capsys, mo
 
 
 def test_train_baseline_registers_a_checked_model(make_settings, tmp_path, capsys, monkeypatch):
-    from cluster.cli import main
+    from raytrade.cli import main
     from core.store import BarStore
     from core.synthetic import generate_bars
 
@@ -278,7 +274,7 @@ def test_import_from_s3(make_settings, s3_server, blobs, capsys):
 
     from minio import Minio
 
-    from cluster.models_cli import read_source
+    from raytrade.cli.models import read_source
 
     settings = _s3_settings(make_settings, s3_server, "imports")
     mc = Minio(s3_server["endpoint"].split("://")[1], s3_server["access_key"], s3_server["secret_key"], secure=False)

@@ -46,6 +46,7 @@ def test_backtest_report_without_ray(tmp_path):
         write_report(tmp_path / "empty")
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: left out of a bare `pytest`, run by `make test`
 def test_full_report_references_only_images_that_exist(ray_session, tmp_path):
     bars = generate_bars(["X"], 900, seed=6, interval="1D")
     costs = Costs(commission=0.001)
@@ -111,8 +112,8 @@ def test_compare_lists_where_paper_fills_differ_and_why(tmp_path):
 
 
 def test_cli_backtest_run_and_bad_input(tmp_path, monkeypatch, capsys):
-    from cluster.cli import main
     from core.store import BarStore
+    from raytrade.cli import main
 
     store = tmp_path / "store"
     BarStore.from_settings(type("S", (), {"uri": str(store), "endpoint": None, "access_key": None,

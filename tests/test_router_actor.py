@@ -22,6 +22,10 @@ from cluster.settings import load_settings
 from core.store import BarStore
 from core.synthetic import generate_bars
 
+# Each test streams bars through real feed actors for about 30 s: left out of a bare `pytest`, run
+# by `make test`.
+pytestmark = pytest.mark.slow
+
 SYMS = ["SPY", "QQQ"]
 N = 120
 

@@ -1,7 +1,8 @@
-"""Ray itself: a feed actor streams, and `raytrade status` sees it."""
+"""Ray itself: a feed actor streams, `raytrade status` sees it, and actors are found by the names in cluster.names."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from cluster import names
 from cluster.runtime import ClusterUnavailable, actor_options, serve_proxy_env, status
 from cluster.settings import load_settings
 from core.store import BarStore
@@ -80,7 +82,7 @@ def test_status_lists_actors_and_waiting_ones(ray_session, feed_settings):
     # The CLI, in another process, sees the same cluster.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYTRADE_")}
     env.update(RAY_ADDRESS=ray_session.address, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "raytrade", "status", "--json"], capture_output=True,
                        text=True, env=env, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-500:]
     names = {a["name"]: a["state"] for a in json.loads(r.stdout)["actors"]}
@@ -126,3 +128,62 @@ def test_the_local_ray_refuses_a_client_without_its_token(ray_session, tmp_path)
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "joined" not in refused.stdout
     assert "auth" in refused.stderr.lower(), refused.stderr[-2000:]
+
+
+def test_actor_names_are_the_contract():
+    # Serve's health keys, `raytrade feeds kill feed:replay` and running clusters rely on these strings.
+    assert (names.feed("replay"), names.router(), names.risk("a"), names.broker("a")) == (
+        "feed:replay", "router:default", "risk:a", "broker:a")
+    assert (names.REGISTRY, names.SCHEDULER, names.LEARNER, names.ENSEMBLE, names.BAR_PUMP) == (
+        "model-registry", "scheduler", "learner", "ensemble", "pump:bars")
+
+
+def test_lookup_finds_a_running_actor_and_none_otherwise(ray_session, feed_settings):
+    from actors.feeds import FeedActor
+
+    name = names.feed("lookup")
+    assert names.lookup(name, feed_settings) is None
+    with pytest.raises(LookupError, match="raytrade up"):
+        names.require(name, feed_settings)
+    a = FeedActor.options(**actor_options("feed", feed_settings, name, detached=False)).remote(
+        name, "synthetic", ["SPY"], feed_settings)
+    ray.get(a.health.remote())
+    assert names.lookup(name, feed_settings) is not None
+    assert names.lookup(name, feed_settings.model_copy(update={"ray": feed_settings.ray.model_copy(
+        update={"namespace": "elsewhere"})})) is None  # raytrade's namespace only
+    ray.kill(a)
+
+
+ACTOR_NAME_PREFIXES = ("feed:", "router:", "risk:", "broker:", "pump:")
+ACTOR_NAMES = {"model-registry"}
+
+
+def _spelled_out_names(source: str, where: str) -> list[str]:
+    """Actor names written as string literals (docstrings aside) in one module's source."""
+    tree = ast.parse(source, where)
+    skip = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    skip |= {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+            text = str(node.values[0].value)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            text = node.value
+        else:
+            continue
+        if text.startswith(ACTOR_NAME_PREFIXES) or text in ACTOR_NAMES:
+            found.append((node.lineno, f"{where}:{node.lineno} {text!r}"))
+    return [hit for _, hit in sorted(found)]
+
+
+def test_actor_names_are_written_only_in_cluster_names():
+    """A name written out beside the helper that makes it is how two spellings start; every
+    package takes actor names from cluster.names."""
+    assert _spelled_out_names('"""risk:x in a docstring is fine"""\nh = get(f"risk:{a}")\nr = "model-registry"\n',
+                              "m.py") == ["m.py:2 'risk:'", "m.py:3 'model-registry'"]  # the check can fail
+    spelled = []
+    for pkg in ("cluster", "actors", "serve", "tune", "raytrade"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            if f != ROOT / "cluster" / "names.py":
+                spelled += _spelled_out_names(f.read_text(), str(f.relative_to(ROOT)))
+    assert spelled == []

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cluster.scheduler import (
+from cluster.settings import SchedulerSettings
+from core.scheduling import (
     CANCELLED, FAILED, QUEUED, RECOVERING, RUNNING, STOPPING, SUCCEEDED, TIMED_OUT, WorkflowError, WorkflowQueue,
 )
-from cluster.settings import SchedulerSettings
 
 PRIORITIES = {"critical_trading": 1, "risk_management": 2, "position_reconciliation": 3, "model_intelligence": 4,
               "daily_report": 15, "model_training": 20, "data_collection": 25}
-TARGET = "tests.workflow_targets:work"
+TARGET = "tests.support.workflow_targets:work"
 
 
 def test_default_priorities_are_the_operating_plan():
@@ -311,7 +311,7 @@ def test_submissions_are_checked_and_idempotent():
     assert len(q.jobs) == 1
     checked = WorkflowQueue(SchedulerSettings(), clock=clock)
     with pytest.raises(WorkflowError, match="cannot be imported"):
-        checked.submit("daily_report", target="tests.workflow_targets:no_such_function")
+        checked.submit("daily_report", target="tests.support.workflow_targets:no_such_function")
 
 
 def test_journal_round_trip_and_recovery_rules():
@@ -385,7 +385,7 @@ def sched_settings(make_settings):
 
 
 def _start(settings):
-    from cluster.scheduler import WorkflowScheduler, scheduler_options
+    from actors.scheduler import WorkflowScheduler, scheduler_options
 
     opts = scheduler_options(settings, detached=False)
     opts["name"] = f"scheduler-test-{uuid.uuid4().hex[:8]}"
@@ -434,7 +434,7 @@ def _no_overlap(spans, locks_of):
 def test_actor_runs_contending_workflows_with_retries(ray_session, sched_settings, tmp_path):
     import ray
 
-    from tests.workflow_targets import intervals, read_log
+    from tests.support.workflow_targets import intervals, read_log
 
     log = str(tmp_path / "events.jsonl")
     sched = _start(sched_settings)
@@ -446,7 +446,7 @@ def test_actor_runs_contending_workflows_with_retries(ray_session, sched_setting
         j = ray.get(sched.submit.remote(rng.choice(list(PRIORITIES)), [log, name, rng.uniform(0.1, 0.4)],
                                         target=TARGET, locks=locks, job_id=name))
         locks_of[name], ids = locks, ids + [j["id"]]
-    flaky = ray.get(sched.submit.remote("risk_management", [log, "flaky", 2], target="tests.workflow_targets:flaky",
+    flaky = ray.get(sched.submit.remote("risk_management", [log, "flaky", 2], target="tests.support.workflow_targets:flaky",
                                         locks=["risk_calculation"], job_id="flaky"))
     locks_of["flaky"] = ["risk_calculation"]
     jobs = _wait(sched, ids + [flaky["id"]], _final, timeout_s=90)
@@ -477,7 +477,7 @@ def _pid_alive(pid: int) -> bool:
 def test_actor_times_out_and_cancels_by_killing_the_attempt(ray_session, sched_settings, tmp_path):
     import ray
 
-    from tests.workflow_targets import intervals, read_log
+    from tests.support.workflow_targets import intervals, read_log
 
     log = str(tmp_path / "events.jsonl")
     sched = _start(sched_settings)
@@ -510,7 +510,7 @@ def test_actor_times_out_and_cancels_by_killing_the_attempt(ray_session, sched_s
 def test_scheduler_killed_mid_run_recovers_and_never_reruns_finished_work(ray_session, sched_settings, tmp_path):
     import ray
 
-    from tests.workflow_targets import intervals, read_log
+    from tests.support.workflow_targets import intervals, read_log
 
     log = str(tmp_path / "events.jsonl")
     sched = _start(sched_settings)
@@ -549,9 +549,9 @@ def test_scheduler_killed_mid_run_recovers_and_never_reruns_finished_work(ray_se
 def test_cli_workflows_run_ls_cancel(ray_session, tmp_path, monkeypatch, capsys):
     import ray
 
-    from cluster.cli import main
-    from cluster.scheduler import get_scheduler
+    from actors.scheduler import get_scheduler
     from cluster.settings import load_settings
+    from raytrade.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAYTRADE_STORE__URI", str(tmp_path / "store"))
@@ -592,7 +592,7 @@ def test_cli_workflows_run_ls_cancel(ray_session, tmp_path, monkeypatch, capsys)
 
 
 def test_an_unreadable_journal_stops_the_scheduler_instead_of_dropping_the_queue(make_settings):
-    from cluster.scheduler import load_journal
+    from actors.scheduler import load_journal
     from core.store import BarStore
 
     s = make_settings()

@@ -62,8 +62,12 @@ def test_healthz_and_detailed_health_need_no_key(app):
     assert c.get("/healthz").json() == {"ok": True}
     d = c.get("/health/detailed").json()
     assert set(d["components"]) >= {"feeds", "ensemble", "registry", "store", "risk:default", "broker:default"}
+    # Without a key: each component's status only (issue 16); a read key shows the detail.
+    assert all(set(comp) == {"status"} for comp in d["components"].values()), d
+    d = c.get("/health/detailed", headers=h(app, "read")).json()
     assert d["components"]["feeds"]["active"] in ("feed:replay", "feed:synthetic")
-    assert c.get("/health/components/feeds").json()["active"] in ("feed:replay", "feed:synthetic")
+    feeds = c.get("/health/components/feeds", headers=h(app, "read")).json()
+    assert feeds["active"] in ("feed:replay", "feed:synthetic")
     r = c.get("/health/components/nope")
     assert r.status_code == 404 and "components:" in r.json()["detail"]
 
@@ -101,7 +105,7 @@ def test_decisions_on_one_bar_share_one_ensemble_pass(app):
     c = app["client"]
 
     def ensemble_passes() -> int:
-        r = c.get("/health/components/ensemble")
+        r = c.get("/health/components/ensemble", headers=h(app, "read"))
         assert r.status_code == 200, r.text
         return r.json()["requests"]
 
@@ -142,21 +146,25 @@ def test_execute_twice_with_same_decision_id_gives_one_order(app):
     c = app["client"]
     before = len(orders(app))
     did = "dec-" + uuid.uuid4().hex[:16]
-    body = {"symbol": "QQQ", "execute": True, "decision_id": did, "bars": _rising_bars()}
+    # On the live window: an executed decision is never sized on client bars (issue 16).
+    body = {"symbol": "QQQ", "execute": True, "decision_id": did}
     first = c.post("/v1/decisions", json=body, headers=h(app, "trade"))
     second = c.post("/v1/decisions", json=body, headers=h(app, "trade"))
     assert first.status_code == second.status_code == 200, (first.text, second.text)
     a, b = first.json(), second.json()
     assert a["decision_id"] == b["decision_id"] == did
     after = orders(app)
-    if a["executed"]:
+    ids = [o["client_order_id"] for o in after]
+    # The live window may move a bar between the two calls, so either call may be the one that trades.
+    if a["executed"] or b["executed"]:
         # One entry, plus its bracket legs (stop and take-profit, held under it as parent).
         new = after[:len(after) - before]
-        assert [o["client_order_id"] for o in after].count(did) == 1
+        assert ids.count(did) == 1
         assert all(o["client_order_id"] == did or o["parent"] == did for o in new), new
-        assert a["order"]["client_order_id"] == b["order"]["client_order_id"] == did
+        for d in (a, b):
+            assert not d["executed"] or d["order"]["client_order_id"] == did
     else:  # refused or HOLD: then never an order, either time
-        assert len(after) == before
+        assert did not in ids and len(after) == before
 
 
 def test_kill_switch_holds_until_resumed(app):
@@ -169,13 +177,14 @@ def test_kill_switch_holds_until_resumed(app):
         r = c.post("/v1/orders", json={"symbol": "SPY", "side": "BUY", "quantity": 1}, headers=h(app, "trade"))
         assert r.status_code == 422 and "halted" in r.json()["detail"]
         assert len(orders(app)) == before
-        alerts = c.get("/health/alerts").json()["alerts"]
+        alerts = c.get("/health/alerts", headers=h(app, "read")).json()["alerts"]
         assert any("halt" in a["message"] for a in alerts)
         # A decision's verdict is previewed in the ingress from the account's snapshot, which a halt
         # through the API drops at once: an entry is refused with the halt's reason right away.
         d = c.post("/v1/decisions", json={"symbol": "QQQ", "bars": _rising_bars()}, headers=h(app, "read")).json()
         assert d["risk"]["preview"] and d["risk"]["state_age_ms"] < 1000
-        if "halt" in d["risk"]["checks"]:  # an entry (exits pass every halt)
+        halt = d["risk"]["checks"].get("halt")
+        if halt is not None and "skipped" not in halt:  # an entry (an exit's halt check says "skipped")
             assert not d["risk"]["approved"] and "trading halted: test halt (by admin)" in d["risk"]["reasons"], d
         else:
             assert d["action"] == "HOLD" or not d["risk"]["checks"] or "sizing" in d["risk"]["checks"], d
@@ -406,7 +415,7 @@ def test_ensemble_as_its_own_deployment_decides_as_the_ensemble_does(app):
 
 
 def test_request_metrics_are_kept_then_handed_to_ray_in_one_flush(ray_session):
-    from serve.app import _Metrics
+    from serve.metrics import ServeMetrics as _Metrics
 
     m = _Metrics()
     for ms in (1.5, 2.5, 40.0):

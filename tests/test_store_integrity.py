@@ -19,11 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 from minio import Minio
 
-from actors.registry import INDEX, ModelRegistry, RegistryError, get_or_create_registry
-from cluster.models_cli import _Remote
+from actors.registry import get_or_create_registry
 from core.bars import BAR_SCHEMA, first_bad_row, normalise, to_table, validate_bars
+from core.models.errors import RegistryError
+from core.models.index import INDEX
+from core.models.registry import ModelRegistry
 from core.store import MANIFEST_DIR, BarStore, CorruptPartError, open_filesystem
 from core.synthetic import generate_bars
+from raytrade.cli.models import _Remote
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +35,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path) -> subproc
     e = {k: v for k, v in os.environ.items() if not k.startswith("RAYTRADE_") and k != "RAY_ADDRESS"}
     e.update(env or {})
     e["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, env=e,
+    return subprocess.run([sys.executable, "-m", "raytrade", *args], capture_output=True, text=True, env=e,
                           cwd=cwd, timeout=180)
 
 

@@ -15,17 +15,13 @@ import pandas as pd
 import pytest
 from ray import cloudpickle
 
+from core.strategies import Strategy, get_strategy, grid_table, model_strategy
 from core.synthetic import generate_bars
 from tune.walk_forward import (
     Costs,
-    Strategy,
-    get_strategy,
-    grid_table,
     in_sample,
     make_folds,
-    model_strategy,
     out_of_sample,
-    set_model_resolver,
     stitched,
     walk_forward,
 )
@@ -69,7 +65,7 @@ def test_rolling_and_anchored_folds():
         make_folds(100, train=80, test=30)
 
 
-def test_model_strategies_join_through_the_resolver_hook():
+def test_model_strategies_join_through_the_resolver_the_caller_passes():
     with pytest.raises(KeyError, match="no model registry"):
         get_strategy("model:ppo@3")
     calls = []
@@ -78,16 +74,14 @@ def test_model_strategies_join_through_the_resolver_hook():
         calls.append(name)
         return model_strategy(name, lambda bars, scale: np.full(len(bars), scale), grid={"scale": [0.5, 1.0]})
 
-    set_model_resolver(resolve)
-    try:
-        s = get_strategy("model:ppo@3")
-        t = s.targets(frame(np.linspace(10, 11, 5)), grid_table(s.grid))
-        np.testing.assert_array_equal(t, [[0.5] * 5, [1.0] * 5])
-        assert calls == ["model:ppo@3"]
-    finally:
-        set_model_resolver(None)
+    s = get_strategy("model:ppo@3", resolve)
+    t = s.targets(frame(np.linspace(10, 11, 5)), grid_table(s.grid))
+    np.testing.assert_array_equal(t, [[0.5] * 5, [1.0] * 5])
+    assert calls == ["model:ppo@3"]
+    with pytest.raises(KeyError, match="no model registry"):  # nothing was remembered
+        get_strategy("model:ppo@3")
     with pytest.raises(KeyError, match="unknown strategy 'nope'"):
-        get_strategy("nope")
+        get_strategy("nope", resolve)
 
 
 def known_best_bars(seed: int = 11) -> pd.DataFrame:
@@ -162,6 +156,7 @@ def _perturb_after(bars: pd.DataFrame, cut: int, seed: int = 5) -> pd.DataFrame:
     return out
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: left out of a bare `pytest`, run by `make test`
 def test_no_look_ahead_through_tune(ray_session, tmp_path):
     """Changing every bar after fold 1's end moves nothing of folds 0 and 1, and does move fold 2."""
     bars = generate_bars(["X"], 1200, seed=4, interval="1D")

@@ -3,8 +3,11 @@
 - ``tune.walk_forward``: walk-forward optimisation (rolling or anchored
   folds; grid or sampled search on each fold's in-sample bars; the best set
   run out of sample; stitched out-of-sample equity, parameters per fold,
-  walk-forward efficiency). Also the strategy interface Tune searches
-  (``Strategy``, ``model_strategy`` for learned models, the name registry).
+  walk-forward efficiency). The strategies it searches, and their name
+  registry, are ``core.strategies``'; ``model:`` names resolve through the
+  resolver the caller passes (``tune.models.connect_registry``).
+- ``tune.experiment``: the Tune plumbing both drivers share (storage,
+  chunking, naming). No function here connects to Ray: the caller does.
 - ``tune.monte_carlo``: Monte Carlo robustness (trade bootstrap, block
   bootstrap of bar returns, re-runs on synthetic price paths).
 - ``tune.models``: registry models as strategies (``model:NAME@VERSION``), a

@@ -3,7 +3,7 @@
 A learned member in the model registry (an ONNX file under the ensemble's
 member contract: feature windows ``[B, W, F]`` in, positions ``[B]`` in
 [-1, 1] out; the CVaR-PPO learner's member export is one) becomes a
-:class:`tune.walk_forward.Strategy`. Its target for bar ``t`` is the
+:class:`core.strategies.Strategy`. Its target for bar ``t`` is the
 member's position on the window of ``core.features`` rows ending at ``t``,
 the window the ensemble gives it live, so target ``t`` reads bars ``<= t``
 only. Bars whose window reaches into the features' warm-up, and rows the
@@ -22,11 +22,11 @@ Names: ``model:NAME@3`` is version 3; ``model:NAME@production`` or
 ``model:NAME@candidate`` the production or the newest candidate version;
 ``model:NAME`` the production version, or the newest when none is in
 production (the registry's own default). The artefact is read through
-``actors.registry.ModelRegistry`` straight from the store, its sha256
+``core.models.registry.ModelRegistry`` straight from the store, its sha256
 checked, once per resolve; what Tune's trials receive is the bytes, and
 each process opens its own ONNX Runtime session on the CPU on first use.
 
-Not here: the registry (``actors.registry``), serving members live
+Not here: the registry (``core.models.registry``), serving members live
 (``actors.ensemble``), training (``actors.learner``).
 """
 
@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from tune.walk_forward import Strategy, model_strategy, set_model_resolver
+from core.features import FEATURE_NAMES, compute_features, price_arrays
+from core.models.cache import DeviceConfig, OnnxModel
+from core.models.registry import ModelRegistry
+from core.strategies import Strategy, model_strategy
 
 PREFIX = "model:"
 DEFAULT_GRID = {"scale": [1.0], "threshold": [0.0]}
@@ -79,9 +82,6 @@ class RegisteredMember:
     @property
     def model(self) -> Any:
         if self._model is None:
-            from actors.model_cache import DeviceConfig, OnnxModel
-            from core.features import FEATURE_NAMES
-
             self._model = OnnxModel(self.name, self.version, self.data, DeviceConfig(), len(FEATURE_NAMES))
         return self._model
 
@@ -91,8 +91,6 @@ class RegisteredMember:
         Cached on the bars' prices, which are all the features read: the P
         parameter sets of one table cost one feature pass and one inference.
         """
-        from core.features import compute_features, price_arrays
-
         digest = hashlib.blake2b(digest_size=16)
         for column in price_arrays(bars).values():
             digest.update(np.ascontiguousarray(column).tobytes())
@@ -121,7 +119,7 @@ class RegisteredMember:
 
 
 def registry_strategy(spec: str, registry: Any) -> Strategy:
-    """The strategy for ``model:NAME@VERSION`` from ``registry`` (an ``actors.registry.ModelRegistry``).
+    """The strategy for ``model:NAME@VERSION`` from ``registry`` (a ``core.models.registry.ModelRegistry``).
 
     Refuses, with a message that says what to fix, a name or version the
     registry does not hold, and an artefact that is not a member (wrong
@@ -185,12 +183,12 @@ def in_sample_warning(strategy: Strategy, symbol: str, bars: Any) -> str | None:
             "results over them are in-sample, not a test of the model")
 
 
-def connect_registry(settings: Any) -> None:
-    """Resolve ``model:`` strategy names through the registry in the store of ``settings``."""
+def connect_registry(settings: Any) -> Callable[[str], Strategy]:
+    """A resolver for ``model:`` strategy names over the registry in the store of ``settings``:
+    pass it to ``core.strategies.get_strategy``, ``walk_forward`` or ``monte_carlo`` as ``resolver``.
+    Nothing is installed anywhere; each call opens the registry afresh."""
 
     def resolve(spec: str) -> Strategy:
-        from actors.registry import ModelRegistry
-
         return registry_strategy(spec, ModelRegistry(settings, announce=False))
 
-    set_model_resolver(resolve)
+    return resolve

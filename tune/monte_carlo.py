@@ -39,8 +39,9 @@ any point; 0.5 by default), and a fan of equity percentiles over time.
 depend on how trials were scheduled. Trials take ``backtest_trial``'s
 resources and write to Tune's storage (``storage_path``).
 
-Not here: the engine (``core.engine``), walk-forward (``tune.walk_forward``),
-charts (``tune.report``).
+Not here: the engine (``core.engine``), the Tune plumbing
+(``tune.experiment``; the caller connects to Ray first), walk-forward
+(``tune.walk_forward``), charts (``tune.report``).
 """
 
 from __future__ import annotations
@@ -48,23 +49,22 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+import ray
+from ray import tune
+
 from core.engine import backtest, run_batch, simulate_paths_torch
 from core.metrics import summary
+from core.strategies import Strategy, get_strategy
 from core.synthetic import SyntheticMarket
-from tune.walk_forward import (
-    Costs,
-    Strategy,
-    _json_float,
-    get_strategy,
-    infer_periods_per_year,
-    run_experiment,
-)
+from tune.experiment import chunks as trial_chunks
+from tune.experiment import experiment_name, run_experiment
+from tune.walk_forward import Costs, _json_float, infer_periods_per_year
 
 METHODS = ("trades", "blocks", "synthetic")
 STATS = ("terminal_wealth", "total_return", "sharpe", "max_drawdown", "cvar", "mean_return")
@@ -174,11 +174,9 @@ def engine_device(requested: str | None = None) -> str | None:
     if requested is not None:
         return requested
     try:
-        import ray
-
         if not ray.is_initialized() or not ray.get_gpu_ids():
             return None
-        import torch
+        import torch  # only on a GPU trial: torch costs seconds to import
 
         return "cuda" if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - no GPU answer is a CPU answer
@@ -186,8 +184,6 @@ def engine_device(requested: str | None = None) -> str | None:
 
 
 def _mc_trial(config, *, inputs, chunks, seed, periods, alpha, ruin):
-    from ray import tune
-
     t0 = time.perf_counter()
     method = config["method"]
     lo, hi = chunks[config["chunk"]]
@@ -315,7 +311,29 @@ def _inputs(bars: pd.DataFrame, strategy: Strategy, params: Mapping[str, Any], c
     return inputs, base, skipped
 
 
-def monte_carlo(
+@dataclass(frozen=True)
+class MonteCarloPlan:
+    """A checked Monte Carlo, ready to run: the base backtest and what each method resamples (no Ray yet)."""
+
+    strategy: Strategy
+    params: dict[str, Any]
+    costs: Costs
+    bars: pd.DataFrame
+    inputs: dict[str, Any]
+    base: Any  # the base backtest (core.engine.BacktestResult)
+    run: list[str]  # the methods that run; those skipped are in ``skipped``, with the reason
+    skipped: dict[str, str]
+    periods: dict[str, float]  # per method: steps per year of its paths
+    chunks: list[tuple[int, int]]
+    n_paths: int
+    seed: int
+    ruin: float
+    alpha: float
+    periods_per_year: float
+    started: float  # perf_counter() when planning began: the result's wall_s counts from here
+
+
+def plan_monte_carlo(
     bars: pd.DataFrame,
     strategy: Strategy | str,
     params: Mapping[str, Any] | None = None,
@@ -333,21 +351,19 @@ def monte_carlo(
     seed: int = 0,
     costs: Costs | None = None,
     periods_per_year: float | None = None,
-    storage_path: str | None = None,
-    name: str | None = None,
-    settings=None,
-    profile: str | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> MonteCarloResult:
-    """Monte Carlo of ``strategy`` with ``params`` on one symbol's ``bars``, as a Tune experiment.
+    resolver: Callable[[str], Strategy] | None = None,
+) -> MonteCarloPlan:
+    """Everything :func:`monte_carlo` checks, and the base backtest, without Ray: a ValueError here
+    means no cluster was touched.
 
     ``n_paths`` per method; ``horizon`` bars per bar-level path (default: as
     many as ``bars``); ``ruin`` is the equity fraction that counts as ruin.
     A method the data cannot support (fewer than two closed trades) is
-    skipped, with the reason in ``skipped``.
+    skipped, with the reason in ``skipped``. ``resolver`` resolves a
+    ``model:`` name (``tune.models.connect_registry``).
     """
-    t_start = time.perf_counter()
-    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    started = time.perf_counter()
+    strategy = get_strategy(strategy, resolver) if isinstance(strategy, str) else strategy
     costs = costs or Costs()
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -367,17 +383,40 @@ def monte_carlo(
         raise ValueError("no Monte Carlo method can run: " + "; ".join(skipped.values()))
     years = len(bars) / ppy
     periods = {"trades": max(len(inputs["trade_returns"]), 1) / years, "blocks": ppy, "synthetic": ppy}
-    n_chunks = max(1, math.ceil(n_paths / paths_per_trial))
-    edges = np.linspace(0, n_paths, n_chunks + 1).astype(int)
-    chunks = [(int(edges[i]), int(edges[i + 1])) for i in range(n_chunks)]
+    return MonteCarloPlan(strategy, params, costs, bars, inputs, base, run, skipped, periods,
+                          trial_chunks(n_paths, paths_per_trial), n_paths, seed, ruin, alpha, ppy, started)
 
-    from ray import tune
 
-    trial = tune.with_parameters(_mc_trial, inputs=inputs, chunks=chunks, seed=seed, periods=periods, alpha=alpha,
-                                 ruin=ruin)
-    name = name or f"monte_carlo-{strategy.name.replace(':', '_').replace('@', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+def monte_carlo(
+    bars: pd.DataFrame,
+    strategy: Strategy | str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    storage_path: str | None = None,
+    name: str | None = None,
+    settings=None,
+    profile: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    **plan: Any,
+) -> MonteCarloResult:
+    """Monte Carlo of ``strategy`` with ``params`` on one symbol's ``bars``, as a Tune experiment:
+    :func:`plan_monte_carlo` (whose keywords ``plan`` holds: ``methods``, ``n_paths``, ``ruin``...)
+    then :func:`run_monte_carlo`. The caller connects to Ray first (``cluster.runtime.connect``)."""
+    return run_monte_carlo(plan_monte_carlo(bars, strategy, params, **plan), storage_path=storage_path, name=name,
+                           settings=settings, profile=profile, progress=progress)
+
+
+def run_monte_carlo(plan: MonteCarloPlan, *, storage_path: str | None = None, name: str | None = None,
+                    settings=None, profile: str | None = None, progress: Callable[[str], None] | None = None,
+                    ) -> MonteCarloResult:
+    """Run a planned Monte Carlo as one Tune experiment (in ``storage_path``). Ray must be connected."""
+    strategy, params, run, chunks, bars = plan.strategy, plan.params, plan.run, plan.chunks, plan.bars
+    n_chunks = len(chunks)
+    trial = tune.with_parameters(_mc_trial, inputs=plan.inputs, chunks=chunks, seed=plan.seed, periods=plan.periods,
+                                 alpha=plan.alpha, ruin=plan.ruin)
+    name = name or experiment_name("monte_carlo", strategy.name)
     if progress:
-        progress(f"monte carlo {strategy.name} {params}: {', '.join(run)} x {n_paths} paths in "
+        progress(f"monte carlo {strategy.name} {params}: {', '.join(run)} x {plan.n_paths} paths in "
                  f"{len(run) * n_chunks} trials")
     results, path = run_experiment(
         trial, {"method": tune.grid_search(run), "chunk": tune.grid_search(list(range(n_chunks)))},
@@ -392,8 +431,8 @@ def monte_carlo(
         out[m] = MethodResult(m, stats, ruined, np.percentile(fan_paths, PERCENTILES, axis=0),
                               np.asarray(mine[0]["fan_x"]), "trade" if m == "trades" else "bar")
     return MonteCarloResult(
-        strategy=strategy.name, params=params, costs=costs, base_metrics=dict(base.metrics),
-        base_equity=base.equity, base_times=bars["ts"].to_numpy() if "ts" in bars.columns else None,
-        methods=out, skipped=skipped, experiment_path=path, n_trials=len(results),
-        work_s=float(sum(r["work_s"] for r in results)), wall_s=time.perf_counter() - t_start, ruin=ruin,
-        periods_per_year=ppy)
+        strategy=strategy.name, params=params, costs=plan.costs, base_metrics=dict(plan.base.metrics),
+        base_equity=plan.base.equity, base_times=bars["ts"].to_numpy() if "ts" in bars.columns else None,
+        methods=out, skipped=plan.skipped, experiment_path=path, n_trials=len(results),
+        work_s=float(sum(r["work_s"] for r in results)), wall_s=time.perf_counter() - plan.started, ruin=plan.ruin,
+        periods_per_year=plan.periods_per_year)

@@ -2,8 +2,10 @@
 
 ::
 
-    from tune.walk_forward import walk_forward, get_strategy
-    wf = walk_forward(bars, get_strategy("sma_crossover"), train=500, test=100)
+    from cluster.runtime import connect
+    from tune.walk_forward import walk_forward
+    connect(settings)  # the caller joins Ray; tune/ never does
+    wf = walk_forward(bars, "sma_crossover", train=500, test=100)
     wf.folds          # one row per fold: windows, chosen parameters, in/out-of-sample metrics
     wf.oos_equity     # the stitched out-of-sample equity curve
     wf.efficiency     # walk-forward efficiency (out-of-sample growth over in-sample growth)
@@ -45,210 +47,50 @@ compounding a 100-bar window to a year inflates it. The overall figure is
 the mean over folds of the out-of-sample rate over the mean of the
 in-sample rate; NaN when the in-sample mean is not positive.
 
-**Strategies.** A :class:`Strategy` maps bars and a parameter table to
-targets ``[P, T]`` (see ``core.strategies``). Rule strategies are registered
-here by name; a learned model or policy joins through
-:func:`model_strategy` (any callable ``bars -> targets[T]`` in [-1, 1]) and
-:func:`register_strategy`, or, for names of the form ``model:NAME@VERSION``,
-through the resolver ``tune.models.connect_registry`` installs with
-:func:`set_model_resolver`. This module does not load or train models.
+**Strategies.** A ``core.strategies.Strategy`` maps bars and a parameter
+table to targets ``[P, T]``; a name is looked up in ``core.strategies``'
+registry, and a ``model:NAME@VERSION`` name through the ``resolver`` the
+caller passes (``tune.models.connect_registry(settings)`` makes one). This
+module does not load or train models.
 
-Not here: the engine's fill rules (``core.engine``), Monte Carlo
+Not here: the strategy registry (``core.strategies``), the engine's fill
+rules (``core.engine``), the Tune plumbing (``tune.experiment``), Monte Carlo
 (``tune.monte_carlo``), charts (``tune.report``).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
-from dataclasses import dataclass, field
-from itertools import product
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from ray import tune
+from ray.tune.search.sample import Domain
 
 from core.engine import backtest, backtest_batch
 from core.metrics import TRADING_DAYS_PER_YEAR, summary
-from core.strategies import atr_breakout, rsi_reversion, sma_crossover
+from core.strategies import (
+    ParamTable,
+    Strategy,
+    filter_table,
+    get_strategy,
+    grid_table,
+    params_at,
+    table_size,
+    take,
+)
+from tune.experiment import chunks as trial_chunks
+from tune.experiment import experiment_name, run_experiment
 
 OBJECTIVES = ("sharpe", "cvar_ratio")
-
-ParamTable = dict[str, np.ndarray]
-
-
-# -- strategies ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Strategy:
-    """A strategy Tune can search: bars and a parameter table in, targets ``[P, T]`` out.
-
-    ``run(bars, table)`` gets one symbol's bars (a frame) and a table of ``P``
-    parameter sets (name -> array ``[P]``) and returns ``[P, T]`` targets in
-    [-1, 1], target ``t`` decided from bars ``<= t``. ``grid`` is the default
-    search space (name -> values; the cartesian product is searched);
-    ``valid`` masks combinations that make no sense (a fast SMA not shorter
-    than the slow one).
-    """
-
-    name: str
-    run: Callable[[pd.DataFrame, ParamTable], np.ndarray]
-    grid: Mapping[str, Sequence[Any]] = field(default_factory=dict)
-    valid: Callable[[ParamTable], np.ndarray] | None = None
-    description: str = ""
-    rule: str = ""  # what ``valid`` asks, in words, for error messages
-    whole: tuple[str, ...] = ()  # parameters that take whole numbers only (windows, in bars)
-    # A learned model's training bars, symbol -> (first ts, last ts): a backtest over them is in-sample.
-    trained_on: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-
-    def check(self, table: ParamTable) -> ParamTable:
-        """The sets of ``table`` that ``valid`` accepts; a ValueError that states the rule when none is."""
-        return _filter(table, self.valid, self.rule)
-
-    def targets(self, bars: pd.DataFrame, table: ParamTable) -> np.ndarray:
-        n = table_size(table)
-        out = np.asarray(self.run(bars, table), dtype=np.float64)
-        if out.ndim == 1:
-            out = out[None, :]
-        if out.shape != (n, len(bars)):
-            raise ValueError(f"strategy {self.name} returned targets {out.shape}, expected ({n}, {len(bars)})")
-        return out
-
-
-def model_strategy(name: str, predict: Callable[..., Any], grid: Mapping[str, Sequence[Any]] | None = None,
-                   description: str = "", trained_on: Mapping[str, tuple[str, str]] | None = None) -> Strategy:
-    """A learned model or policy as a strategy.
-
-    ``predict(bars, **params)`` returns that model's targets ``[T]`` in
-    [-1, 1] for one symbol's bars, target ``t`` from bars ``<= t`` (an ONNX
-    member or a CVaR-PPO policy wrapped by the registry does this with
-    ``core.features.compute_features``). ``grid`` holds the knobs worth
-    searching (a position scale, a confidence threshold, a model version);
-    without one there is a single candidate and walk-forward only checks it
-    out of sample.
-    """
-    grid = dict(grid or {})
-
-    def run(bars: pd.DataFrame, table: ParamTable) -> np.ndarray:
-        n = table_size(table)
-        return np.stack([np.asarray(predict(bars, **params_at(table, i)), dtype=np.float64) for i in range(n)])
-
-    return Strategy(name=name, run=run, grid=grid, description=description or f"model {name}",
-                    trained_on=dict(trained_on or {}))
-
-
-def _sma(bars, p):
-    return sma_crossover(bars, p["fast"], p["slow"])
-
-
-def _sma_valid(p):
-    return p["fast"] < p["slow"]
-
-
-def _atr(bars, p):
-    return atr_breakout(bars, p["window"], p["multiplier"], p["atr_window"])
-
-
-def _rsi(bars, p):
-    return rsi_reversion(bars, p["window"], p["lower"], p["upper"], p["exit_level"])
-
-
-def _rsi_valid(p):
-    return (p["lower"] < p["exit_level"]) & (p["exit_level"] < p["upper"])
-
-
-_STRATEGIES: dict[str, Strategy] = {}
-_model_resolver: Callable[[str], Strategy] | None = None
-
-
-def register_strategy(strategy: Strategy) -> Strategy:
-    """Make ``strategy`` available by name (to ``get_strategy`` and the CLI)."""
-    _STRATEGIES[strategy.name] = strategy
-    return strategy
-
-
-def set_model_resolver(resolver: Callable[[str], Strategy] | None) -> None:
-    """The model registry's hook: ``resolver("model:NAME@VERSION")`` returns a Strategy."""
-    global _model_resolver
-    _model_resolver = resolver
-
-
-def strategy_names() -> list[str]:
-    return sorted(_STRATEGIES)
-
-
-def get_strategy(name: str) -> Strategy:
-    if name in _STRATEGIES:
-        return _STRATEGIES[name]
-    if name.startswith("model:"):
-        if _model_resolver is None:
-            raise KeyError(f"strategy {name!r}: no model registry is connected to resolve model strategies")
-        return _model_resolver(name)
-    raise KeyError(f"unknown strategy {name!r}; choose one of {', '.join(strategy_names())} or model:NAME@VERSION")
-
-
-register_strategy(Strategy(
-    "sma_crossover", _sma,
-    grid={"fast": list(range(5, 55, 5)), "slow": list(range(20, 220, 20))}, valid=_sma_valid,
-    description="long when SMA(fast) crosses above SMA(slow), short on the opposite crossing", rule="fast < slow",
-    whole=("fast", "slow")))
-register_strategy(Strategy(
-    "atr_breakout", _atr,
-    grid={"window": [10, 20, 50], "multiplier": [1.0, 1.5, 2.0, 3.0], "atr_window": [14]},
-    description="Keltner-channel breakout; exit when the close crosses back through the SMA",
-    whole=("window", "atr_window")))
-register_strategy(Strategy(
-    "rsi_reversion", _rsi,
-    grid={"window": [7, 14, 21], "lower": [20.0, 30.0], "upper": [70.0, 80.0], "exit_level": [50.0]},
-    valid=_rsi_valid, description="long below RSI lower, short above upper, flat at exit_level",
-    rule="lower < exit_level < upper", whole=("window",)))
-
-
-# -- parameter tables ---------------------------------------------------------------
-def table_size(table: ParamTable) -> int:
-    sizes = {len(v) for v in table.values()}
-    if len(sizes) > 1:
-        raise ValueError(f"parameter columns have different lengths: {sorted(sizes)}")
-    return sizes.pop() if sizes else 1
-
-
-def params_at(table: ParamTable, i: int) -> dict[str, Any]:
-    """Parameter set ``i`` as plain Python scalars."""
-    return {k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in table.items()}
-
-
-def take(table: ParamTable, index) -> ParamTable:
-    return {k: np.asarray(v)[index] for k, v in table.items()}
-
-
-def _filter(table: ParamTable, valid, rule: str = "") -> ParamTable:
-    if valid is None or not table:
-        return table
-    keep = np.asarray(valid(table), dtype=bool)
-    out = {k: v[keep] for k, v in table.items()}
-    if table_size(out) == 0:
-        raise ValueError("no valid parameter set among those given" + (f" (needs {rule})" if rule else ""))
-    return out
-
-
-def grid_table(grid: Mapping[str, Sequence[Any]], valid=None) -> ParamTable:
-    """Every combination of the grid's values (minus invalid ones), as columns."""
-    if not grid:
-        return {}
-    names = list(grid)
-    values = [list(np.atleast_1d(grid[k])) for k in names]
-    if any(len(v) == 0 for v in values):
-        raise ValueError("every parameter needs at least one value")
-    rows = list(product(*values))
-    return _filter({k: np.array([r[i] for r in rows]) for i, k in enumerate(names)}, valid)
 
 
 def sample_table(space: Mapping[str, Any], n: int, seed: int = 0, valid=None) -> ParamTable:
     """``n`` parameter sets drawn from Tune search-space domains (``tune.randint``, ``tune.uniform``,
     ``tune.choice``...); a plain list is a uniform choice, a scalar a constant. Duplicates are dropped."""
-    from ray.tune.search.sample import Domain
-
     rng = np.random.default_rng(seed)
     cols: ParamTable = {}
     for k, dom in space.items():
@@ -258,7 +100,7 @@ def sample_table(space: Mapping[str, Any], n: int, seed: int = 0, valid=None) ->
             cols[k] = np.asarray(dom)[rng.integers(0, len(dom), size=n)]
         else:
             cols[k] = np.full(n, dom)
-    table = _filter(cols, valid)
+    table = filter_table(cols, valid)
     frame = pd.DataFrame(table).drop_duplicates()
     return {k: frame[k].to_numpy() for k in frame.columns}
 
@@ -406,82 +248,7 @@ def stitched(bars: pd.DataFrame, strategy: Strategy, chosen: Sequence[Mapping[st
 
 
 # -- Tune ---------------------------------------------------------------------------
-def _ensure_ray(settings=None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        from cluster.runtime import connect
-        from cluster.settings import load_settings
-
-        connect(settings or load_settings())
-
-
-def storage_options(storage_path: str | None, settings=None) -> dict[str, Any]:
-    """``RunConfig`` keywords for Tune's storage: a local directory, or ``s3://bucket/prefix``
-    through the store's endpoint and keys (MinIO or S3)."""
-    if storage_path is None:
-        storage_path = os.path.abspath(os.path.join("var", "tune"))
-    if not storage_path.startswith("s3://"):
-        return {"storage_path": os.path.abspath(storage_path)}
-    from core.store import open_filesystem
-
-    st = settings.store if settings is not None else None
-    secret = (lambda s: s.get_secret_value() if s is not None else None)
-    fs, root = open_filesystem(storage_path, st.endpoint if st else None, secret(st.access_key) if st else None,
-                               secret(st.secret_key) if st else None, st.region if st else "us-east-1")
-    return {"storage_path": root, "storage_filesystem": fs}
-
-
-def run_experiment(trial: Callable, param_space: dict[str, Any], *, name: str, storage_path: str | None = None,
-                   settings=None, profile: str | None = None, progress: Callable[[str], None] | None = None,
-                   ) -> tuple[list[dict[str, Any]], str]:
-    """Run ``trial`` over a grid as one Tune experiment; returns each trial's last result and the
-    experiment's path in storage. Raises when a trial failed, naming its error."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
-    from ray import tune
-
-    import ray
-
-    from cluster.resources import choose_profile, tune_resources
-
-    _ensure_ray(settings)
-    profile = profile or choose_profile(ray.cluster_resources(), settings.ray.profile if settings else "auto")
-    overrides = settings.ray.resource_overrides if settings else None
-    resources = tune_resources("backtest_trial", profile, overrides)
-
-    callbacks = []
-    if progress is not None:
-        total = int(np.prod([len(v["grid_search"]) for v in param_space.values()
-                             if isinstance(v, dict) and "grid_search" in v]))
-
-        class _Progress(tune.Callback):
-            def __init__(self):
-                self.done = 0
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.done += 1
-                progress(f"  trial {self.done}/{total} done")
-
-        callbacks.append(_Progress())
-
-    tuner = tune.Tuner(
-        tune.with_resources(trial, resources),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(name=name, verbose=0, callbacks=callbacks, **storage_options(storage_path, settings)),
-    )
-    grid = tuner.fit()
-    if grid.errors:
-        raise RuntimeError(f"{len(grid.errors)} Tune trial(s) of {name} failed: {grid.errors[0]}")
-    path = grid.experiment_path  # inside the storage filesystem: "bucket/prefix/name" on S3
-    if storage_path is not None and storage_path.startswith("s3://") and not path.startswith("s3://"):
-        path = "s3://" + path.lstrip("/")
-    return [dict(r.metrics) for r in grid], path
-
-
 def _search_trial(config, *, bars, strategy, table, chunks, folds, costs, objective, periods_per_year, alpha):
-    from ray import tune
-
     t0 = time.perf_counter()
     fold = folds[config["fold"]]
     lo, hi = chunks[config["chunk"]]
@@ -544,7 +311,23 @@ def _json_float(v: Any) -> Any:
     return v
 
 
-def walk_forward(
+@dataclass(frozen=True)
+class WalkForwardPlan:
+    """A checked walk-forward, ready to run: the table, the folds and the trials' chunks (no Ray yet)."""
+
+    bars: pd.DataFrame
+    strategy: Strategy
+    table: ParamTable
+    folds: list[Fold]
+    chunks: list[tuple[int, int]]
+    costs: Costs
+    objective: str
+    periods_per_year: float
+    alpha: float
+    started: float  # perf_counter() when planning began: the result's wall_s counts from here
+
+
+def plan_walk_forward(
     bars: pd.DataFrame,
     strategy: Strategy | str,
     *,
@@ -561,23 +344,20 @@ def walk_forward(
     periods_per_year: float | None = None,
     alpha: float = 0.05,
     max_sets_per_trial: int = 5000,
-    storage_path: str | None = None,
-    name: str | None = None,
-    settings=None,
-    profile: str | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> WalkForwardResult:
-    """Walk-forward optimisation of ``strategy`` on one symbol's ``bars`` as a Tune experiment.
+    resolver: Callable[[str], Strategy] | None = None,
+) -> WalkForwardPlan:
+    """Everything :func:`walk_forward` checks, without Ray: a ValueError here means no cluster was touched.
 
     ``params``: the search space (name -> values); the strategy's grid when
     None. ``search="grid"`` searches every combination; ``"random"`` draws
     ``num_samples`` sets (seeded) from Tune domains (``tune.randint(5, 50)``)
     or lists. The same table is searched in every fold, so the parameter
     heatmap compares like with like. ``max_sets_per_trial`` splits a larger
-    table into chunks, each a trial.
+    table into chunks, each a trial. ``resolver`` resolves a ``model:`` name
+    (``tune.models.connect_registry``).
     """
-    t_start = time.perf_counter()
-    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    started = time.perf_counter()
+    strategy = get_strategy(strategy, resolver) if isinstance(strategy, str) else strategy
     costs = costs or Costs()
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -590,20 +370,44 @@ def walk_forward(
         table = strategy.check(sample_table(space, num_samples, seed))
     else:
         raise ValueError(f"search must be 'grid' or 'random', got {search!r}")
-    n_sets = table_size(table)
     folds = make_folds(len(bars), train, test, step, anchored)
     if folds[0].test_start < costs.offset:
         raise ValueError("the first fold needs an in-sample bar before its test window")
-    n_chunks = max(1, math.ceil(n_sets / max_sets_per_trial))
-    edges = np.linspace(0, n_sets, n_chunks + 1).astype(int)
-    chunks = [(int(edges[i]), int(edges[i + 1])) for i in range(n_chunks)]
+    return WalkForwardPlan(bars, strategy, table, folds, trial_chunks(table_size(table), max_sets_per_trial), costs,
+                           objective, ppy, alpha, started)
 
-    from ray import tune
 
+def walk_forward(
+    bars: pd.DataFrame,
+    strategy: Strategy | str,
+    *,
+    storage_path: str | None = None,
+    name: str | None = None,
+    settings=None,
+    profile: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    **plan: Any,
+) -> WalkForwardResult:
+    """Walk-forward optimisation of ``strategy`` on one symbol's ``bars`` as a Tune experiment:
+    :func:`plan_walk_forward` (whose keywords ``plan`` holds: ``train``, ``test``, ``params``...)
+    then :func:`run_walk_forward`. The caller connects to Ray first (``cluster.runtime.connect``)."""
+    return run_walk_forward(plan_walk_forward(bars, strategy, **plan), storage_path=storage_path, name=name,
+                            settings=settings, profile=profile, progress=progress)
+
+
+def run_walk_forward(plan: WalkForwardPlan, *, storage_path: str | None = None, name: str | None = None,
+                     settings=None, profile: str | None = None, progress: Callable[[str], None] | None = None,
+                     ) -> WalkForwardResult:
+    """Run a planned walk-forward as one Tune experiment (in ``storage_path``), then each fold's best set
+    out of sample and the stitched curve. Ray must be connected."""
+    bars, strategy, table, folds, chunks = plan.bars, plan.strategy, plan.table, plan.folds, plan.chunks
+    costs = plan.costs
+    objective, ppy, alpha = plan.objective, plan.periods_per_year, plan.alpha
+    n_sets, n_chunks = table_size(table), len(chunks)
     trial = tune.with_parameters(
         _search_trial, bars=bars, strategy=strategy, table=table, chunks=chunks, folds=folds, costs=costs,
         objective=objective, periods_per_year=ppy, alpha=alpha)
-    name = name or f"walk_forward-{strategy.name.replace(':', '_').replace('@', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = name or experiment_name("walk_forward", strategy.name)
     if progress:
         progress(f"walk-forward {strategy.name}: {len(folds)} folds x {n_sets} parameter sets in "
                  f"{len(folds) * n_chunks} trials")
@@ -657,9 +461,6 @@ def walk_forward(
         table=table, is_objective=found["objective"], oos_equity=equity, oos_units=units, oos_index=index,
         oos_times=times.iloc[index].to_numpy() if times is not None else None, oos_metrics=oos_metrics,
         efficiency=efficiency, experiment_path=path, n_trials=len(results),
-        work_s=float(sum(r["work_s"] for r in results)), wall_s=time.perf_counter() - t_start,
+        work_s=float(sum(r["work_s"] for r in results)), wall_s=time.perf_counter() - plan.started,
         periods_per_year=ppy)
 
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -12,6 +12,9 @@ For the learner actor and scripts, Ray-free. The two names a user needs:
     export_onnx(policy, "policy.onnx", env.obs_dim)
 
 ``core.rl.cvar`` is the empirical VaR/CVaR estimator; ``core.rl.oracle_envs`` holds toy
-envs whose CVaR-optimal answers are known by hand (for tests). Not here: scheduling,
-storage, the model registry (actors/ and the store do those).
+envs whose CVaR-optimal answers are known by hand (for tests). The learner's run is here
+too, Ray-free: ``core.rl.data`` (the held-out split, one env over every symbol),
+``core.rl.export`` (the policy as an ensemble member), ``core.rl.evaluate`` (the member's
+backtest on held-out bars) and ``core.rl.run`` (``run_training``: train, checkpoint,
+export, evaluate, register). Not here: scheduling, or the learner actor (``actors.learner``).
 """

@@ -1,10 +1,13 @@
 """Bringing the whole raytrade system up and down on a connected Ray cluster.
 
-``start_system(settings)`` creates raytrade's named actors with their
-resources from the table (``cluster.resources``) and returns a handle that
-the ``up`` command polls for what to show; ``stop_system`` kills every named
-actor in raytrade's namespace. Each part (feeds, router, registry, ensemble,
-Serve) is added here, so ``raytrade up`` is always the whole system.
+``start_system(settings)`` creates raytrade's named actors (names from
+``cluster.names``) with their resources from the table (``cluster.resources``)
+and returns a handle that the ``up`` command polls for what to show;
+``stop_system`` kills every named actor in raytrade's namespace. Each part
+(feeds, router, scheduler, registry, ensemble, accounts, Serve) is added here,
+so ``raytrade up`` is always the whole system. This is the top of the import
+graph: it may import every package, and nothing of ours imports it but the CLI
+(and tests).
 
 The embedded default runs two sources for the same symbols: ``feed:replay``
 (the store's history, primary) and ``feed:synthetic`` (the synthetic market
@@ -15,20 +18,28 @@ failover in ``raytrade status``.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import pandas as pd
 import ray
+from ray import serve
 
-from cluster.logs import get_logger
+from actors.accounts import ledger_clock, start_accounts
+from actors.alpaca_feed import AlpacaFeedActor
+from actors.feeds import FeedActor, resume_start
+from actors.registry import get_or_create_registry
+from actors.router import FeedRouter
+from actors.scheduler import start_scheduler
+from cluster import names
+from cluster.logs import add_secrets, get_logger
 from cluster.runtime import actor_options
-from cluster.settings import Settings
+from cluster.settings import ApiKey, Settings
+from core.baselines import train_direction_model
+from core.store import BarStore
+from serve.app import build_app_from_settings
 
 log = get_logger("system")
-
-
-def feed_actor_name(source: str) -> str:
-    return f"feed:{source}"
 
 
 class System:
@@ -43,7 +54,7 @@ class System:
 
     def describe(self) -> list[str]:
         lines = [f"feed            {name}" for name in self.feeds]
-        lines.append(f"router          router:default over {', '.join(self.feeds)} ({', '.join(self.settings.feeds.symbols)})")
+        lines.append(f"router          {names.router()} over {', '.join(self.feeds)} ({', '.join(self.settings.feeds.symbols)})")
         lines.append("scheduler       workflows (`raytrade workflows ls`)")
         return lines + self.extra
 
@@ -77,8 +88,6 @@ class System:
 
 
 def start_system(settings: Settings, fresh: bool = True, serve_app: bool = True, progress: Any = print) -> System:
-    from cluster.scheduler import start_scheduler
-
     feeds, router = start_feeds(settings, fresh)
     start_scheduler(settings)
     system = System(settings, feeds, router)
@@ -94,11 +103,6 @@ def start_feeds(settings: Settings, fresh: bool = True) -> tuple[dict[str, Any],
     after the paper ledgers' last bar (``actors.accounts.ledger_clock``), not
     at ``feeds.replay_start``: bars at or before it can fill nothing there.
     """
-    from actors.accounts import ledger_clock
-    from actors.feeds import FeedActor, resume_start
-    from actors.router import FeedRouter, router_actor_name
-    from core.store import BarStore
-
     symbols = settings.feeds.symbols
     clock = ledger_clock(settings)
     start = resume_start(settings, clock)
@@ -107,23 +111,21 @@ def start_feeds(settings: Settings, fresh: bool = True) -> tuple[dict[str, Any],
                  pd.Timestamp(max(clock.values()), unit="ns", tz="UTC"))
     feeds: dict[str, Any] = {}
     for source in settings.feeds.sources:
-        name = feed_actor_name(source)
+        name = names.feed(source)
         if source == "alpaca":
-            from actors.alpaca_feed import AlpacaFeedActor
-
             actor = AlpacaFeedActor.options(**actor_options("feed", settings, name)).remote(name, symbols, settings)
         else:
             actor = FeedActor.options(**actor_options("feed", settings, name)).remote(
                 name, source, symbols, settings, start)
         feeds[name] = actor
-    rname = router_actor_name("default")
+    rname = names.router()
     if fresh:
         # A new `up` starts a new stream; the checkpoint is for a router that crashed.
         store = BarStore.from_settings(settings.store, settings.resilience)
         if store.exists(f"router/default.json"):
             store.fs.delete_file(store.path("router/default.json"))
     router = FeedRouter.options(**actor_options("feed_router", settings, rname)).remote(
-        "default", list(feeds), symbols, settings
+        names.DEFAULT_ROUTER_GROUP, list(feeds), symbols, settings
     )
     ray.get([a.start.remote() for a in feeds.values()], timeout=120)
     ray.get(router.start.remote(), timeout=120)
@@ -132,10 +134,6 @@ def start_feeds(settings: Settings, fresh: bool = True) -> tuple[dict[str, Any],
 
 def ensure_baselines(settings: Settings, progress: Any = print) -> list[str]:
     """Train and promote the baseline members when the registry has no production model."""
-    from actors.registry import get_or_create_registry
-    from core.baselines import train_direction_model
-    from core.store import BarStore
-
     reg = get_or_create_registry(settings)
     if ray.get(reg.production.remote(), timeout=120)["models"]:
         return []
@@ -157,11 +155,6 @@ def demo_settings(settings: Settings) -> tuple[Settings, str | None]:
     """With no API keys configured, add a one-off admin key for this run (printed once, never logged)."""
     if settings.api_keys:
         return settings, None
-    import secrets
-
-    from cluster.logs import add_secrets
-    from cluster.settings import ApiKey
-
     key = "rt-demo-" + secrets.token_urlsafe(18)
     add_secrets([key])
     return settings.model_copy(update={"api_keys": [ApiKey(name="demo", key=key, role="admin")]}), key
@@ -169,16 +162,10 @@ def demo_settings(settings: Settings) -> tuple[Settings, str | None]:
 
 def start_trading(settings: Settings, progress: Any = print) -> list[str]:
     """Registry, baseline members, accounts (risk manager + broker) and the Serve app."""
-    from ray import serve
-
-    from serve.app import build_app_from_settings
-
     trained = ensure_baselines(settings, progress)
-    from actors.accounts import start_accounts
-
     accounts = start_accounts(settings)
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
-    serve.run(build_app_from_settings(settings), name="raytrade", route_prefix="/", blocking=False)
+    serve.run(build_app_from_settings(settings), name=names.SERVE_APP, route_prefix="/", blocking=False)
     lines = [f"models          {', '.join(trained)} trained and promoted"] if trained else []
     lines.append(f"accounts        {', '.join(accounts)}")
     lines.append(f"serve           http://{settings.serve.host}:{settings.serve.port}")
@@ -186,10 +173,9 @@ def start_trading(settings: Settings, progress: Any = print) -> list[str]:
 
 
 def stop_system(settings: Settings) -> int:
+    """Shut Serve down and kill every named actor in raytrade's namespace; returns how many."""
     n = 0
     try:
-        from ray import serve
-
         serve.shutdown()
     except Exception:  # noqa: BLE001 - Serve was not running
         pass

@@ -1,4 +1,4 @@
-"""The workflow scheduler: priority workflows that hold named resource locks.
+"""The workflow scheduler's rules: priority workflows that hold named resource locks. No Ray.
 
 A *workflow* is a named kind of work in settings (``scheduler.workflows``): its
 priority (lower runs first: critical trading 1 ... data collection 25), the
@@ -16,47 +16,27 @@ Rules, all in ``WorkflowQueue`` (no Ray, so they are tested fast and exactly):
 * A failed or timed-out attempt is retried with exponential backoff
   (``core.resilience.RetryPolicy``) up to ``max_attempts``; its locks are free
   while it waits. A cancelled job is not retried.
-* A job's locks are released only when Ray says the attempt has ended, never
-  on a timer: a timed-out or cancelled attempt is killed first.
+* A job's locks are released only when its owner says the attempt has ended,
+  never on a timer: a timed-out or cancelled attempt is killed first.
 
-``WorkflowScheduler`` is the Ray actor around it (named ``scheduler`` in
-raytrade's namespace, resources of the ``scheduler`` role): it runs each
-attempt as a Ray task (resources of the ``workflow`` role), and journals the
-queue to the store (``scheduler.journal``) before it starts anything. A
-restarted scheduler reloads the journal: queued jobs keep their place;
-finished jobs are never run again; an attempt that was running when the
-scheduler died keeps its locks until it is known to be over (Ray kills tasks
-whose owner died), then counts as succeeded if it left its completion marker,
-and otherwise goes back to the queue. A workflow therefore runs at least once
-and, past a crash at the wrong moment, possibly twice: workflows that change
-money must be idempotent per job id (the broker's client order ids are).
-
-This module does not decide *what* a workflow does; the parts that own the work
-(risk, report, learner) provide the callables.
+The queue runs nothing itself: ``actors.scheduler.WorkflowScheduler`` is the
+Ray actor that runs each attempt, kills the ones that must stop and journals
+the queue (``to_state``) so a restarted scheduler picks up where it was.
+Settings come as any object with ``SchedulerSettings``' fields
+(``QueueSettings``), so this module needs nothing above ``core``.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import threading
 import time
-import traceback
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Protocol
 
-import ray
-
-from cluster.logs import get_logger
-from cluster.resources import ray_options
-from cluster.settings import SchedulerSettings, Settings
 from core.resilience import RetryPolicy
-
-log = get_logger("scheduler")
-
-SCHEDULER_ACTOR = "scheduler"
 
 QUEUED = "queued"  # waiting for its turn (or for a retry's backoff to pass)
 RUNNING = "running"
@@ -70,6 +50,31 @@ ACTIVE = (RUNNING, STOPPING, RECOVERING)
 FINAL = (SUCCEEDED, FAILED, TIMED_OUT, CANCELLED)
 
 ERROR_CHARS = 2000
+
+
+class WorkflowSpecLike(Protocol):
+    """One named workflow (``cluster.settings.WorkflowSpec``)."""
+
+    priority: int
+    locks: list[str]
+    target: str | None
+    timeout_s: float | None
+    max_attempts: int | None
+
+
+class QueueSettings(Protocol):
+    """What the queue reads of ``cluster.settings.SchedulerSettings``."""
+
+    workflows: Mapping[str, WorkflowSpecLike]
+    ageing_per_minute: float
+    max_running: int
+    max_attempts: int
+    retry_base_delay_s: float
+    retry_multiplier: float
+    retry_max_delay_s: float
+    timeout_s: float
+    history: int
+
 
 
 class WorkflowError(ValueError):
@@ -131,7 +136,7 @@ class WorkflowQueue:
 
     def __init__(
         self,
-        settings: SchedulerSettings,
+        settings: QueueSettings,
         *,
         clock: Callable[[], float] = time.time,
         check_target: Callable[[str], Any] | None = import_target,
@@ -420,226 +425,8 @@ def _brief(j: Job, now: float, rate: float) -> dict[str, Any]:
     return d
 
 
-# =====================================================================================
-# The Ray side: a thin actor around WorkflowQueue.
-# =====================================================================================
-
 def completion_marker(journal_path: str, job_id: str, attempt: int) -> str:
+    """Where a succeeded attempt leaves its marker: beside the journal, under ``done/``."""
     base = journal_path.rsplit("/", 1)[0] if "/" in journal_path else ""
     return f"{base}/done/{job_id}.{attempt}.json" if base else f"done/{job_id}.{attempt}.json"
 
-
-def load_journal(store: Any, path: str) -> dict[str, Any] | None:
-    """The journalled queue, or None for a first start. An unreadable journal stops
-    the scheduler: starting empty would silently drop queued work or rerun finished work."""
-    if not store.exists(path):
-        return None
-    raw = store.get_bytes(path)
-    try:
-        state = json.loads(raw)
-        WorkflowQueue(SchedulerSettings(), check_target=None, state=state)  # the shape is checked, not just the JSON
-        return state
-    except (ValueError, TypeError, KeyError) as e:
-        raise RuntimeError(
-            f"the scheduler journal {path} in the store is unreadable ({type(e).__name__}: {str(e)[:200]}); "
-            "move it aside to start with an empty queue"
-        ) from None
-
-
-def _store(settings: Settings):
-    from core.store import BarStore
-
-    return BarStore.from_settings(settings.store, settings.resilience)
-
-
-@ray.remote(max_retries=0)
-def _run_attempt(job_id: str, attempt: int, target: str, args: list, kwargs: dict, settings: Settings) -> str:
-    """One attempt of a job, in its own Ray task; leaves a completion marker when it succeeds."""
-    fn = import_target(target)
-    result = fn(*args, **kwargs)
-    marker = completion_marker(settings.scheduler.journal, job_id, attempt)
-    _store(settings).put_bytes(marker, json.dumps({"job": job_id, "attempt": attempt, "at": time.time()}).encode())
-    return repr(result)[:500]
-
-
-@ray.remote
-class WorkflowScheduler:
-    """Named ``scheduler`` actor. Submit with ``submit``; look with ``status``."""
-
-    def __init__(self, settings: Settings):
-        from cluster.logs import configure_logging
-
-        configure_logging(settings)
-        self.settings = settings
-        self.cfg = settings.scheduler
-        self.store = _store(settings)
-        self._lock = threading.RLock()
-        self.queue = WorkflowQueue(self.cfg, state=load_journal(self.store, self.cfg.journal))
-        self.refs: dict[str, Any] = {}
-        self.started_at = time.time()
-        self.restored = len(self.queue.jobs)
-        if self.queue.recovering():
-            log.warning("scheduler restarted with %d attempt(s) that were running", len(self.queue.recovering()))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="workflow-scheduler", daemon=True)
-        self._thread.start()
-
-    # -- the loop -------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with self._lock:
-                    self._tick()
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad tick; it is logged
-                log.error("scheduler tick failed: %s", traceback.format_exc()[-2000:])
-            self._stop.wait(self.cfg.tick_s)
-
-    def _tick(self) -> None:
-        self._reap()
-        self._recover()
-        for j in self.queue.expired():
-            self._kill(j.id)
-        self._save()
-        starting = self.queue.take_next()
-        if starting:
-            # Journalled as running *before* any attempt starts: a crash from here on
-            # finds them RECOVERING, never QUEUED with an attempt alive somewhere.
-            self._save()
-            opts = ray_options("workflow", "cpu", self.settings.ray.resource_overrides)
-            for j in starting:
-                ref = _run_attempt.options(**opts, name=f"workflow:{j.workflow}").remote(
-                    j.id, j.attempts, j.target, j.args, j.kwargs, self.settings
-                )
-                self.refs[j.id] = ref
-                self.queue.set_run_ref(j.id, ref.task_id().hex())
-            self._save()
-
-    def _reap(self) -> None:
-        if not self.refs:
-            return
-        ready, _ = ray.wait(list(self.refs.values()), num_returns=len(self.refs), timeout=0)
-        by_ref = {r: jid for jid, r in self.refs.items()}
-        for ref in ready:
-            jid = by_ref[ref]
-            del self.refs[jid]
-            try:
-                ray.get(ref)
-                self.queue.attempt_ended(jid, ok=True)
-            except Exception as e:  # noqa: BLE001 - the workflow's own error is its outcome
-                self.queue.attempt_ended(jid, ok=False, error=_error_text(e))
-
-    def _kill(self, job_id: str) -> None:
-        ref = self.refs.get(job_id)
-        if ref is not None:
-            ray.cancel(ref, force=True)  # the lock is released when the ref resolves, in _reap
-
-    def _recover(self) -> None:
-        for j in self.queue.recovering():
-            if self.store.exists(completion_marker(self.cfg.journal, j.id, j.attempts)):
-                self.queue.recovered(j.id, completed=True)
-                continue
-            over = _attempt_over(j.run_ref)
-            waited = time.time() - self.started_at
-            if over is True or (over is None and waited >= self.cfg.recovery_grace_s) or \
-                    waited >= 10 * max(self.cfg.recovery_grace_s, 1.0):
-                # Its completion marker is written before the task returns: check once more.
-                done = self.store.exists(completion_marker(self.cfg.journal, j.id, j.attempts))
-                self.queue.recovered(j.id, completed=done)
-
-    def _save(self) -> None:
-        if self.queue.dirty:
-            self.store.put_bytes(self.cfg.journal, json.dumps(self.queue.to_state()).encode())
-            self.queue.dirty = False
-
-    # -- the API ---------------------------------------------------------------------
-    def submit(self, workflow: str, args: list | None = None, kwargs: dict | None = None, **options: Any) -> dict:
-        with self._lock:
-            job = self.queue.submit(workflow, args or [], kwargs, **options)
-            self._save()
-            return job.public(time.time(), self.cfg.ageing_per_minute)
-
-    def cancel(self, job_id: str) -> dict:
-        with self._lock:
-            job = self.queue.cancel(job_id)
-            if job.state == STOPPING:
-                self._kill(job_id)
-            self._save()
-            return job.public(time.time(), self.cfg.ageing_per_minute)
-
-    def job(self, job_id: str) -> dict | None:
-        with self._lock:
-            j = self.queue.jobs.get(job_id)
-            return None if j is None else j.public(time.time(), self.cfg.ageing_per_minute)
-
-    def status(self, history: int | None = None) -> dict:
-        with self._lock:
-            st = self.queue.status(history)
-            st["scheduler"] = {"up_since": self.started_at, "restored_jobs": self.restored,
-                               "max_running": self.cfg.max_running}
-            return st
-
-    def workflows(self) -> dict:
-        return {name: spec.model_dump() for name, spec in self.cfg.workflows.items()}
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-def _attempt_over(task_id: str | None) -> bool | None:
-    """Whether Ray says the task has ended: True, False (still running), None (Ray cannot say)."""
-    if task_id is None:
-        return None  # journalled as starting; it may have been launched before the crash
-    try:
-        from ray.util.state import get_task
-
-        # The address is explicit: with several Ray instances on one machine "auto" is ambiguous.
-        t = get_task(task_id, timeout=5, address=ray.get_runtime_context().gcs_address)
-    except Exception:  # noqa: BLE001 - no dashboard / state API: fall back to the grace period
-        return None
-    if not t:
-        return None  # its events may never have reached the GCS (an owner killed within a second)
-    states = [x.state for x in t] if isinstance(t, list) else [t.state]
-    return all(s in ("FINISHED", "FAILED") for s in states)
-
-
-def _error_text(e: BaseException) -> str:
-    cause = getattr(e, "cause", None)
-    if isinstance(e, ray.exceptions.TaskCancelledError):
-        return "the attempt was killed"
-    if isinstance(e, ray.exceptions.RayTaskError) and cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    return f"{type(e).__name__}: {e}"
-
-
-def scheduler_options(settings: Settings, *, detached: bool = True) -> dict[str, Any]:
-    from cluster.runtime import actor_options
-
-    # max_task_retries=0: a submit that reached the old actor is not replayed on the new one.
-    return actor_options("scheduler", settings, SCHEDULER_ACTOR, detached=detached, max_task_retries=0)
-
-
-def start_scheduler(settings: Settings, *, detached: bool = True) -> Any:
-    """The scheduler actor, created if it is not running (it restarts itself after a crash)."""
-    return WorkflowScheduler.options(**scheduler_options(settings, detached=detached)).remote(settings)
-
-
-def get_scheduler(settings: Settings) -> Any:
-    from cluster.runtime import get_actor
-
-    return get_actor(SCHEDULER_ACTOR, settings)
-
-
-def scheduler_summary(settings: Settings, timeout_s: float = 10.0) -> dict[str, Any] | None:
-    """The scheduler's queue for the health view: None when it is not running."""
-    try:
-        sched = get_scheduler(settings)
-        st = ray.get(sched.status.remote(10), timeout=timeout_s)
-    except LookupError:
-        return None
-    except (ray.exceptions.RayError, TimeoutError) as e:
-        return {"error": f"{type(e).__name__}: the scheduler did not answer"}
-    return {
-        "running": [{"id": j["id"], "workflow": j["workflow"], "locks_held": j["locks_held"]} for j in st["running"]],
-        "queued": len(st["queued"]),
-        "recent": [{"id": j["id"], "workflow": j["workflow"], "state": j["state"]} for j in st["history"]],
-    }

@@ -1,15 +1,19 @@
-"""``raytrade backtest run|walk-forward|monte-carlo|compare``: the CLI's backtest group.
+"""``raytrade backtest run|walk-forward|monte-carlo|compare``: backtests, on Ray Tune where it pays.
 
-Kept beside ``cluster/cli.py`` (which only declares the flags and dispatches
-here) so the heavy imports (numba, Ray Tune, matplotlib) load only when a
-backtest is asked for. Bars come from the store in settings; each action
-prints progress on stderr, a summary table and the report's path on stdout
-(``--json``: one JSON object instead). Bad input is a ``UserError``: one
-line, exit 2.
+Bars come from the store in settings; each action prints progress on stderr,
+a summary table and the report's path on stdout (``--json``: one JSON object
+instead). Bad input is a ``UserError``: one line, exit 2. Walk-forward and
+Monte Carlo check their input first, then join Ray here (``tune/`` never
+connects by itself).
+
+pandas, numba, Ray Tune and matplotlib (``core.engine``, ``tune``) are
+imported inside the functions that run the verb: `raytrade --help` does not
+pay for them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -19,7 +23,56 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+
+from cluster.runtime import connect
+from cluster.settings import Settings
+from raytrade.cli.errors import ArgParser, UserError
+
+
+def add_parser(sub: Any) -> None:
+    bt = sub.add_parser("backtest", help="backtests: one run, walk-forward and Monte Carlo on Ray Tune, live vs backtest")
+    bt_sub = bt.add_subparsers(dest="backtest_cmd", metavar="ACTION", parser_class=ArgParser)
+    texts = {
+        "run": "backtest one parameter set on a symbol's stored bars",
+        "walk-forward": "walk-forward optimisation as a Tune experiment",
+        "monte-carlo": "Monte Carlo robustness as a Tune experiment",
+        "compare": "backtest the bars a paper account traded and list where its fills differ, and why",
+    }
+    for action, text in texts.items():
+        a = bt_sub.add_parser(action, help=text)
+        a.add_argument("--symbol", required=True)
+        a.add_argument("--strategy", required=True, help="sma_crossover, atr_breakout, rsi_reversion, or model:NAME@VERSION")
+        a.add_argument("--params", nargs="+", default=None, metavar="NAME=VALUES",
+                       help="fast=10 slow=50 (walk-forward: fast=5,10,20 or fast=5:50:5, stop included)")
+        a.add_argument("--start", default=None, help="first bar's time (UTC)")
+        a.add_argument("--end", default=None, help="last bar's time (UTC)")
+        a.add_argument("--cash", type=float, default=10_000.0)
+        a.add_argument("--commission", type=float, default=0.0, help="fraction of traded value, e.g. 0.001")
+        a.add_argument("--slippage", type=float, default=0.0, help="fraction of the price, e.g. 0.0005")
+        a.add_argument("--fill", choices=("open", "close"), default="open", help="next bar's open or this bar's close")
+        a.add_argument("--whole-units", action="store_true", help="trade whole units only")
+        a.add_argument("--out", default=None, help="report directory (default reports/<symbol>-<strategy>-<action>)")
+        a.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+        if action in ("walk-forward", "monte-carlo"):
+            a.add_argument("--storage", default=None, help="Tune storage: a directory or s3://bucket/prefix (default var/tune)")
+        if action == "walk-forward":
+            a.add_argument("--train", type=int, required=True, help="in-sample bars per fold")
+            a.add_argument("--test", type=int, required=True, help="out-of-sample bars per fold")
+            a.add_argument("--step", type=int, default=None, help="bars between folds (default: --test)")
+            a.add_argument("--anchored", action="store_true", help="every train window starts at the first bar")
+            a.add_argument("--objective", default="sharpe", help="sharpe or cvar_ratio")
+            a.add_argument("--search", choices=("grid", "random"), default="grid")
+            a.add_argument("--samples", type=int, default=200, help="parameter sets drawn by --search random")
+        if action == "monte-carlo":
+            a.add_argument("--paths", type=int, default=1000, help="paths per method")
+            a.add_argument("--methods", default="trades,blocks,synthetic")
+            a.add_argument("--block", type=int, default=20, help="block length of the bar bootstrap")
+            a.add_argument("--horizon", type=int, default=None, help="bars per path (default: as many as the data)")
+            a.add_argument("--generator", choices=("regimes", "gbm"), default="regimes")
+            a.add_argument("--ruin", type=float, default=0.5, help="equity fraction that counts as ruin")
+            a.add_argument("--seed", type=int, default=0)
+        if action == "compare":
+            a.add_argument("--fills", required=True, help="CSV or Parquet of the account's fills: ts, symbol, side, qty, price")
 
 
 def _progress(msg: str) -> None:
@@ -30,16 +83,16 @@ def _number(text: str) -> int | float:
     return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
 
 
-def parse_params(items: list[str] | None, *, many: bool, user_error) -> dict[str, Any]:
+def parse_params(items: list[str] | None, *, many: bool) -> dict[str, Any]:
     """``["fast=10", "slow=50"]`` -> {fast: 10, slow: 50}; with ``many``, ``fast=5,10`` and ``fast=5:50:5``
     (stop included) give lists."""
     out: dict[str, Any] = {}
     for item in items or []:
         name, sep, text = item.partition("=")
         if not sep or not name.isidentifier() or not text:
-            raise user_error(f"--params {item!r}: write NAME=VALUE, e.g. fast=10")
+            raise UserError(f"--params {item!r}: write NAME=VALUE, e.g. fast=10")
         if "=" in text:
-            raise user_error(f"--params {item!r}: separate parameters with spaces, e.g. --params fast=10 slow=50")
+            raise UserError(f"--params {item!r}: separate parameters with spaces, e.g. --params fast=10 slow=50")
         try:
             if ":" in text:
                 a, b, *c = text.split(":")
@@ -51,11 +104,11 @@ def parse_params(items: list[str] | None, *, many: bool, user_error) -> dict[str
             else:
                 values = [_number(v) for v in text.split(",")]
         except (ValueError, IndexError):
-            raise user_error(f"--params {item!r}: values must be numbers, a,b,c or start:stop:step") from None
+            raise UserError(f"--params {item!r}: values must be numbers, a,b,c or start:stop:step") from None
         if not all(math.isfinite(v) for v in values):
-            raise user_error(f"--params {item!r}: values must be finite numbers")
+            raise UserError(f"--params {item!r}: values must be finite numbers")
         if not many and len(values) != 1:
-            raise user_error(f"--params {item!r}: this action takes one value per parameter")
+            raise UserError(f"--params {item!r}: this action takes one value per parameter")
         out[name] = values if many else values[0]
     return out
 
@@ -82,40 +135,42 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_backtest_command(args, settings, user_error) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.backtest_cmd is None:
-        raise user_error("raytrade backtest: choose an action: run, walk-forward, monte-carlo, compare")
-    from core.store import BarStore
-    from tune.models import connect_registry, in_sample_warning
-    from tune.walk_forward import get_strategy
+        raise UserError("raytrade backtest: choose an action: run, walk-forward, monte-carlo, compare")
+    # pandas, the store and the registry: imported when the verb runs.
+    import pandas as pd
 
-    connect_registry(settings)  # model:NAME@VERSION names resolve through the registry in the store
-    try:
-        strategy = get_strategy(args.strategy)
+    from core.store import BarStore
+    from core.strategies import get_strategy
+    from tune.models import connect_registry, in_sample_warning
+
+    try:  # model:NAME@VERSION names resolve through the registry in the store
+        strategy = get_strategy(args.strategy, resolver=connect_registry(settings))
     except (LookupError, ValueError) as e:  # unknown name or version, or not a member: say which
-        raise user_error(str(e.args[0]) if e.args else str(e)) from None
+        raise UserError(str(e.args[0]) if e.args else str(e)) from None
     symbol = args.symbol.strip().upper()
     many = args.backtest_cmd == "walk-forward"
-    params = parse_params(args.params, many=many, user_error=user_error)
+    params = parse_params(args.params, many=many)
     unknown = sorted(set(params) - set(strategy.grid)) if strategy.grid else []
     if unknown:
-        raise user_error(f"--params: {strategy.name} has no parameter {', '.join(unknown)}; "
+        raise UserError(f"--params: {strategy.name} has no parameter {', '.join(unknown)}; "
                          f"it takes {', '.join(strategy.grid)}")
     try:
         costs = _costs(args)
     except ValueError as e:
-        raise user_error(str(e)) from None
-    params = _whole_numbers(strategy, params, user_error)
+        raise UserError(str(e)) from None
+    params = _whole_numbers(strategy, params)
     for flag, value in (("--start", args.start), ("--end", args.end)):
         if value is not None:
             try:
                 pd.Timestamp(value)
             except (ValueError, TypeError):
-                raise user_error(f"{flag} {value!r}: not a time; write e.g. 2024-01-31 or 2024-01-31T14:30:00Z") from None
+                raise UserError(f"{flag} {value!r}: not a time; write e.g. 2024-01-31 or 2024-01-31T14:30:00Z") from None
     store = BarStore.from_settings(settings.store, settings.resilience)
     bars = store.read(symbol, args.start, args.end)
     if len(bars) < 3:
-        raise user_error(f"the store at {store.uri} has {len(bars)} bars of {symbol} in that range; "
+        raise UserError(f"the store at {store.uri} has {len(bars)} bars of {symbol} in that range; "
                          "`raytrade data generate` or `raytrade data import` first")
     warning = in_sample_warning(strategy, symbol, bars)
     if warning:
@@ -126,7 +181,7 @@ def run_backtest_command(args, settings, user_error) -> int:
     try:  # before the work, not after it
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise user_error(f"--out {out}: cannot write the report there ({e.strerror or e})") from None
+        raise UserError(f"--out {out}: cannot write the report there ({e.strerror or e})") from None
     t0 = time.perf_counter()
     try:
         if action == "run":
@@ -140,7 +195,7 @@ def run_backtest_command(args, settings, user_error) -> int:
     except ValueError as e:  # the library's own checks of what the user asked for
         if fresh and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # no report came of it: leave no empty folder behind
-        raise user_error(str(e)) from None
+        raise UserError(str(e)) from None
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     if warning:
         summary["warnings"] = [warning]
@@ -153,7 +208,7 @@ def run_backtest_command(args, settings, user_error) -> int:
     return 0
 
 
-def _whole_numbers(strategy, params: dict[str, Any], user_error) -> dict[str, Any]:
+def _whole_numbers(strategy, params: dict[str, Any]) -> dict[str, Any]:
     """Values of a parameter the strategy counts in whole numbers (``Strategy.whole``: a window)
     must be whole: a window of 1.5 bars is a typo, not a request to round."""
     out = dict(params)
@@ -162,7 +217,7 @@ def _whole_numbers(strategy, params: dict[str, Any], user_error) -> dict[str, An
             continue
         values = value if isinstance(value, list) else [value]
         if not all(float(v).is_integer() for v in values):
-            raise user_error(f"--params {name}: {strategy.name}'s {name} takes whole numbers, got "
+            raise UserError(f"--params {name}: {strategy.name}'s {name} takes whole numbers, got "
                              f"{', '.join(f'{v:g}' for v in values)}")
         out[name] = [int(v) for v in values] if isinstance(value, list) else int(value)
     return out
@@ -192,11 +247,13 @@ def _run(bars, strategy, params, costs, out, symbol):
 
 def _walk_forward(args, bars, strategy, params, costs, out, symbol, settings):
     from tune.report import write_report
-    from tune.walk_forward import walk_forward
+    from tune.walk_forward import plan_walk_forward, run_walk_forward
 
-    wf = walk_forward(bars, strategy, train=args.train, test=args.test, step=args.step, anchored=args.anchored,
-                      params=params or None, search=args.search, num_samples=args.samples, objective=args.objective,
-                      costs=costs, storage_path=args.storage, settings=settings, progress=_progress)
+    plan = plan_walk_forward(bars, strategy, train=args.train, test=args.test, step=args.step, anchored=args.anchored,
+                             params=params or None, search=args.search, num_samples=args.samples,
+                             objective=args.objective, costs=costs)  # bad input is refused before Ray starts
+    connect(settings)  # tune/ never joins Ray by itself
+    wf = run_walk_forward(plan, storage_path=args.storage, settings=settings, progress=_progress)
     path = write_report(out, title=f"{symbol} {strategy.name} walk-forward", walk_forward=wf)
     cols = ["fold", *[c for c in wf.folds.columns if c.startswith("param_")], "is_objective", "oos_total_return",
             "oos_sharpe", "efficiency"]
@@ -208,13 +265,15 @@ def _walk_forward(args, bars, strategy, params, costs, out, symbol, settings):
 
 
 def _monte_carlo(args, bars, strategy, params, costs, out, symbol, settings):
-    from tune.monte_carlo import monte_carlo
+    from tune.monte_carlo import plan_monte_carlo, run_monte_carlo
     from tune.report import write_report
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    mc = monte_carlo(bars, strategy, _single(strategy, params), methods=methods, n_paths=args.paths, block=args.block,
-                     horizon=args.horizon, generator=args.generator, ruin=args.ruin, seed=args.seed, costs=costs,
-                     storage_path=args.storage, settings=settings, progress=_progress)
+    plan = plan_monte_carlo(bars, strategy, _single(strategy, params), methods=methods, n_paths=args.paths,
+                            block=args.block, horizon=args.horizon, generator=args.generator, ruin=args.ruin,
+                            seed=args.seed, costs=costs)  # bad input is refused before Ray starts
+    connect(settings)  # tune/ never joins Ray by itself
+    mc = run_monte_carlo(plan, storage_path=args.storage, settings=settings, progress=_progress)
     path = write_report(out, title=f"{symbol} {strategy.name} Monte Carlo", monte_carlo=mc)
     table = mc.table()
     text = _table(table.to_dict("records"), ["method", "paths", "wealth_p5", "wealth_p50", "wealth_p95",
@@ -247,3 +306,6 @@ def _compare(args, bars, strategy, params, costs, out, symbol):
             "by_reason": counts, "paper_pnl": diff.paper_pnl, "backtest_pnl": diff.backtest_pnl,
             "paper_position": diff.paper_position, "backtest_position": diff.backtest_position,
             "report": str(path), "_text": text}
+
+
+COMMANDS = {"backtest": run}

@@ -1,4 +1,4 @@
-"""``raytrade models ...``: the registry from the command line.
+"""``raytrade models ls|show|promote|rollback|import|train-baseline``: the model registry from the command line.
 
 When a raytrade cluster is up (``RAY_ADDRESS``, ``ray.address`` or the one
 ``raytrade up`` recorded), every command goes through the running registry
@@ -6,20 +6,52 @@ actor, the only writer of the index, and the ensemble follows a promotion
 within ``ensemble.reload_poll_s``. With no cluster, the commands open the
 registry in this process on the store: nothing else is writing then.
 
-Kept apart from ``cluster/cli.py`` so the parser there stays one screen.
+Ray, the store, ONNX Runtime and torch are imported inside the functions that
+run the verb: `raytrade --help` does not pay for them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import time
 from typing import Any
+from urllib.parse import urlparse
 
-import ray
-
+from cluster.runtime import connect, recorded_up
 from cluster.settings import Settings
+from core.models.errors import RegistryError
+from raytrade.cli.errors import ArgParser, UserError
+
+
+def add_parser(sub: Any) -> None:
+    m = sub.add_parser("models", help="the model registry: versions, stages, metrics")
+    ms = m.add_subparsers(dest="models_cmd", metavar="ACTION", parser_class=ArgParser)
+    ls = ms.add_parser("ls", help="models and their versions")
+    ls.add_argument("name", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    show = ms.add_parser("show", help="one version's record and tracked metrics")
+    show.add_argument("name")
+    show.add_argument("--version", type=int, default=None, help="default: production, else the latest")
+    pr = ms.add_parser("promote", help="make a version production (the ensemble follows)")
+    pr.add_argument("name")
+    pr.add_argument("version", type=int)
+    rb = ms.add_parser("rollback", help="put back the previous production version")
+    rb.add_argument("name")
+    imp = ms.add_parser("import", help="register your own ONNX file (local path or s3://bucket/key)")
+    imp.add_argument("source")
+    imp.add_argument("--name", required=True)
+    imp.add_argument("--task", default="forecasting")
+    imp.add_argument("--tag", action="append", default=[])
+    imp.add_argument("--promote", action="store_true", help="make it production at once")
+    tb = ms.add_parser("train-baseline", help="train the MLP/LSTM baselines on the store's history and register them")
+    tb.add_argument("--symbols", nargs="+", default=None, help="default: feeds.symbols")
+    tb.add_argument("--kind", choices=["mlp", "lstm", "both"], default="both")
+    tb.add_argument("--epochs", type=int, default=5)
+    tb.add_argument("--max-samples", type=int, default=200_000)
+    tb.add_argument("--promote", action="store_true", help="make the new versions production")
 
 
 class _Remote:
@@ -34,7 +66,7 @@ class _Remote:
 
 
 def _call_actor(method: Any, *args: Any, **kwargs: Any) -> Any:
-    from actors.registry import RegistryError
+    import ray  # only with a cluster up, when the verb runs
 
     try:
         return ray.get(method.remote(*args, **kwargs), timeout=300)
@@ -58,25 +90,22 @@ def _actor_death_reason(message: str) -> str:
 
 
 def open_registry(settings: Settings) -> Any:
-    from cluster.runtime import recorded_up
-
+    """The running registry actor when a cluster is up, else a registry in this process on the store."""
+    # Ray, the store and the registry: imported when the verb runs.
     if os.environ.get("RAY_ADDRESS") or settings.ray.address or recorded_up():
         from actors.registry import get_or_create_registry
-        from cluster.runtime import connect
 
         connect(settings, start_local=False)
         return _Remote(get_or_create_registry(settings))
-    from actors.registry import ModelRegistry
+    from core.models.registry import ModelRegistry
 
     return ModelRegistry(settings)
 
 
-def run_models(args: Any, settings: Settings, user_error: type[Exception]) -> int:
-    from actors.registry import RegistryError
-
+def run(args: argparse.Namespace, settings: Settings) -> int:
     cmd = args.models_cmd
     if cmd is None:
-        raise user_error("raytrade models: choose an action: ls, show, promote, rollback, import, train-baseline")
+        raise UserError("raytrade models: choose an action: ls, show, promote, rollback, import, train-baseline")
     try:
         reg = open_registry(settings)
         if cmd == "ls":
@@ -95,12 +124,12 @@ def run_models(args: Any, settings: Settings, user_error: type[Exception]) -> in
             print(f"rolled back: {rec['name']} v{rec['version']} is production")
             return 0
         if cmd == "import":
-            return _import(reg, args, settings, user_error)
+            return _import(reg, args, settings)
         if cmd == "train-baseline":
-            return _train(reg, args, settings, user_error)
+            return _train(reg, args, settings)
     except RegistryError as e:
-        raise user_error(str(e)) from None
-    raise user_error(f"unknown models action {cmd}")
+        raise UserError(str(e)) from None
+    raise UserError(f"unknown models action {cmd}")
 
 
 def _ls(reg: Any, args: Any) -> int:
@@ -124,9 +153,7 @@ def _ls(reg: Any, args: Any) -> int:
 def read_source(source: str, settings: Settings) -> bytes:
     """Bytes of a local file or an ``s3://bucket/key`` object (the store's endpoint and keys)."""
     if source.startswith("s3://"):
-        from urllib.parse import urlparse
-
-        from minio.error import S3Error
+        from minio.error import S3Error  # the store's clients: when the verb runs
 
         from core.store import minio_client
 
@@ -149,8 +176,8 @@ def check_member_contract(data: bytes) -> dict[str, Any]:
     """Load the ONNX file as a member would and run it once; returns what was learnt."""
     import numpy as np
 
-    from actors.model_cache import DeviceConfig, OnnxModel
     from core.features import FEATURE_NAMES
+    from core.models.cache import DeviceConfig, OnnxModel
 
     model = OnnxModel("import", 0, data, DeviceConfig(), n_features=len(FEATURE_NAMES))
     x = np.random.default_rng(0).standard_normal((4, model.window, model.n_features)).astype(np.float32)
@@ -160,20 +187,20 @@ def check_member_contract(data: bytes) -> dict[str, Any]:
     return {"window": model.window, "n_features": model.n_features}
 
 
-def _import(reg: Any, args: Any, settings: Settings, user_error: type[Exception]) -> int:
-    from actors.model_cache import BadModelContract
-    from actors.registry import RegistryError, check_onnx
+def _import(reg: Any, args: Any, settings: Settings) -> int:
     from core.features import FEATURE_NAMES, feature_spec_hash
+    from core.models.artefacts import check_onnx
+    from core.models.cache import BadModelContract
 
     try:
         data = read_source(args.source, settings)
     except OSError as e:
-        raise user_error(f"cannot read {args.source}: {e}") from None
+        raise UserError(f"cannot read {args.source}: {e}") from None
     try:
         check_onnx(data)
         contract = check_member_contract(data)
     except (RegistryError, BadModelContract, ValueError) as e:
-        raise user_error(f"{args.source}: {e}") from None
+        raise UserError(f"{args.source}: {e}") from None
     meta = {
         "source": args.source,
         "tags": ["imported", *args.tag],
@@ -190,7 +217,7 @@ def _import(reg: Any, args: Any, settings: Settings, user_error: type[Exception]
     return 0
 
 
-def _train(reg: Any, args: Any, settings: Settings, user_error: type[Exception]) -> int:
+def _train(reg: Any, args: Any, settings: Settings) -> int:
     from core.baselines import train_direction_model
     from core.store import BarStore, CorruptPartError
 
@@ -199,18 +226,18 @@ def _train(reg: Any, args: Any, settings: Settings, user_error: type[Exception])
     try:
         bars = {s: store.read(s) for s in symbols}
     except CorruptPartError as e:
-        raise user_error(str(e)) from None
+        raise UserError(str(e)) from None
     empty = [s for s, b in bars.items() if len(b) == 0]
     if empty:
-        raise user_error(f"the store at {store.uri} has no bars for {', '.join(empty)}; `raytrade data generate` first")
+        raise UserError(f"the store at {store.uri} has no bars for {', '.join(empty)}; `raytrade data generate` first")
     if args.epochs < 1:
-        raise user_error("--epochs must be at least 1")
+        raise UserError("--epochs must be at least 1")
     kinds = ["mlp", "lstm"] if args.kind == "both" else [args.kind]
     for kind in kinds:
         try:
             res = train_direction_model(bars, kind, epochs=args.epochs, max_samples=args.max_samples)
         except ValueError as e:
-            raise user_error(str(e)) from None
+            raise UserError(str(e)) from None
         name = f"baseline_{kind}"
         rec = reg.register(name, res.onnx, "classification", res.metadata)
         hit = res.metadata["holdout_hit_rate"]
@@ -222,3 +249,6 @@ def _train(reg: Any, args: Any, settings: Settings, user_error: type[Exception])
             reg.promote(name, rec["version"])
             print(f"{name} v{rec['version']} is production")
     return 0
+
+
+COMMANDS = {"models": run}

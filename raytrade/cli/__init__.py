@@ -1,0 +1,77 @@
+"""The ``raytrade`` command line.
+
+    raytrade up [--detach] [--duration S]   start the system on this machine or a cluster
+    raytrade down                           stop what `up` started
+    raytrade status [--json]                nodes, resources, actors and their states
+    raytrade config show                    effective settings, secrets as ***
+    raytrade data generate|import|ls|verify history in the store; verify exits 2 on a bad part
+    raytrade feeds ls|kill|pause|resume|fault   the feeds and the router (chaos testing)
+    raytrade train --symbols ... --alpha A  CVaR-PPO against the risk-neutral baseline, out of sample
+    raytrade models ls|show|promote|rollback|import|train-baseline   the model registry
+    raytrade backtest run|walk-forward|monte-carlo|compare   backtests, on Ray Tune where it pays
+    raytrade workflows ls|run|cancel        the workflow scheduler's queue
+    raytrade trades stats|export            trade analytics from an account's ledger
+    raytrade decide SYMBOL [--execute]      a decision from the running endpoint
+
+Each verb group is one module here that owns its flags (``add_parser``) and
+its commands (``COMMANDS``); this one only builds the parser and dispatches.
+A user's mistake (a bad flag, a bad setting, a bad file) ends with one line on
+stderr and exit code 2, never a traceback; a cluster that cannot be reached
+ends with one line and exit code 1 (``raytrade.cli.errors``).
+
+The verb modules import Ray, pandas, the store, ``actors``, ``tune`` and
+``raytrade.system`` inside the functions that run a verb, so that building
+the parser (`raytrade --help`, a mistyped flag) stays well under a second.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from cluster.settings import SettingsError, load_settings
+from raytrade.cli import backtest, config, data, decide, feeds, models, trades, train, up, workflows
+from raytrade.cli.errors import EXIT_USAGE, ArgParser, UserError, one_line
+
+# In the order `raytrade --help` lists them.
+GROUPS = (up, config, data, feeds, train, models, backtest, workflows, trades, decide)
+COMMANDS = {name: run for group in GROUPS for name, run in group.COMMANDS.items()}
+
+
+def build_parser() -> ArgParser:
+    p = ArgParser(prog="raytrade", description="raytrade: an algorithmic trading operation on one Ray cluster.")
+    p.add_argument("--config", help="settings file (default: ./raytrade.toml if present)")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=ArgParser)
+    for group in GROUPS:
+        group.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (UserError, SettingsError) as e:
+        print(f"raytrade: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        # A corrupt store part is the user's data to fix (the message names the part), not a
+        # traceback, whichever command read it. Imported here: the store pulls in pyarrow,
+        # which `raytrade --help` should not pay for.
+        from core.store import CorruptPartError
+
+        if isinstance(e, CorruptPartError):
+            print(f"raytrade: error: {one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.cmd is None:
+        p.print_help()
+        return 0
+    settings = load_settings(args.config)
+    return COMMANDS[args.cmd](args, settings)
