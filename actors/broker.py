@@ -238,11 +238,12 @@ class PaperAccount(_BrokerBase):
         return self.ledger.positions()
 
     def book(self) -> dict[str, Any]:
-        """What the risk manager judges on, read at one instant: filled positions, working orders, marks."""
-        with self.ledger.transaction():
-            return {"positions": {p["symbol"]: float(p["qty"]) for p in self.ledger.positions()},
-                    "working": [o for o in self.ledger.open_orders() if o["status"] == "pending" or o["parent"]],
-                    "marks": self.ledger.marks()}
+        """What the risk manager judges on: filled positions, working orders (legs included), marks.
+
+        One call of this one-threaded actor, so no bar's fills land between the three reads.
+        """
+        return {"positions": {p["symbol"]: float(p["qty"]) for p in self.ledger.positions()},
+                "working": self.ledger.open_orders(), "marks": self.ledger.marks()}
 
     def account(self) -> dict[str, Any]:
         return {"account": self.account_name, "kind": self.kind, **self.ledger.account()}
