@@ -56,14 +56,20 @@ def _target_address(settings: Settings) -> str | None:
     return None
 
 
-def serve_recovery_env() -> dict[str, str]:
+def serve_recovery_env(settings: Settings) -> dict[str, str]:
     """Serve's proxy health check every 2 s instead of 10 s, for a Ray that raytrade starts.
 
     Serve's controller replaces a proxy after three failed checks; at Serve's default period
     a SIGKILLed proxy left the HTTP port refusing connections for about 30 s. An operator's own
     value wins.
+
+    Not in HAProxy mode: its proxy (HAProxyManager) can take longer than three 2 s checks to
+    start on a loaded 2-core machine, and the controller then killed it (seen in CI): there
+    Serve's own 10 s, even over a 2 s inherited from a process that started a Ray of its own.
     """
     key = "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S"
+    if settings.serve.proxy == "haproxy":
+        return {key: "10"}
     return {} if key in os.environ else {key: "2"}
 
 
@@ -180,7 +186,7 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
             # machine) and then refuses num_cpus.
             # The local raylet, and so Serve's controller and replicas, inherit this environment.
             os.environ.update(serve_proxy_env(settings))
-            os.environ.update(serve_recovery_env())
+            os.environ.update(serve_recovery_env(settings))
             _enable_token_auth_here()
             ray.init(
                 address="local",
@@ -320,7 +326,7 @@ def start_head(settings: Settings, timeout_s: float = 120.0) -> tuple[str, int]:
     if not settings.ray.include_dashboard:
         cmd.append("--include-dashboard=false")
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **serve_proxy_env(settings), **token_auth_env(),
-               **serve_recovery_env())
+               **serve_recovery_env(settings))
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     log_file = open(STATE_DIR / "head.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
