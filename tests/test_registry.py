@@ -80,28 +80,54 @@ def test_corrupted_artefact_is_refused(make_settings, blobs):
 class _FailingIndex(ArtefactStore):
     """A store that dies when the index is written: a crash between artefact and index."""
 
-    def __init__(self, inner):
-        super().__init__(inner._put, inner._get, inner.uri)
+    def __init__(self, inner, fail_on=INDEX):
+        super().__init__(inner.backend, inner.uri)
+        self.fail_on = fail_on
 
     def put(self, rel, data):
-        if rel == INDEX:
+        if rel.endswith(self.fail_on):
             raise OSError("disk gone")
         super().put(rel, data)
 
+    def put_if(self, rel, data, tag):
+        if rel.endswith(self.fail_on):
+            raise OSError("disk gone")
+        return super().put_if(rel, data, tag)
 
-def test_index_changes_only_after_the_artefact_is_written(make_settings, blobs):
+
+def test_a_crash_before_the_index_commit_is_adopted_at_the_next_start(make_settings, blobs):
+    settings = make_settings()
+    reg = ModelRegistry(settings)
+    reg.register("dir", blobs[0], "forecasting", {"by": "first"})
+    crashing = ModelRegistry(settings, artefacts=_FailingIndex(ArtefactStore.from_settings(settings)))
+    with pytest.raises(OSError, match="disk gone"):
+        crashing.register("dir", blobs[1], "forecasting", {"by": "crashed"})
+    assert (Path(settings.store.uri) / "models/dir/v2/model.onnx").exists()  # the artefact is whole...
+    assert [r["version"] for r in reg.list("dir")] == [1]  # ...and no index names it yet
+    again = ModelRegistry(settings)  # the next start adopts it, checked against its sha256
+    assert [(r["version"], r["metadata"]["by"], r["stage"]) for r in again.list("dir")] == [
+        (1, "first", "candidate"), (2, "crashed", "candidate")]
+    assert again.load("dir", 2) == blobs[1]
+    assert again.register("dir", blobs[2], "forecasting")["version"] == 3
+    assert again.orphans() == []
+    assert not [p for p in (Path(settings.store.uri) / "models").rglob(".tmp-*")]
+
+
+def test_a_crash_before_the_record_leaves_an_orphan_that_gc_removes(make_settings, blobs):
     settings = make_settings()
     reg = ModelRegistry(settings)
     reg.register("dir", blobs[0], "forecasting")
-    crashing = ModelRegistry(settings, artefacts=_FailingIndex(ArtefactStore.from_settings(settings)))
+    crashing = ModelRegistry(settings, artefacts=_FailingIndex(ArtefactStore.from_settings(settings), "record.json"))
     with pytest.raises(OSError, match="disk gone"):
         crashing.register("dir", blobs[1], "forecasting")
-    assert (Path(settings.store.uri) / "models/dir/v2/model.onnx").exists()  # the orphan is whole...
     again = ModelRegistry(settings)
-    assert [r["version"] for r in again.list("dir")] == [1]  # ...but never listed
-    assert again.register("dir", blobs[2], "forecasting")["version"] == 2  # and the version is reused cleanly
-    assert again.load("dir", 2) == blobs[2]
-    assert not [p for p in (Path(settings.store.uri) / "models").rglob(".tmp-*")]
+    assert [r["version"] for r in again.list("dir")] == [1]  # nothing to adopt: no record
+    assert again.orphans() == ["models/dir/v2/model.onnx"]
+    # The version it took is skipped, never reused: no record can point at the orphan's bytes.
+    assert again.register("dir", blobs[2], "forecasting")["version"] == 3
+    assert again.collect(["models/dir/v2/model.onnx", "models/dir/v1/model.onnx"]) == ["models/dir/v2/model.onnx"]
+    assert again.orphans() == [] and not (Path(settings.store.uri) / "models/dir/v2/model.onnx").exists()
+    assert again.load("dir", 1) == blobs[0] and again.load("dir", 3) == blobs[2]
 
 
 def test_performance_history_and_best(make_settings, blobs):
@@ -172,7 +198,8 @@ def test_on_s3_through_the_minio_client(make_settings, s3_server, blobs):
 
     mc = Minio(s3_server["endpoint"].split("://")[1], s3_server["access_key"], s3_server["secret_key"], secure=False)
     keys = sorted(o.object_name for o in mc.list_objects("models-s3", prefix="raytrade/models/", recursive=True))
-    assert keys == ["raytrade/models/dir/v1/model.onnx", "raytrade/models/index.json"]
+    assert keys == ["raytrade/models/dir/v1/model.onnx", "raytrade/models/dir/v1/record.json",
+                    "raytrade/models/index.json"]
     mc.put_object("models-s3", "raytrade/models/dir/v1/model.onnx", __import__("io").BytesIO(b"evil"), 4)
     fresh = ModelRegistry(settings)
     assert fresh.get("dir", stage="production")["version"] == 1
