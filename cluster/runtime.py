@@ -35,7 +35,15 @@ UP_STATE = STATE_DIR / "up.json"
 
 
 class ClusterUnavailable(RuntimeError):
-    """No Ray cluster could be reached where one was expected."""
+    """No Ray cluster could be reached where one was expected (the CLI exits ``exit_code``)."""
+
+    exit_code = 1
+
+
+class StaleClusterRecord(ClusterUnavailable):
+    """``raytrade up`` recorded a cluster that is gone: the user's to fix, in one of two ways."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -135,8 +143,17 @@ def _enable_token_auth_here() -> None:
             pass
 
 
-def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | None = None) -> RuntimeInfo:
-    """Join or start Ray, once per process."""
+def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | None = None,
+            use_record: bool = True) -> RuntimeInfo:
+    """Join the running cluster, or start a local Ray when there is none; once per process.
+
+    The cluster to join, first found: ``RAY_ADDRESS``, ``ray.address`` (the CLI's
+    ``--address`` sets it), the one ``raytrade up`` recorded (``use_record``; ``up``
+    itself does not). A recorded cluster that is gone is ``StaleClusterRecord``,
+    never a silent second Ray. With none of them, ``start_local`` starts a Ray of
+    this process's own (``RuntimeInfo.started_locally`` says so); otherwise Ray's
+    ``"auto"`` looks for one on this machine.
+    """
     import ray
 
     configure_logging(settings)
@@ -146,8 +163,12 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
         return RuntimeInfo(ctx.gcs_address, False, _dashboard_url(), ctx.namespace, current_profile(settings))
 
     address = _target_address(settings)
+    if address is None and use_record:
+        address = _recorded_address()
+        if address is not None:
+            _check_recorded(address)
     if address is None and not start_local:
-        address = _recorded_address() or "auto"
+        address = "auto"
     # Workers import our packages by name; the repo root goes on their path.
     # On a remote cluster every node has raytrade installed (ray-cluster.yaml),
     # and the working_dir ships this checkout's code so driver and actors agree.
@@ -205,6 +226,16 @@ def connect(settings: Settings, *, start_local: bool = True, num_cpus: int | Non
         ) from None
     ctx = ray.get_runtime_context()
     return RuntimeInfo(ctx.gcs_address, started, _dashboard_url(), ns, current_profile(settings))
+
+
+def _check_recorded(address: str) -> None:
+    try:
+        _check_reachable(address)
+    except ClusterUnavailable:
+        raise StaleClusterRecord(
+            f"the cluster `raytrade up` recorded at {address} ({UP_STATE}) is not reachable: start it again "
+            f"with `raytrade up`, or remove the record (`raytrade down`, or delete {UP_STATE})"
+        ) from None
 
 
 def _check_reachable(address: str, timeout_s: float = 3.0) -> None:

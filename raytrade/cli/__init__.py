@@ -7,7 +7,7 @@
     raytrade data generate|import|ls|verify history in the store; verify exits 2 on a bad part
     raytrade feeds ls|kill|pause|resume|fault   the feeds and the router (chaos testing)
     raytrade train --symbols ... --alpha A  CVaR-PPO against the risk-neutral baseline, out of sample
-    raytrade models ls|show|promote|rollback|import|train-baseline   the model registry
+    raytrade models ls|show|promote|rollback|import|train-baseline|gc   the model registry
     raytrade backtest run|walk-forward|monte-carlo|compare   backtests, on Ray Tune where it pays
     raytrade workflows ls|run|cancel        the workflow scheduler's queue
     raytrade trades stats|export            trade analytics from an account's ledger
@@ -29,9 +29,10 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from cluster.runtime import ClusterUnavailable
 from cluster.settings import SettingsError, load_settings
 from raytrade.cli import backtest, config, data, decide, feeds, models, trades, train, up, workflows
-from raytrade.cli.errors import EXIT_USAGE, ArgParser, UserError, one_line
+from raytrade.cli.errors import EXIT_USAGE, ArgParser, UserError, cause_of, one_line, unavailable
 
 # In the order `raytrade --help` lists them.
 GROUPS = (up, config, data, feeds, train, models, backtest, workflows, trades, decide)
@@ -41,6 +42,8 @@ COMMANDS = {name: run for group in GROUPS for name, run in group.COMMANDS.items(
 def build_parser() -> ArgParser:
     p = ArgParser(prog="raytrade", description="raytrade: an algorithmic trading operation on one Ray cluster.")
     p.add_argument("--config", help="settings file (default: ./raytrade.toml if present)")
+    p.add_argument("--address", default=None,
+                   help="the Ray cluster to join (default: RAY_ADDRESS, ray.address, or the one `raytrade up` recorded)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=ArgParser)
     for group in GROUPS:
         group.add_parser(sub)
@@ -53,18 +56,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, SettingsError) as e:
         print(f"raytrade: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except ClusterUnavailable as e:
+        return unavailable(e)
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        # A corrupt store part is the user's data to fix (the message names the part), not a
-        # traceback, whichever command read it. Imported here: the store pulls in pyarrow,
-        # which `raytrade --help` should not pay for.
-        from core.store import CorruptPartError
+        return _user_error_or_raise(e)
 
-        if isinstance(e, CorruptPartError):
-            print(f"raytrade: error: {one_line(e)}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
+
+def _user_error_or_raise(e: Exception) -> int:
+    """A user's mistake found deep down (inside an actor, in a corrupt part) is one line and exit 2;
+    anything else is a bug and keeps its traceback."""
+    # Imported here: the store pulls in pyarrow, which `raytrade --help` should not pay for.
+    from core.models.errors import RegistryError
+    from core.scheduling import WorkflowError
+    from core.store import CorruptPartError
+
+    cause = cause_of(e)
+    if isinstance(cause, (UserError, SettingsError, RegistryError, WorkflowError, CorruptPartError)):
+        print(f"raytrade: error: {one_line(cause)}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(cause, ClusterUnavailable):
+        return unavailable(cause)
+    raise e
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -74,4 +88,6 @@ def _main(argv: Sequence[str] | None) -> int:
         p.print_help()
         return 0
     settings = load_settings(args.config)
+    if args.address:
+        settings.ray.address = args.address
     return COMMANDS[args.cmd](args, settings)

@@ -1,10 +1,13 @@
 """``raytrade models ls|show|promote|rollback|import|train-baseline``: the model registry from the command line.
 
-When a raytrade cluster is up (``RAY_ADDRESS``, ``ray.address`` or the one
-``raytrade up`` recorded), every command goes through the running registry
-actor, the only writer of the index, and the ensemble follows a promotion
-within ``ensemble.reload_poll_s``. With no cluster, the commands open the
-registry in this process on the store: nothing else is writing then.
+When a raytrade cluster is up (``--address``, ``RAY_ADDRESS``, ``ray.address``
+or the one ``raytrade up`` recorded), every command goes through the running
+registry actor, and the ensemble follows a promotion within
+``ensemble.reload_poll_s``. With no cluster, the commands open the registry in
+this process on the store. Either way every index write is a compare-and-swap
+(``core.models.registry``), so a writer beside the running system loses nothing
+and is seen by it at once. ``gc`` lists (and, confirmed, removes) a crashed
+writer's leftovers.
 
 Ray, the store, ONNX Runtime and torch are imported inside the functions that
 run the verb: `raytrade --help` does not pay for them.
@@ -46,6 +49,9 @@ def add_parser(sub: Any) -> None:
     imp.add_argument("--task", default="forecasting")
     imp.add_argument("--tag", action="append", default=[])
     imp.add_argument("--promote", action="store_true", help="make it production at once")
+    gc = ms.add_parser("gc", help="list files under models/ that no version owns (a writer's crash leftovers); "
+                                  "remove them with confirmation")
+    gc.add_argument("--yes", action="store_true", help="remove without asking")
     tb = ms.add_parser("train-baseline", help="train the MLP/LSTM baselines on the store's history and register them")
     tb.add_argument("--symbols", nargs="+", default=None, help="default: feeds.symbols")
     tb.add_argument("--kind", choices=["mlp", "lstm", "both"], default="both")
@@ -105,7 +111,7 @@ def open_registry(settings: Settings) -> Any:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     cmd = args.models_cmd
     if cmd is None:
-        raise UserError("raytrade models: choose an action: ls, show, promote, rollback, import, train-baseline")
+        raise UserError("raytrade models: choose an action: ls, show, promote, rollback, import, train-baseline, gc")
     try:
         reg = open_registry(settings)
         if cmd == "ls":
@@ -127,9 +133,34 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return _import(reg, args, settings)
         if cmd == "train-baseline":
             return _train(reg, args, settings)
+        if cmd == "gc":
+            return _gc(reg, args)
     except RegistryError as e:
         raise UserError(str(e)) from None
     raise UserError(f"unknown models action {cmd}")
+
+
+def _gc(reg: Any, args: Any) -> int:
+    """Orphans are listed first; removed only with --yes or a "y" at a terminal."""
+    import sys
+
+    paths = reg.orphans()
+    if not paths:
+        print("no orphaned files under models/")
+        return 0
+    print(f"{len(paths)} file(s) under models/ that no version owns (a writer stopped before its record):")
+    for p in paths:
+        print(f"  {p}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("nothing removed: run `raytrade models gc --yes` to remove them")
+            return 0
+        if input("remove them? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 0
+    gone = reg.collect(paths)
+    print(f"removed {len(gone)} file(s)")
+    return 0
 
 
 def _ls(reg: Any, args: Any) -> int:

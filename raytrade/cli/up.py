@@ -58,7 +58,7 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
             if not os.environ.get("RAY_ADDRESS") and not settings.ray.address:
                 address, head_pgid = start_head(settings)
                 os.environ["RAY_ADDRESS"] = address
-        info = connect(settings)
+        info = connect(settings, use_record=False)  # `up` is one of the two ways out of a stale record
     except ClusterUnavailable as e:
         return unavailable(e)
     record_up(info.address, head_pgid is not None, head_pgid)
