@@ -20,10 +20,12 @@ This module does not decide *what* a workflow does; the parts that own the work
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 import ray
@@ -59,11 +61,41 @@ def _store(settings: Settings) -> BarStore:
     return BarStore.from_settings(settings.store, settings.resilience)
 
 
+# The job an attempt runs, and the scheduler's settings, for the code inside it (``current_job``).
+_ATTEMPT: dict[str, Any] = {}
+JOB_LOG_LINES = 5000  # lines of output kept per job (the newest)
+JOB_LOGS_KEPT = 200  # jobs whose output is kept (the newest)
+
+
+def current_job() -> tuple[str | None, Settings | None]:
+    """Inside a workflow attempt: its job id and the scheduler's settings (secrets included,
+    in memory only). Elsewhere ``(None, None)``."""
+    return _ATTEMPT.get("job_id"), _ATTEMPT.get("settings")
+
+
+def job_output(job_id: str, lines: list[tuple[str, str]], settings: Settings | None = None) -> None:
+    """Append ``(stream, line)`` pairs to a job's output, kept by the scheduler for
+    ``raytrade workflows logs|wait`` and for a CLI attached to the job. Best effort: a
+    scheduler that is restarting loses the lines, never the job."""
+    try:
+        namespace = settings.ray.namespace if settings is not None else None
+        ray.get_actor(names.SCHEDULER, namespace=namespace).output.remote(job_id, lines)
+    except Exception:  # noqa: BLE001 - output is a courtesy; the job's outcome is journalled
+        pass
+
+
 @ray.remote(max_retries=0)
 def _run_attempt(job_id: str, attempt: int, target: str, args: list, kwargs: dict, settings: Settings) -> str:
     """One attempt of a job, in its own Ray task; leaves a completion marker when it succeeds."""
     fn = import_target(target)
-    result = fn(*args, **kwargs)
+    # Ray ships this function by value, with its own copy of the module's globals: the state
+    # ``current_job`` reads is the imported module's.
+    attempt = importlib.import_module("actors.scheduler")._ATTEMPT
+    attempt.update(job_id=job_id, settings=settings)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        attempt.clear()
     marker = completion_marker(settings.scheduler.journal, job_id, attempt)
     _store(settings).put_bytes(marker, json.dumps({"job": job_id, "attempt": attempt, "at": time.time()}).encode())
     return repr(result)[:500]
@@ -81,6 +113,8 @@ class WorkflowScheduler:
         self._lock = threading.RLock()
         self.queue = WorkflowQueue(self.cfg, state=load_journal(self.store, self.cfg.journal))
         self.refs: dict[str, Any] = {}
+        self.outputs: dict[str, deque] = {}
+        self.output_counts: dict[str, int] = {}
         self.started_at = time.time()
         self.restored = len(self.queue.jobs)
         if self.queue.recovering():
@@ -182,6 +216,32 @@ class WorkflowScheduler:
             st["scheduler"] = {"up_since": self.started_at, "restored_jobs": self.restored,
                                "max_running": self.cfg.max_running}
             return st
+
+    def output(self, job_id: str, lines: list) -> None:
+        """Lines a job printed (``job_output``); the newest ``JOB_LOG_LINES`` are kept, in memory."""
+        with self._lock:
+            buf = self.outputs.get(job_id)
+            if buf is None:
+                buf = self.outputs[job_id] = deque(maxlen=JOB_LOG_LINES)
+                while len(self.outputs) > JOB_LOGS_KEPT:
+                    old = next(iter(self.outputs))
+                    del self.outputs[old]
+                    self.output_counts.pop(old, None)
+            buf.extend((str(stream), str(line)) for stream, line in lines)
+            self.output_counts[job_id] = self.output_counts.get(job_id, 0) + len(lines)
+
+    def follow(self, job_id: str, since: int = 0) -> dict:
+        """The job's state and its output lines numbered ``since`` onwards: ``{"job", "lines", "next"}``
+        (lines that fell out of the kept window are skipped, and ``skipped`` says how many)."""
+        with self._lock:
+            j = self.queue.jobs.get(job_id)
+            buf = self.outputs.get(job_id, deque())
+            total = self.output_counts.get(job_id, 0)
+            first = total - len(buf)
+            start = max(since, first)
+            lines = list(buf)[start - first:]
+            return {"job": None if j is None else j.public(time.time(), self.cfg.ageing_per_minute),
+                    "lines": lines, "next": total, "skipped": max(0, first - since)}
 
     def workflows(self) -> dict:
         return {name: spec.model_dump() for name, spec in self.cfg.workflows.items()}

@@ -9,7 +9,7 @@
     raytrade train --symbols ... --alpha A  CVaR-PPO against the risk-neutral baseline, out of sample
     raytrade models ls|show|promote|rollback|import|train-baseline|gc   the model registry
     raytrade backtest run|walk-forward|monte-carlo|compare   backtests, on Ray Tune where it pays
-    raytrade workflows ls|run|cancel        the workflow scheduler's queue
+    raytrade workflows ls|run|cancel|wait|logs   the workflow scheduler's queue and its jobs
     raytrade trades stats|export            trade analytics from an account's ledger
     raytrade decide SYMBOL [--execute]      a decision from the running endpoint
 
@@ -87,6 +87,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.cmd is None:
         p.print_help()
         return 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a job beside a running system runs it again
     settings = load_settings(args.config)
     if args.address:
         settings.ray.address = args.address

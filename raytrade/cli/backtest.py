@@ -4,7 +4,8 @@ Bars come from the store in settings; each action prints progress on stderr,
 a summary table and the report's path on stdout (``--json``: one JSON object
 instead). Bad input is a ``UserError``: one line, exit 2. Walk-forward and
 Monte Carlo check their input first, then join Ray here (``tune/`` never
-connects by itself).
+connects by itself); beside a running system they run as its ``backtest``
+workflow (``raytrade.jobs``), followed here or, with ``--detach``, not.
 
 pandas, numba, Ray Tune and matplotlib (``core.engine``, ``tune``) are
 imported inside the functions that run the verb: `raytrade --help` does not
@@ -24,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from cluster.runtime import connect
 from cluster.settings import Settings
 from raytrade.cli.errors import ArgParser, UserError
+from raytrade.jobs import join, running_scheduler, submit
 
 
 def add_parser(sub: Any) -> None:
@@ -54,6 +55,8 @@ def add_parser(sub: Any) -> None:
         a.add_argument("--out", default=None, help="report directory (default reports/<symbol>-<strategy>-<action>)")
         a.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
         if action in ("walk-forward", "monte-carlo"):
+            a.add_argument("--detach", action="store_true",
+                           help="beside a running system: submit the backtest job and return its id at once")
             a.add_argument("--storage", default=None, help="Tune storage: a directory or s3://bucket/prefix (default var/tune)")
         if action == "walk-forward":
             a.add_argument("--train", type=int, required=True, help="in-sample bars per fold")
@@ -192,6 +195,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             summary = _monte_carlo(args, bars, strategy, params, costs, out, symbol, settings)
         else:
             summary = _compare(args, bars, strategy, params, costs, out, symbol)
+    except _Submitted as done:
+        return done.code
     except ValueError as e:  # the library's own checks of what the user asked for
         if fresh and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # no report came of it: leave no empty folder behind
@@ -230,6 +235,22 @@ def _single(strategy, params):
     return full
 
 
+class _Submitted(Exception):
+    """The work went to the running system's scheduler; the command ends with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _join_or_submit(args, settings) -> None:
+    """Join Ray; beside a running system, submit this command as its ``backtest`` workflow instead."""
+    info = join(settings)
+    sched = None if info.started_locally else running_scheduler(settings)
+    if sched is not None:
+        raise _Submitted(submit(settings, sched, "backtest", args.argv, args.detach))
+
+
 def _run(bars, strategy, params, costs, out, symbol):
     from core.engine import backtest
     from tune.report import write_report
@@ -252,7 +273,7 @@ def _walk_forward(args, bars, strategy, params, costs, out, symbol, settings):
     plan = plan_walk_forward(bars, strategy, train=args.train, test=args.test, step=args.step, anchored=args.anchored,
                              params=params or None, search=args.search, num_samples=args.samples,
                              objective=args.objective, costs=costs)  # bad input is refused before Ray starts
-    connect(settings)  # tune/ never joins Ray by itself
+    _join_or_submit(args, settings)  # tune/ never joins Ray by itself
     wf = run_walk_forward(plan, storage_path=args.storage, settings=settings, progress=_progress)
     path = write_report(out, title=f"{symbol} {strategy.name} walk-forward", walk_forward=wf)
     cols = ["fold", *[c for c in wf.folds.columns if c.startswith("param_")], "is_objective", "oos_total_return",
@@ -272,7 +293,7 @@ def _monte_carlo(args, bars, strategy, params, costs, out, symbol, settings):
     plan = plan_monte_carlo(bars, strategy, _single(strategy, params), methods=methods, n_paths=args.paths,
                             block=args.block, horizon=args.horizon, generator=args.generator, ruin=args.ruin,
                             seed=args.seed, costs=costs)  # bad input is refused before Ray starts
-    connect(settings)  # tune/ never joins Ray by itself
+    _join_or_submit(args, settings)  # tune/ never joins Ray by itself
     mc = run_monte_carlo(plan, storage_path=args.storage, settings=settings, progress=_progress)
     path = write_report(out, title=f"{symbol} {strategy.name} Monte Carlo", monte_carlo=mc)
     table = mc.table()

@@ -1,7 +1,9 @@
 """``raytrade train``: CVaR-PPO and the risk-neutral baseline, trained and compared on held-out bars.
 
-The arguments and the data are checked before any cluster is touched; then
-the learner actor (the system's, or one started for this command and removed
+The arguments and the data are checked before any cluster is touched. Beside
+a running system the training is its ``model_training`` workflow
+(``raytrade.jobs``: submitted, followed, ``--detach`` to return at once);
+otherwise the learner actor (the system's, or one started for this command and removed
 after it) trains both runs, with progress on stderr, and the table of
 held-out results goes to stdout. Ray, torch and the learner are imported
 inside the functions that run the verb: `raytrade --help` does not pay for them.
@@ -17,9 +19,10 @@ import time
 from typing import Any
 
 from cluster import names
-from cluster.runtime import ClusterUnavailable, connect
+from cluster.runtime import ClusterUnavailable
 from cluster.settings import Settings
 from raytrade.cli.errors import EXIT_UNAVAILABLE, UserError, one_line, unavailable
+from raytrade.jobs import join, running_scheduler, submit
 
 
 def add_parser(sub: Any) -> None:
@@ -34,6 +37,8 @@ def add_parser(sub: Any) -> None:
     tr.add_argument("--soft-risk", type=float, default=0.2, help="share of training over which alpha anneals from 1")
     tr.add_argument("--seed", type=int, default=1)
     tr.add_argument("--run", default=None, help="run id; giving an interrupted run's id resumes it (default: a new one)")
+    tr.add_argument("--detach", action="store_true",
+                    help="beside a running system: submit the model_training job and return its id at once")
 
 
 def _train_requests(args: argparse.Namespace, settings: Settings) -> tuple[str, list[str], list[tuple[str, str, Any]]]:
@@ -99,9 +104,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     _, symbols, runs = _train_requests(args, settings)
     try:
-        connect(settings)
+        info = join(settings)
     except ClusterUnavailable as e:
         return unavailable(e)
+    sched = None if info.started_locally else running_scheduler(settings)
+    if sched is not None:  # a running system: the work is its model_training workflow
+        return submit(settings, sched, "model_training", args.argv, args.detach)
     # A learner the system runs: use it, leave it running. Otherwise start one, and remove it after.
     ours = names.lookup(names.LEARNER, settings) is None
     learner = get_or_create_learner(settings, detached=not ours)

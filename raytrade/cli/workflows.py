@@ -1,4 +1,4 @@
-"""``raytrade workflows ls|run|cancel``: the workflow scheduler's queue.
+"""``raytrade workflows ls|run|cancel|wait|logs``: the workflow scheduler's queue and its jobs' output.
 
 Ray and the scheduler actor (``actors.scheduler``) are imported inside
 ``run``, which runs the verb: `raytrade --help` does not pay for them.
@@ -35,11 +35,17 @@ def add_parser(sub: Any) -> None:
     wrun.add_argument("--wait", type=float, default=None, metavar="S", help="wait up to S seconds for the outcome")
     wcan = wf_sub.add_parser("cancel", help="cancel a queued or running workflow")
     wcan.add_argument("id")
+    wwait = wf_sub.add_parser("wait", help="follow a job's output until it ends; the exit code says how it ended")
+    wwait.add_argument("id")
+    wwait.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 124)")
+    wlogs = wf_sub.add_parser("logs", help="what a job printed (the newest lines the scheduler keeps)")
+    wlogs.add_argument("id")
+    wlogs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.wf_cmd is None:
-        raise UserError("raytrade workflows: choose an action: ls, run, cancel")
+        raise UserError("raytrade workflows: choose an action: ls, run, cancel, wait, logs")
     if args.wf_cmd == "ls" and args.defined:
         for name, spec in sorted(settings.scheduler.workflows.items(), key=lambda kv: (kv[1].priority, kv[0])):
             print(f"{spec.priority:>4}  {name:<26} locks {','.join(spec.locks) or '-':<40} {spec.target or '(no target set)'}")
@@ -78,10 +84,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             sched = get_scheduler(settings)
         except LookupError:
-            if args.wf_cmd == "cancel":
+            if args.wf_cmd in ("cancel", "wait", "logs"):
                 raise UserError(f"no job {args.id!r}: the scheduler is not running") from None
             print("the scheduler is not running; `raytrade workflows run NAME` starts it")
             return 0
+        if args.wf_cmd in ("wait", "logs"):
+            return _follow(sched, args)
         if args.wf_cmd == "cancel":
             job = ray.get(sched.cancel.remote(args.id), timeout=60)
             print(f"{job['id']} {job['state']}" + (" (killing the running attempt)" if job["state"] == "stopping" else ""))
@@ -95,6 +103,25 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(st, indent=2, default=str))
         return 0
     _print_status(st)
+    return 0
+
+
+def _follow(sched: Any, args: argparse.Namespace) -> int:
+    import sys
+
+    import ray
+
+    from raytrade.jobs import follow
+
+    if args.wf_cmd == "wait" or args.follow:
+        return follow(sched, args.id, interactive=sys.stdin.isatty(), timeout_s=getattr(args, "timeout", None))
+    st = ray.get(sched.follow.remote(args.id, 0), timeout=60)
+    if st["job"] is None:
+        raise UserError(f"no job {args.id!r}; `raytrade workflows ls` lists them")
+    if st["skipped"]:
+        print(f"({st['skipped']} earlier line(s) no longer kept)", file=sys.stderr)
+    for stream, line in st["lines"]:
+        print(line, file=sys.stdout if stream == "out" else sys.stderr)
     return 0
 
 
