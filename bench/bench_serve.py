@@ -124,9 +124,9 @@ def plain_server(store: str, port: int) -> None:
     from fastapi import FastAPI, HTTPException, Request
 
     from actors.ensemble import Ensemble
+    from core.decision import MIN_POSITION_CHANGE
     from core.store import BarStore
     from serve.auth import AuthError, KeyRing, key_from_headers
-    from serve.decide import MIN_POSITION_CHANGE
     from serve.live import WINDOW_BARS
     from serve.schemas import Decision, DecisionRequest, LastBar, MemberContribution, RiskVerdict
 

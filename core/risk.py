@@ -41,8 +41,8 @@ first bar).
 Bracket legs are the broker's, named ``<entry id>-sl`` and ``<entry id>-tp``;
 a decision id in that namespace is refused.
 
-Limits are duck-typed (``cluster.settings.RiskLimits``), to keep core free of
-cluster/.
+Limits are ``core.risk_limits.RiskLimits``, read duck-typed: any object with
+its fields will do.
 """
 
 from __future__ import annotations

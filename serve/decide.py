@@ -4,9 +4,10 @@
 window (``serve.live.BarWindows``), asks the ensemble for its fused signal,
 blends in an outside signal (``serve.external_weight``) while one is fresh,
 and compares the target with the account's current position from its risk
-snapshot: within ``MIN_POSITION_CHANGE`` it is HOLD. An executed decision's
-order goes to the account's risk manager; one that is not carries a preview
-verdict judged from the snapshot (``serve.live.RiskSnapshots``).
+snapshot by the rule in ``core.decision`` (within ``MIN_POSITION_CHANGE`` it
+is HOLD). An executed decision's order goes to the account's risk manager;
+one that is not carries a preview verdict judged from the snapshot
+(``serve.live.RiskSnapshots``).
 
 The ensemble runs in this process by default (``serve.ensemble =
 "ingress"``), or one hop away as its own Serve deployment; with
@@ -15,8 +16,9 @@ The ensemble runs in this process by default (``serve.ensemble =
 The decisions this replica made are counted here, for ``/v1/status`` and
 the dashboard.
 
-Not here: the routes (``serve.app``), fusion (``core.ensemble``), the risk
-rules (``core.risk``).
+Not here: the routes (``serve.app``), fusion (``core.ensemble``), the rule
+that turns a signal and a position into an action (``core.decision``), the
+risk rules (``core.risk``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from actors.ensemble import Ensemble
 from cluster.logs import get_logger
 from cluster.settings import Settings
+from core.decision import ACTIONS, action_for, blend, hold_verdict, unavailable_signal
 from serve.errors import ApiError
 from serve.health import account_names
 from serve.live import BarWindows, RiskSnapshots, bar_columns, epoch_ns, sizing_atr
@@ -39,8 +42,6 @@ from serve.schemas import Decision, DecisionRequest, LastBar, MemberContribution
 
 log = get_logger("serve")
 
-# A target this close to the current position is not worth an order.
-MIN_POSITION_CHANGE = 0.05
 RECENT_FIELDS = {"decision_id", "symbol", "account", "action", "target_position", "quantity", "confidence", "risk",
                  "executed", "last_bar", "reason", "regime", "members"}
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -65,7 +66,7 @@ class Decider:
         self._signals: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}  # symbol -> ((bar, generation), signal)
         self.external: dict[str, dict[str, Any]] = {}
         self.latencies: deque[float] = deque(maxlen=5000)
-        self.counts = {"BUY": 0, "SELL": 0, "HOLD": 0}
+        self.counts = dict.fromkeys(ACTIONS, 0)
         self.risk_rejections = 0
         self.recent: deque[Decision] = deque(maxlen=100)  # dumped when read (recent_decisions)
 
@@ -140,31 +141,18 @@ class Decider:
             sig = await self._predict(ens_req, last_seq)
         except Exception as e:  # noqa: BLE001 - the ensemble is down: HOLD, with the reason
             log.warning("ensemble call failed: %s", e)
-            sig = {"position": 0.0, "confidence": 0.0, "hold": True,
-                   "reason": f"ensemble unavailable ({e.__class__.__name__})", "members": {}, "failed": {},
-                   "model_versions": {}}
-        internal = float(sig.get("position") or 0.0)
-        confidence = float(sig.get("confidence") or 0.0)
+            sig = unavailable_signal(e)
         ext = self.external.get(sym)
         if ext is not None and ext["expires"] < time.time():
             self.external.pop(sym, None)
             ext = None
-        target = internal
-        if ext is not None:
-            w_ext = self.settings.serve.external_weight
-            target = (1 - w_ext) * internal + w_ext * ext["position"]
-            confidence = (1 - w_ext) * confidence + w_ext * ext["confidence"]
-        target = max(-1.0, min(1.0, target))
+        target, confidence = blend(sig, ext, self.settings.serve.external_weight)
         if req.account not in self.settings.accounts:
             raise ApiError(422, "unknown account", f"no account named {req.account!r}; accounts: "
                            f"{', '.join(account_names(self.settings))}", ["account"])
         snap = await self.risk.get(req.account)
         current = self.risk.position_units(req.account, sym, last_close, snap)
-        delta = target - current
-        if sig.get("hold") or abs(delta) < MIN_POSITION_CHANGE:
-            action = "HOLD"
-        else:
-            action = "BUY" if delta > 0 else "SELL"
+        action = action_for(target, current, hold=bool(sig.get("hold")))
         decision_id = req.decision_id or uuid.uuid4().hex
         order_req = {
             "account": req.account, "symbol": sym, "side": action if action != "HOLD" else None,
@@ -175,9 +163,7 @@ class Decider:
         order = None
         executed = False
         if action == "HOLD":
-            verdict = {"approved": False, "quantity": 0.0,
-                       "reasons": [sig.get("reason") or f"target {target:+.2f} is within {MIN_POSITION_CHANGE} of the "
-                                   f"current position {current:+.2f}"], "checks": {}}
+            verdict = hold_verdict(sig.get("reason"), target, current)
         elif execute:
             res = await self.risk.call(req.account, "submit", order_req)
             verdict, order = res["verdict"], res.get("order")

@@ -12,9 +12,9 @@ import math
 
 import pytest
 
-from cluster.settings import RiskLimits
 from core.risk import (Book, OrderRequest, OrderRequestError, VerdictTokenError, book_from_snapshot, evaluate, sign_order,
                        verify_order)
+from core.risk_limits import RiskLimits
 
 LIMITS = RiskLimits()  # 5 % position, 1 % risk/trade, 2:1, conf 0.7, 2 % day, 5 % drawdown, stop = 2 ATR
 

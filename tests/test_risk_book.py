@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, settings as hsettings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from actors.broker import PaperAccount
-from cluster.settings import RiskLimits
 from core.risk import (Book, OrderRequest, OrderRequestError, VerdictTokenError, book_from_snapshot, evaluate,
                        order_for, pending_by_symbol, sign_order)
+from core.risk_limits import RiskLimits
 
 KEY = b"r" * 32
 

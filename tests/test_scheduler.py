@@ -23,7 +23,7 @@ from core.scheduling import (
 )
 
 PRIORITIES = {"critical_trading": 1, "risk_management": 2, "position_reconciliation": 3, "model_intelligence": 4,
-              "daily_report": 15, "model_training": 20, "data_collection": 25}
+              "daily_report": 15, "model_training": 20, "backtest": 22, "data_collection": 25}
 TARGET = "tests.support.workflow_targets:work"
 
 

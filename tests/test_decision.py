@@ -1,0 +1,38 @@
+"""The decision rule (core.decision), on numbers worked by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.decision import MIN_POSITION_CHANGE, action_for, blend, hold_verdict, unavailable_signal
+
+
+def test_blend_weighs_the_outside_signal_and_clips():
+    assert blend({"position": 0.4, "confidence": 0.8}) == (0.4, 0.8)
+    # 0.75 * 0.4 + 0.25 * (-1.0) = 0.05; 0.75 * 0.8 + 0.25 * 0.4 = 0.7
+    t, c = blend({"position": 0.4, "confidence": 0.8}, {"position": -1.0, "confidence": 0.4}, 0.25)
+    assert t == pytest.approx(0.05) and c == pytest.approx(0.7)
+    assert blend({"position": 1.5, "confidence": 1.0}) == (1.0, 1.0)  # clipped to the limit
+    assert blend({"position": None, "confidence": None}) == (0.0, 0.0)  # no signal: flat, no confidence
+
+
+@pytest.mark.parametrize("target, current, hold, action", [
+    (0.5, 0.0, False, "BUY"),
+    (-0.5, 0.0, False, "SELL"),
+    (0.0, 0.5, False, "SELL"),
+    (0.5, 0.5 - MIN_POSITION_CHANGE / 2, False, "HOLD"),  # under the minimum change
+    (0.5, 0.5 - 2 * MIN_POSITION_CHANGE, False, "BUY"),
+    (1.0, 0.0, True, "HOLD"),  # the signal says hold
+])
+def test_action_for(target, current, hold, action):
+    assert action_for(target, current, hold) == action
+
+
+def test_hold_verdicts_say_why_and_approve_nothing():
+    v = hold_verdict(None, 0.52, 0.5)
+    assert v["approved"] is False and v["quantity"] == 0.0
+    assert v["reasons"] == [f"target +0.52 is within {MIN_POSITION_CHANGE} of the current position +0.50"]
+    assert hold_verdict("stale data", 1.0, 0.0)["reasons"] == ["stale data"]
+    s = unavailable_signal(TimeoutError())
+    assert s["hold"] and s["position"] == 0.0 and "TimeoutError" in s["reason"]
+    assert action_for(*blend(s), hold=s["hold"]) == "HOLD"
