@@ -117,3 +117,56 @@ def test_the_registry_actor_and_a_direct_writer_lose_nothing(ray_session, make_s
         assert len(via_actor("list", "shared")) == 2 * PAIRS
     finally:
         ray.kill(actor, no_restart=True)
+
+
+_KILLED_WRITER = r'''
+import os, signal, sys
+from cluster.settings import load_settings
+from core.baselines import export_onnx, random_model
+from core.features import FEATURE_NAMES
+from core.models.artefacts import ArtefactStore
+from core.models.index import INDEX
+from core.models.registry import ModelRegistry
+
+stage = sys.argv[2]
+real_put_if, real_put = ArtefactStore.put_if, ArtefactStore.put
+
+def put_if(self, rel, data, tag):
+    if rel == INDEX and stage == "index":
+        os.kill(os.getpid(), signal.SIGKILL)  # the artefact and its record are written; the index is not
+    return real_put_if(self, rel, data, tag)
+
+def put(self, rel, data):
+    if rel.endswith("record.json") and stage == "record":
+        os.kill(os.getpid(), signal.SIGKILL)  # the artefact is written; its record is not
+    return real_put(self, rel, data)
+
+ArtefactStore.put_if, ArtefactStore.put = put_if, put
+settings = load_settings(use_file=False, store={"uri": sys.argv[1]})
+ModelRegistry(settings).register("m", export_onnx(random_model("mlp", seed=7), 8, len(FEATURE_NAMES)), "forecasting",
+                                 {"by": "killed"})
+'''
+
+
+@pytest.mark.parametrize("stage", ["index", "record"])
+def test_a_writer_killed_between_artefact_and_index(make_settings, blobs, tmp_path, stage):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    settings = make_settings()
+    ModelRegistry(settings).register("m", blobs[0], "forecasting", {"by": "first"})
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", _KILLED_WRITER, settings.store.uri, stage], cwd=root,
+                       env={**__import__("os").environ, "PYTHONPATH": str(root)}, capture_output=True, timeout=120)
+    assert r.returncode == -9, r.stderr.decode()[-2000:]  # SIGKILLed where the stage says
+    reg = ModelRegistry(settings)  # the next start
+    for rec in reg.list():  # no record points at a missing or corrupt artefact
+        reg.load(rec["name"], rec["version"])
+    if stage == "index":  # adopted, checked against its sha256
+        assert [(r["version"], r["metadata"]["by"]) for r in reg.list("m")] == [(1, "first"), (2, "killed")]
+        assert reg.orphans() == []
+    else:  # nothing to adopt: an orphan that gc lists, and a version number never reused
+        assert [r["version"] for r in reg.list("m")] == [1]
+        assert reg.orphans() == ["models/m/v2/model.onnx"]
+        assert reg.register("m", blobs[1], "forecasting")["version"] == 3
