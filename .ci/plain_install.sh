@@ -10,7 +10,11 @@ d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
 "$PY" -m venv "$d/venv"
 "$d/venv/bin/python" -m pip install --quiet --upgrade pip
-"$d/venv/bin/python" -m pip install --quiet -c constraints.txt .
+# From a copy of the tracked (and untracked, not ignored) files: an in-tree build/ could
+# package modules that no longer exist.
+mkdir "$d/src"
+git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$d/src"
+"$d/venv/bin/python" -m pip install --quiet -c constraints.txt "$d/src"
 cd "$d"  # away from the checkout: the installed package is what runs, not the source tree
 "$d/venv/bin/raytrade" --help >/dev/null
 RAYTRADE_STORE__URI="$d/store" "$d/venv/bin/raytrade" config show >/dev/null

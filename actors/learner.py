@@ -41,7 +41,7 @@ from cluster.logs import configure_logging, get_logger
 from cluster.resources import gpu_share, limit_torch_gpu_memory, resolve
 from cluster.runtime import actor_options, current_profile
 from cluster.settings import Settings, load_settings
-from core.models.registry import OnFirstUse
+from core.models.client import OnFirstUse
 from core.rl.cvar_ppo import CVaRPPOSettings
 from core.rl.run import RunRequest, ppo_settings_for, run_path, run_training
 from core.store import BarStore

@@ -27,7 +27,8 @@ from ray.actor import ActorHandle
 from cluster import names
 from cluster.logs import configure_logging
 from cluster.runtime import actor_options
-from core.models.registry import ModelRegistry, OnFirstUse, RegistryClient
+from core.models.client import OnFirstUse, RegistryClient
+from core.models.registry import ModelRegistry
 
 REGISTRY_ACTOR = names.REGISTRY
 # Seconds a blocking call waits for the actor before it gives up.

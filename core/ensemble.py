@@ -52,7 +52,7 @@ from core.fusion import FusedSignal, MultiplicativeWeights, RegimeWeights, fuse,
 from core.members import Member, MemberBatch, OnnxMember, PythonMember, RuleMember
 from core.models.artefacts import ArtefactStore
 from core.models.cache import DeviceConfig, ModelCache
-from core.models.registry import RegistryClient
+from core.models.client import RegistryClient
 from core.regime import VOL_FEATURE, detect_regime
 from core.synthetic import generate_bars
 

@@ -47,12 +47,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
+from typing import Any, Callable, TypeVar
 
+from core.models import leftovers
 from core.models.artefacts import ArtefactStore, check_onnx, sha256
 from core.models.errors import CorruptArtefact, RegistryError, UnknownModel
 from core.models.index import (
@@ -74,41 +74,6 @@ T = TypeVar("T")
 COMMIT_TRIES = 200
 # Version directories a register skips (taken by another writer or a crash's leftover) before it gives up.
 MAX_SKIPPED_VERSIONS = 100
-
-
-@runtime_checkable
-class RegistryClient(Protocol):
-    """The model registry as its users call it, wherever it runs: ``ModelRegistry``'s methods by name."""
-
-    def call(self, method: str, *args: Any) -> Any:
-        """``method(*args)``, blocking until the registry answers."""
-        ...
-
-    async def acall(self, method: str, *args: Any) -> Any:
-        """``method(*args)``, awaited."""
-        ...
-
-
-class OnFirstUse:
-    """A ``RegistryClient`` made by ``make()`` on its first call; a ``make`` that fails is tried again
-    on the next call (a registry actor not started yet, a store not reachable yet)."""
-
-    def __init__(self, make: Callable[[], RegistryClient]) -> None:
-        self._make = make
-        self._client: RegistryClient | None = None
-        self._lock = threading.Lock()
-
-    def client(self) -> RegistryClient:
-        with self._lock:
-            if self._client is None:
-                self._client = self._make()
-            return self._client
-
-    def call(self, method: str, *args: Any) -> Any:
-        return self.client().call(method, *args)
-
-    async def acall(self, method: str, *args: Any) -> Any:
-        return await self.client().acall(method, *args)
 
 
 @dataclass
@@ -245,7 +210,7 @@ class ModelRegistry:
             "metrics": {},
             "flags": [],
         }
-        self.artefacts.put(_record_path(name, version), json.dumps(record, sort_keys=True).encode())
+        self.artefacts.put(leftovers.record_path(name, version), json.dumps(record, sort_keys=True).encode())
         out = self._mutate(lambda index: self._add_record(index, record))
         log.info("registered %s v%d (%s, %d bytes, sha256 %s)", name, version, task, len(artefact), digest[:12])
         return out
@@ -329,53 +294,18 @@ class ModelRegistry:
 
         return self._version(name, self._mutate(change))
 
-    # -- crash leftovers ---------------------------------------------------------------
+    # -- crash leftovers (core.models.leftovers) ------------------------------------------
     def adopt(self) -> list[dict[str, Any]]:
-        """Versions whose artefact and record were written but whose index commit never happened
-        (a writer killed in between): checked against their sha256 and added, as candidates."""
-        indexed = {(n, k) for n, m in self._index["models"].items() for k in m["versions"]}
-        adopted = []
-        for rel in self.artefacts.list(MODELS_DIR):
-            parts = rel.split("/")
-            if len(parts) != 4 or parts[3] != "record.json" or not parts[2][1:].isdigit():
-                continue
-            if (parts[1], parts[2][1:]) in indexed:
-                continue
-            try:
-                record = json.loads(self.artefacts.get(rel))
-                self.artefacts.load_verified(record)
-                out = self._mutate(lambda index, r=record: self._add_record(index, r))
-            except (ValueError, KeyError, TypeError, RegistryError, FileNotFoundError) as e:
-                log.warning("registry: %s is not adoptable (%s); `raytrade models gc` lists it", rel, e)
-                continue
-            log.warning("registry: adopted %s v%s, whose index commit never happened (a writer stopped "
-                        "between artefact and index)", out["name"], out["version"])
-            adopted.append(out)
-        return adopted
+        """Versions a writer left between artefact and index commit, with their records: added."""
+        return leftovers.adopt(self)
 
     def orphans(self) -> list[str]:
-        """Files under ``models/`` that no index record owns and no record can adopt: leftovers of a
-        writer that stopped before its record was written. ``collect`` removes them."""
-        self._fresh()
-        indexed = {(n, k) for n, m in self._index["models"].items() for k in m["versions"]}
-        out = []
-        for rel in self.artefacts.list(MODELS_DIR):
-            parts = rel.split("/")
-            if rel == INDEX or len(parts) != 4 or not parts[2].startswith("v") or not parts[2][1:].isdigit():
-                continue
-            if (parts[1], parts[2][1:]) not in indexed:
-                out.append(rel)
-        return out
+        """Files under ``models/`` that no version owns and no record can adopt."""
+        return leftovers.orphans(self)
 
     def collect(self, paths: list[str]) -> list[str]:
-        """Remove ``paths`` that are still orphans (``orphans()``); the ones removed."""
-        still = set(self.orphans())
-        gone = [p for p in paths if p in still]
-        for p in gone:
-            self.artefacts.delete(p)
-        if gone:
-            log.warning("registry: removed %d orphaned file(s) under %s/", len(gone), MODELS_DIR)
-        return gone
+        """Remove ``paths`` that are still orphans; the ones removed."""
+        return leftovers.collect(self, paths)
 
     # -- metrics -----------------------------------------------------------------------
     def _perf_path(self, name: str, version: int) -> str:
@@ -535,10 +465,6 @@ class ModelRegistry:
 
     async def acall(self, method: str, *args: Any) -> Any:
         return self.call(method, *args)
-
-
-def _record_path(name: str, version: int) -> str:
-    return f"{MODELS_DIR}/{name}/v{version}/record.json"
 
 
 def _model_of(index: dict[str, Any], name: str) -> dict[str, Any]:

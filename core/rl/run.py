@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from core.features import FEATURE_NAMES, feature_spec_hash
-from core.models.registry import RegistryClient
+from core.models.client import RegistryClient
 from core.rl.cvar_ppo import CVaRPPOSettings, export_onnx, train
 from core.rl.data import MultiSymbolEnv, load_data
 from core.rl.evaluate import evaluate
