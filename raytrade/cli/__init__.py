@@ -26,6 +26,7 @@ the parser (`raytrade --help`, a mistyped flag) stays well under a second.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return unavailable(e)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `raytrade ... | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         return _user_error_or_raise(e)
 
