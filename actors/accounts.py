@@ -2,8 +2,10 @@
 
 ``start_accounts(settings)`` opens each account of ``settings.accounts``
 (``actors.risk.open_account``) and starts one ``BarPump`` (``pump:bars``): it
-follows the feed router (``since(seq)``) and hands each new bar to every paper
-broker's ``on_bars``, which fills orders at the next bar's open.
+follows the feed router (``actors.follow.BarFollower``) and hands each new bar
+to every paper broker's ``on_bars``, which fills orders at the next bar's open.
+A batch moves the cursor only once every broker took it; a failed round sends
+the whole batch again, and a broker skips the bars it already marked.
 
 The pump needs no caller to run. Ray runs an async actor's constructor on the
 actor's event loop (checked on Ray 2.60: ``asyncio.get_running_loop()`` works
@@ -37,6 +39,7 @@ import ray
 from ray._private.state import actors as gcs_actors
 
 from actors.broker import ledger_dir
+from actors.follow import BarFollower
 from actors.risk import open_accounts
 from cluster import names
 from cluster.logs import configure_logging, get_logger
@@ -47,12 +50,6 @@ log = get_logger("accounts")
 
 ROUTER = names.router()
 BAR_FIELDS = ("symbol", "ts", "open", "high", "low", "close", "volume")
-POLL_S = 0.05  # between reads of the router
-RETRY_S = 0.5  # after a failed read or a failed broker
-# Idle this long with nothing new, the pump asks whether the router's numbering
-# went back (a router made anew, without its checkpoint): its cursor would then
-# be past every bar it will ever get.
-IDLE_CHECK_S = 5.0
 
 
 def _restarts_so_far() -> int | None:
@@ -76,7 +73,6 @@ class BarPump:
         self.settings = settings
         configure_logging(settings)
         self.brokers = list(brokers)
-        self.cursor = 0
         self.forwarded = 0
         self.fills = 0
         self.errors = 0
@@ -85,7 +81,9 @@ class BarPump:
         self.started_at = time.time()
         self.restarts = _restarts_so_far()
         self._handles: dict[str, Any] = {}
-        self._failing = False  # in a streak of failed rounds: only its first is logged as a warning
+        # A failed round (the router or a broker restarting) drops every handle: all are looked up again.
+        self.follower = BarFollower(lambda: self._handle(ROUTER), self._handles.clear, self._forward,
+                                    name="bar pump", log=log, on_error=self._record_error)
         self._task: asyncio.Task | None = None
         self._ensure_running()
         if self.restarts:
@@ -96,7 +94,7 @@ class BarPump:
             if self._task is not None and not self._task.cancelled() and self._task.exception() is not None:
                 self._record_error(self._task.exception())
             # Keep the reference: the event loop holds only a weak one to its tasks.
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = asyncio.get_running_loop().create_task(self.follower.run())
 
     def _record_error(self, e: BaseException) -> None:
         self.errors += 1
@@ -108,43 +106,13 @@ class BarPump:
             h = self._handles[name] = ray.get_actor(name, namespace=self.settings.ray.namespace)
         return h
 
-    async def _run(self) -> None:
-        idle_since = time.monotonic()
-        while True:
-            try:
-                bars = await self._handle(ROUTER).since.remote(self.cursor)
-                if bars:
-                    await self._forward(bars)
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since > IDLE_CHECK_S:
-                    await self._check_numbering()
-                    idle_since = time.monotonic()
-            except Exception as e:  # noqa: BLE001 - the router or a broker restarts; try again
-                # The cursor stays: the whole batch goes again, and brokers that took it skip it.
-                (log.debug if self._failing else log.warning)("bar pump: %s; retrying", e)
-                self._failing = True
-                self._record_error(e)
-                self._handles.clear()
-                await asyncio.sleep(RETRY_S)
-                continue
-            self._failing = False
-            await asyncio.sleep(POLL_S)
-
     async def _forward(self, bars: list[dict[str, Any]]) -> None:
         payload = [{k: b[k] for k in BAR_FIELDS} for b in bars]
         for name in self.brokers:
             out = await self._handle(name).on_bars.remote(payload)
             self.fills += int(out.get("fills", 0)) if isinstance(out, dict) else 0
-        self.cursor = bars[-1]["seq"]
         self.forwarded += len(bars)
         self.last_forward_at = time.time()
-
-    async def _check_numbering(self) -> None:
-        seq = (await self._handle(ROUTER).health.remote())["seq"]
-        if seq < self.cursor:
-            log.warning("bar pump: the router's numbering went back (%d < %d); reading it from its start",
-                        seq, self.cursor)
-            self.cursor = 0
 
     async def start(self) -> bool:
         """Not needed (the constructor starts the loop); kept so older callers still work."""
@@ -156,7 +124,8 @@ class BarPump:
         now = time.time()
         return {
             "running": not self._task.done(), "pid": os.getpid(), "started_at": self.started_at,
-            "restarts": self.restarts, "cursor": self.cursor, "forwarded": self.forwarded, "fills": self.fills,
+            "restarts": self.restarts, "cursor": self.follower.cursor, "forwarded": self.forwarded,
+            "fills": self.fills,
             "last_forward_at": self.last_forward_at,
             "seconds_since_forward": None if self.last_forward_at is None else round(now - self.last_forward_at, 3),
             "errors": self.errors, "last_error": self.last_error, "brokers": self.brokers,

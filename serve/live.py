@@ -1,10 +1,10 @@
 """The live state a decision reads without a hop: each symbol's bar window, and each account's risk snapshot.
 
 ``BarWindows`` keeps each symbol's latest ``WINDOW_BARS`` bars in the
-replica: a background task (``follow``) reads the feed router's ``since``
-from its cursor, and a symbol's first live bar starts its window with the
-stored bars before it. The window's arrays and ATR are built once per new bar
-(``columns``), not per decision.
+replica: a background task (``follow``) follows the feed router
+(``actors.follow.BarFollower``), and a symbol's first live bar starts its
+window with the stored bars before it. The window's arrays and ATR are built
+once per new bar (``columns``), not per decision.
 
 ``RiskSnapshots`` keeps a copy of each account's risk state
 (``RiskManager.snapshot``), which a decision that is not executed judges its
@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from ray.exceptions import RayActorError
 
+from actors.follow import BarFollower
 from cluster import names
 from cluster.logs import get_logger
 from cluster.settings import Settings
@@ -80,35 +81,23 @@ class BarWindows:
     def __init__(self, settings: Settings, handles: ActorHandles):
         self.settings, self.handles = settings, handles
         self.windows: dict[str, deque] = {}
-        self.last_seq = 0
         self._columns: dict[str, tuple[int, dict[str, np.ndarray], float]] = {}
+        router = names.router()
+        self.follower = BarFollower(lambda: handles.get(router), lambda: handles.forget(router), self._take,
+                                    name="bar windows", log=log)
 
     async def follow(self) -> None:
         """Keep each symbol's latest window here, so a decision needs no call to the router."""
-        router_name = names.router()
-        while True:
-            router = self.handles.get(router_name)
-            if router is None:
-                await asyncio.sleep(1.0)
-                continue
-            try:
-                bars = await router.since.remote(self.last_seq)
-            except Exception:  # noqa: BLE001 - the router restarts; try again
-                self.handles.forget(router_name)
-                await asyncio.sleep(0.5)
-                continue
-            if bars and bars[0]["seq"] <= self.last_seq:
-                bars = [b for b in bars if b["seq"] > self.last_seq]
-            for b in bars:
-                w = self.windows.get(b["symbol"])
-                if w is None:
-                    # A symbol's first live bar: start its window with the stored bars before it.
-                    w = self.windows[b["symbol"]] = deque(await self._history_before(b["symbol"], b["ts"]),
-                                                          maxlen=WINDOW_BARS)
-                w.append(b)
-            if bars:
-                self.last_seq = bars[-1]["seq"]
-            await asyncio.sleep(0.05)
+        await self.follower.run()
+
+    async def _take(self, bars: list[dict[str, Any]]) -> None:
+        for b in bars:
+            w = self.windows.get(b["symbol"])
+            if w is None:
+                # A symbol's first live bar: start its window with the stored bars before it.
+                w = self.windows[b["symbol"]] = deque(await self._history_before(b["symbol"], b["ts"]),
+                                                      maxlen=WINDOW_BARS)
+            w.append(b)
 
     async def _history_before(self, sym: str, ts_ns: int) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:
