@@ -133,6 +133,13 @@ class ServeSettings(_Section):
         "same models: the same signal) until a new bar or a model change; false computes it for every request. "
         "Only with the ensemble in the ingress; a signal with a failed member is never reused",
     )
+    max_bar_age: float = Field(
+        3.0, gt=0, description="a decision on the live window whose last bar arrived longer ago than this many "
+        "feeds.bar_interval_s (and min_stale_s) is HOLD, with the age as its reason: stale data never trades",
+    )
+    min_stale_s: float = Field(
+        5.0, ge=0, description="data is never called stale sooner than this (fast replays' bars come in bursts)",
+    )
     proxy: Literal["serve", "haproxy"] = Field(
         "serve",
         description="what takes the HTTP port: Serve's own proxy, or HAProxy in front of the ingress replicas' "

@@ -17,7 +17,9 @@ sends no order; its verdict (``hold_verdict``) is a refusal whose reason is
 the signal's own, else that the target is within ``MIN_POSITION_CHANGE`` of
 the position. When the ensemble cannot answer, the decision is made on
 ``unavailable_signal``: flat, confidence 0, hold, with the reason, so it is
-a HOLD that says why.
+a HOLD that says why. Likewise when the last bar is older than
+``stale_limit_s`` (``serve.max_bar_age`` bar intervals): ``stale_signal``, a
+HOLD whose reason gives the bar's age, so no order is ever made on stale data.
 
 The live endpoint (``serve.decide``) applies this rule to every decision;
 the benchmark's plain peer endpoint (``bench/bench_serve.py``) reads
@@ -68,6 +70,17 @@ def hold_verdict(reason: str | None, target: float, current: float) -> dict[str,
     """A HOLD's risk verdict: nothing approved, nothing sized, and why (``reason``, the signal's, first)."""
     why = reason or f"target {target:+.2f} is within {MIN_POSITION_CHANGE} of the current position {current:+.2f}"
     return {"approved": False, "quantity": 0.0, "reasons": [why], "checks": {}}
+
+
+def stale_limit_s(max_bar_age: float, bar_interval_s: float, min_stale_s: float) -> float:
+    """Seconds after which the last bar is stale: ``max_bar_age`` bar intervals, never under ``min_stale_s``."""
+    return max(min_stale_s, max_bar_age * bar_interval_s)
+
+
+def stale_signal(age_s: float) -> dict[str, Any]:
+    """The signal to decide on when the last bar is stale: flat, confidence 0, hold, with its age."""
+    return {"position": 0.0, "confidence": 0.0, "hold": True, "reason": f"stale data: last bar {age_s:.1f} s ago",
+            "members": {}, "failed": {}, "model_versions": {}}
 
 
 def unavailable_signal(error: BaseException) -> dict[str, Any]:

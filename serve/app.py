@@ -140,6 +140,7 @@ class Ingress:
         # ensemble: a deployment handle (serve.ensemble = "deployment"), or None: the ensemble runs here.
         self.decider = Decider(settings, self.bars, self.risk, self.metrics, ensemble)
         self.health = HealthView(settings, self.handles, self.metrics, self.decider.ensemble_status)
+        self.decider.alerts = self.health.alerts
         self._ui_equity = EquityHistory()
         self._background: dict[str, asyncio.Task] = {}
 

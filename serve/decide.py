@@ -33,7 +33,7 @@ from typing import Any
 from actors.ensemble import Ensemble
 from cluster.logs import get_logger
 from cluster.settings import Settings
-from core.decision import ACTIONS, action_for, blend, hold_verdict, unavailable_signal
+from core.decision import ACTIONS, action_for, blend, hold_verdict, stale_limit_s, stale_signal, unavailable_signal
 from serve.errors import ApiError
 from serve.health import account_names
 from serve.live import BarWindows, RiskSnapshots, bar_columns, epoch_ns, sizing_atr
@@ -69,6 +69,8 @@ class Decider:
         self.counts = dict.fromkeys(ACTIONS, 0)
         self.risk_rejections = 0
         self.recent: deque[Decision] = deque(maxlen=100)  # dumped when read (recent_decisions)
+        self.alerts: Any = None  # the health view's Alerts (serve.app sets it): one alert per stale episode
+        self.stale_since: dict[str, float] = {}  # symbol -> when its data went stale (an episode)
 
     # -- the ensemble, here or one hop away --------------------------------------------------
     async def _predict(self, request: dict[str, Any], bar: int | None = None) -> dict[str, Any]:
@@ -117,6 +119,22 @@ class Decider:
         self.external[symbol] = {"source": source, "position": position, "confidence": confidence,
                                  "expires": time.time() + ttl_s}
 
+    def _stale(self, sym: str) -> float | None:
+        """The age of ``sym``'s last bar when it is stale (``core.decision.stale_limit_s``), else None.
+        The first stale decision of an episode raises one alert; the first fresh one ends the episode."""
+        age = self.bars.age_s(sym)
+        s = self.settings
+        if age is None or age <= stale_limit_s(s.serve.max_bar_age, s.feeds.bar_interval_s, s.serve.min_stale_s):
+            if self.stale_since.pop(sym, None) is not None:
+                log.info("%s: fresh data again", sym)
+            return None
+        if sym not in self.stale_since:
+            self.stale_since[sym] = time.time()
+            log.warning("%s: stale data: last bar %.1f s ago; decisions HOLD until bars flow", sym, age)
+            if self.alerts is not None:
+                self.alerts.stale_data(sym, age, self.stale_since[sym])
+        return age
+
     # -- the decision -------------------------------------------------------------------------
     async def decide(self, req: DecisionRequest, execute: bool) -> Decision:
         t0 = time.perf_counter()
@@ -137,11 +155,15 @@ class Decider:
             last_seq = w[-1].get("seq")
         last_close, last_ts = float(cols["close"][-1]), int(cols["ts"][-1])
         ens_req = {"symbol": sym, "bars": cols}
-        try:
-            sig = await self._predict(ens_req, last_seq)
-        except Exception as e:  # noqa: BLE001 - the ensemble is down: HOLD, with the reason
-            log.warning("ensemble call failed: %s", e)
-            sig = unavailable_signal(e)
+        stale = None if req.bars is not None else self._stale(sym)
+        if stale is not None:  # no order on stale data: HOLD with its age, no ensemble pass
+            sig = stale_signal(stale)
+        else:
+            try:
+                sig = await self._predict(ens_req, last_seq)
+            except Exception as e:  # noqa: BLE001 - the ensemble is down: HOLD, with the reason
+                log.warning("ensemble call failed: %s", e)
+                sig = unavailable_signal(e)
         ext = self.external.get(sym)
         if ext is not None and ext["expires"] < time.time():
             self.external.pop(sym, None)

@@ -111,6 +111,11 @@ class Alerts:
         self.add("feeds", f"{e['kind']}: {e['from']} -> {e['to']} ({e['reason']})", e.get("wall"),
                  key=("feed", e.get("wall"), e["kind"]))
 
+    def stale_data(self, symbol: str, age_s: float, since: float) -> None:
+        """Decisions on ``symbol`` hold: its last bar is stale (one alert per episode)."""
+        self.add("feeds", f"stale data: {symbol}'s last bar is {age_s:.1f} s old; its decisions HOLD until bars "
+                 "flow again", since, key=("stale", symbol, since))
+
     def halted(self, account: str, why: str) -> None:
         self.add("risk", f"{account}: {why}", key=("halt", account, why))
 

@@ -81,6 +81,7 @@ class BarWindows:
     def __init__(self, settings: Settings, handles: ActorHandles):
         self.settings, self.handles = settings, handles
         self.windows: dict[str, deque] = {}
+        self.arrived: dict[str, float] = {}  # symbol -> when its last bar reached this replica (wall clock)
         self._columns: dict[str, tuple[int, dict[str, np.ndarray], float]] = {}
         router = names.router()
         self.follower = BarFollower(lambda: handles.get(router), lambda: handles.forget(router), self._take,
@@ -98,6 +99,12 @@ class BarWindows:
                 w = self.windows[b["symbol"]] = deque(await self._history_before(b["symbol"], b["ts"]),
                                                       maxlen=WINDOW_BARS)
             w.append(b)
+            self.arrived[b["symbol"]] = time.time()
+
+    def age_s(self, sym: str) -> float | None:
+        """Seconds since ``sym``'s last bar reached this replica; None before its first."""
+        at = self.arrived.get(sym)
+        return None if at is None else time.time() - at
 
     async def _history_before(self, sym: str, ts_ns: int) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:

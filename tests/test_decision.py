@@ -36,3 +36,13 @@ def test_hold_verdicts_say_why_and_approve_nothing():
     s = unavailable_signal(TimeoutError())
     assert s["hold"] and s["position"] == 0.0 and "TimeoutError" in s["reason"]
     assert action_for(*blend(s), hold=s["hold"]) == "HOLD"
+
+
+def test_stale_data_is_a_hold_that_gives_the_bars_age():
+    from core.decision import stale_limit_s, stale_signal
+
+    assert stale_limit_s(3, 60.0, 5.0) == 180.0  # three one-minute bars
+    assert stale_limit_s(3, 0.2, 5.0) == 5.0  # a fast replay: never sooner than min_stale_s
+    s = stale_signal(10.24)
+    assert s["reason"] == "stale data: last bar 10.2 s ago" and s["hold"]
+    assert action_for(*blend(s), hold=s["hold"]) == "HOLD"
