@@ -246,7 +246,9 @@ class PaperAccount(_BrokerBase):
                 "working": self.ledger.open_orders(), "marks": self.ledger.marks()}
 
     def account(self) -> dict[str, Any]:
-        return {"account": self.account_name, "kind": self.kind, **self.ledger.account()}
+        # market_ts: the bars' own clock, which the risk day follows (core.market_clock).
+        return {"account": self.account_name, "kind": self.kind, **self.ledger.account(),
+                "market_ts": self.ledger.market_ts()}
 
     def analytics(self, days: float = 30.0) -> dict[str, Any]:
         return {"account": self.account_name, **self.ledger.analytics(days)}

@@ -12,9 +12,12 @@ State that must survive a restart lives in ``risk.sqlite`` beside the ledger
 * the **kill switch**: drawdown from the equity peak reaching
   ``max_drawdown_pct`` latches it; it stays on, across restarts, until an
   admin calls ``resume(by)``, which also re-bases the peak at today's equity;
-* the **daily loss halt**: the day's P&L (UTC day, from the first equity seen
-  that day) reaching ``-max_daily_loss_pct`` stops new entries until the next
-  UTC day; ``resume`` does not lift it;
+* the **daily loss halt**: the day's P&L (the trading day of the newest bar
+  the broker marked, by the exchange calendar ``feeds.calendar``:
+  ``core.market_clock``; from the first equity seen that day) reaching
+  ``-max_daily_loss_pct`` stops new entries until the next trading day, so a
+  replay follows the replayed market's days, not the wall clock; ``resume``
+  does not lift it;
 * an admin's ``halt(reason, by)``;
 * every decision id with its verdict: a repeated ``submit`` returns the first
   verdict and the first order, never a second order.
@@ -46,7 +49,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,8 @@ from cluster.logs import add_secrets, get_logger
 from cluster.runtime import actor_options
 from cluster.settings import Settings
 from core.ledger import RiskJournal
+from core.market_clock import ALWAYS_OPEN, trading_day
+from core.market_clock import calendar as calendar_of
 from core.risk import (Book, OrderRequest, OrderRequestError, bad_request_verdict, book_from_snapshot,
                        daily_loss_breached, day_pnl, drawdown, drawdown_breached, evaluate, order_for,
                        pending_by_symbol,
@@ -66,16 +70,14 @@ from core.risk import (Book, OrderRequest, OrderRequestError, bad_request_verdic
 log = get_logger("risk")
 
 
-def _today() -> str:
-    return datetime.now(timezone.utc).date().isoformat()
-
-
 @ray.remote
 class RiskManager:
     def __init__(self, account: str, settings: Settings, signing_key: bytes, broker: Any):
         self.account = account
         self.settings = settings
         self.limits = settings.risk_limits_for(account)
+        self.calendar = settings.feeds.calendar
+        calendar_of(self.calendar) if self.calendar != ALWAYS_OPEN else None  # an unknown name fails here, once
         self._key = bytes(signing_key)
         self._broker = broker
         self._ttl = settings.broker.token_ttl_s
@@ -89,8 +91,10 @@ class RiskManager:
         equity = float(acct["equity"])
         j = self.journal
         day = j.get("day") or {}
-        if day.get("date") != _today():
-            day = {"date": _today(), "start_equity": equity}
+        # The trading day of the newest bar the broker marked (Alpaca: none, so the wall clock's).
+        today = trading_day(acct.get("market_ts"), self.calendar)
+        if day.get("date") != today:
+            day = {"date": today, "start_equity": equity}
             j.set("day", day)
             if j.get("daily_halt"):
                 j.set("daily_halt", None)
@@ -208,7 +212,7 @@ class RiskManager:
     def resume(self, by: str) -> dict[str, Any]:
         """Lift an admin's halt and the kill switch; the equity peak restarts from today's equity.
 
-        The daily loss halt stays until the next UTC day.
+        The daily loss halt stays until the next trading day.
         """
         if not isinstance(by, str) or not by.strip():
             raise ValueError("resume needs who resumes")

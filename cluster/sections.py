@@ -90,6 +90,12 @@ class FeedSettings(_Section):
     """Market data feeds and the router's health rules."""
 
     symbols: list[str] = Field(default_factory=lambda: ["SPY", "QQQ", "AAPL", "MSFT"], min_length=1)
+    calendar: str = Field(
+        "XNYS", pattern=r"^(24/7|[A-Z0-9]{3,5}(-[A-Z0-9]+)?)$",
+        description="the exchange calendar the trading day follows (exchange_calendars' code, e.g. XNYS, XLON; "
+        "'24/7': the bars' UTC date): day P&L and the daily loss halt roll over with the bars' session, not the "
+        "wall clock",
+    )
     sources: list[Literal["replay", "synthetic", "alpaca"]] = Field(
         default_factory=lambda: ["replay", "synthetic"], min_length=1, description="in priority order"
     )

@@ -319,6 +319,11 @@ class Ledger:
         row = self._db.execute("SELECT ts FROM marks WHERE symbol=?", (symbol,)).fetchone()
         return int(row[0]) if row else 0
 
+    def market_ts(self) -> int | None:
+        """The exchange time (ns) of the newest bar this ledger marked, any symbol; None before the first."""
+        row = self._db.execute("SELECT MAX(ts) FROM marks").fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     def marks(self) -> dict[str, float]:
         return {r["symbol"]: r["price"] for r in self._db.execute("SELECT * FROM marks")}
 
