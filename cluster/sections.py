@@ -109,6 +109,9 @@ class FeedSettings(_Section):
         None, description="replay (and the synthetic backup) from this time; earlier stored bars are history"
     )
     stall_intervals: float = Field(2.0, gt=0, description="no bar for this many intervals is a stall")
+    start_grace_intervals: float = Field(
+        10.0, ge=0, description="a source that has sent no bar yet (starting up) is stalled only after this many "
+        "intervals: the stall clock starts with its first bar")
     failback_intervals: int = Field(5, ge=1, description="healthy intervals before failing back")
     min_quality: float = Field(0.9, ge=0, le=1, description="share of bars that must pass the quality gate")
     spike_sigmas: float = Field(8.0, gt=0)

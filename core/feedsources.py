@@ -12,7 +12,9 @@ and the spike filter ask it what the other sources hold (``others_between``,
 The rules:
 
 * **Health.** A source is *healthy* when it is alive, not stalled (it sent a
-  bar within ``stall_intervals`` bar intervals), its recent quality (the share
+  bar within ``stall_intervals`` bar intervals; before its first bar, within
+  ``start_grace_intervals`` of the router's start, so a feed that is still
+  starting is not a failover), its recent quality (the share
   of its last bars that passed the gate) is at least ``min_quality``, and it has
   sent no rejected bar within the last ``failback_intervals`` intervals.
 * **Failover.** When the active source is not healthy, the highest-priority
@@ -54,6 +56,9 @@ RECENT_PER_SYMBOL = 4096
 class RouterConfig:
     interval_s: float = 1.0
     stall_intervals: float = 2.0
+    # Before a source's first bar (an actor starting, its store being read) it is
+    # stalled only after this many intervals: the stall clock starts with its first bar.
+    start_grace_intervals: float = 10.0
     failback_intervals: int = 5
     min_quality: float = 0.9
     quality_window: int = 50
@@ -69,6 +74,7 @@ class RouterConfig:
         return cls(
             interval_s=feeds.bar_interval_s,
             stall_intervals=feeds.stall_intervals,
+            start_grace_intervals=feeds.start_grace_intervals,
             failback_intervals=feeds.failback_intervals,
             min_quality=feeds.min_quality,
             spike_sigmas=feeds.spike_sigmas,
@@ -224,8 +230,10 @@ class FeedSources:
 
     # -- health ---------------------------------------------------------------------
     def is_stalled(self, h: SourceHealth, now: float) -> bool:
-        since = h.last_bar_at if h.last_bar_at is not None else h.created_at
-        return now - since > self.cfg.stall_intervals * self.cfg.interval_s
+        if h.last_bar_at is None:  # starting: the stall clock starts with its first bar, after a grace
+            limit = max(self.cfg.stall_intervals, self.cfg.start_grace_intervals)
+            return now - h.created_at > limit * self.cfg.interval_s
+        return now - h.last_bar_at > self.cfg.stall_intervals * self.cfg.interval_s
 
     def why_unhealthy(self, name: str, now: float | None = None) -> str | None:
         now = self.clock() if now is None else now
@@ -233,8 +241,10 @@ class FeedSources:
         if not h.alive:
             return f"dead: {h.last_error or 'actor gone'}"
         if self.is_stalled(h, now):
-            since = h.last_bar_at if h.last_bar_at is not None else h.created_at
-            return f"stalled: no bar for {now - since:.2f}s ({self.cfg.stall_intervals:g} intervals)"
+            if h.last_bar_at is None:
+                return (f"stalled: no first bar in {now - h.created_at:.2f}s "
+                        f"({max(self.cfg.stall_intervals, self.cfg.start_grace_intervals):g} intervals)")
+            return f"stalled: no bar for {now - h.last_bar_at:.2f}s ({self.cfg.stall_intervals:g} intervals)"
         if len(h.quality_window) >= 10 and h.quality() < self.cfg.min_quality:
             return f"quality {h.quality():.2f} below {self.cfg.min_quality:.2f}"
         if now < h.bad_until:

@@ -324,3 +324,22 @@ def test_bursts_through_the_array_path_equal_the_loop_to_the_bit(seed, monkeypat
     delivered, events, _ = loop
     assert len({(d[0], d[1]) for d in delivered}) == len(delivered)
     assert any(e[4] == "spike_rejected" or "spike" in e[3] for e in events)
+
+
+def test_the_stall_clock_starts_with_a_sources_first_bar():
+    """A feed still starting (no bar yet) is not a stall until start_grace_intervals; after its first bar,
+    stall_intervals without one is (issue 19: spurious failovers at start-up)."""
+    clock = Clock()
+    router = RouterState(["primary", "backup"], SYMS, RouterConfig(interval_s=I, stall_intervals=2,
+                                                                   start_grace_intervals=10), clock=clock)
+    feeds = router.feeds
+    clock.t = 5 * I  # past stall_intervals, within the grace: starting, not stalled
+    assert feeds.why_unhealthy("primary") is None
+    clock.t = 10.5 * I
+    assert feeds.why_unhealthy("primary").startswith("stalled: no first bar in 10.50s (10 intervals)")
+    bars = bars_to_records(generate_bars(SYMS, 1, seed=1, interval="1s"))
+    router.ingest("backup", bars)  # its first bar: from now on the ordinary stall clock
+    clock.t = 11.5 * I
+    assert feeds.why_unhealthy("backup") is None
+    clock.t = 13 * I
+    assert feeds.why_unhealthy("backup").startswith("stalled: no bar for 2.50s (2 intervals)")
