@@ -91,6 +91,23 @@ def resume_start(settings: Settings, clock: dict[str, int]) -> dict[str, pd.Time
     return out
 
 
+def warm_start(settings: Settings, store: BarStore) -> pd.Timestamp | None:
+    """With no ``feeds.replay_start`` and nothing replayed yet: begin the replay (and the synthetic
+    backup) after each symbol's first ``feeds.warm_bars`` stored bars, at one time for every symbol,
+    so those bars are the history the live windows start with and the first decision has every
+    member answering. None (the store's beginning) when a symbol has no more bars than that."""
+    n = settings.feeds.warm_bars
+    if settings.feeds.replay_start is not None or n == 0:
+        return None
+    starts = []
+    for sym in settings.feeds.symbols:
+        ts = store.read(sym)["ts"]
+        if len(ts) <= n:
+            return None
+        starts.append(ts.iloc[n])
+    return _utc(max(starts)) if starts else None
+
+
 def _utc(t: Any) -> pd.Timestamp:
     t = pd.Timestamp(t)
     return t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")

@@ -108,6 +108,9 @@ class FeedSettings(_Section):
     replay_start: str | None = Field(
         None, description="replay (and the synthetic backup) from this time; earlier stored bars are history"
     )
+    warm_bars: int = Field(
+        256, ge=0, description="with no replay_start, a first start replays from after each symbol's first "
+        "warm_bars stored bars, which warm the live windows (0: replay the store from its beginning)")
     stall_intervals: float = Field(2.0, gt=0, description="no bar for this many intervals is a stall")
     start_grace_intervals: float = Field(
         10.0, ge=0, description="a source that has sent no bar yet (starting up) is stalled only after this many "

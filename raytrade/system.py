@@ -27,7 +27,7 @@ from ray import serve
 
 from actors.accounts import ledger_clock, start_accounts
 from actors.alpaca_feed import AlpacaFeedActor
-from actors.feeds import FeedActor, resume_start
+from actors.feeds import FeedActor, resume_start, warm_start
 from actors.registry import get_or_create_registry
 from actors.router import FeedRouter
 from actors.scheduler import start_scheduler
@@ -106,6 +106,8 @@ def start_feeds(settings: Settings, fresh: bool = True) -> tuple[dict[str, Any],
     symbols = settings.feeds.symbols
     clock = ledger_clock(settings)
     start = resume_start(settings, clock)
+    if start is None:  # a first start: stored bars before the replay warm the live windows
+        start = warm_start(settings, BarStore.from_settings(settings.store, settings.resilience))
     if clock:
         log.info("the ledgers reached %s; the replay resumes after it",
                  pd.Timestamp(max(clock.values()), unit="ns", tz="UTC"))

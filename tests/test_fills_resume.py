@@ -250,3 +250,19 @@ def test_ledger_marks_read_only_and_missing(tmp_path):
     writer.mark("SPY", 102.0, 9)
     assert ledger_marks(path)["SPY"] == 9
     writer.close()
+
+
+def test_a_first_start_replays_after_the_warm_bars_so_windows_start_full(tmp_path):
+    from actors.feeds import warm_start
+
+    s = load_settings(use_file=False, store={"uri": str(tmp_path / "store")}, feeds={"symbols": ["AAA", "BBB"]})
+    store = BarStore.from_settings(s.store)
+    store.append(generate_bars(["AAA"], 600, seed=1, start="2024-01-02 14:30"))
+    store.append(generate_bars(["BBB"], 600, seed=2, start="2024-01-02 14:35"))  # starts 5 bars later
+    start = warm_start(s, store)
+    # One time for both: after BBB's first 256 bars (the later of the two), so each has at least 256 before it.
+    assert start == store.read("BBB")["ts"].iloc[256]
+    assert all((store.read(sym)["ts"] < start).sum() >= s.feeds.warm_bars for sym in ("AAA", "BBB"))
+    assert warm_start(s.model_copy(update={"feeds": s.feeds.model_copy(update={"warm_bars": 600})}), store) is None
+    assert warm_start(s.model_copy(update={"feeds": s.feeds.model_copy(update={"replay_start": "2024-01-02"})}),
+                      store) is None
