@@ -170,8 +170,17 @@ def start_trading(settings: Settings, progress: Any = print) -> list[str]:
     serve.run(build_app_from_settings(settings), name=names.SERVE_APP, route_prefix="/", blocking=False)
     lines = [f"models          {', '.join(trained)} trained and promoted"] if trained else []
     lines.append(f"accounts        {', '.join(accounts)}")
-    lines.append(f"serve           http://{settings.serve.host}:{settings.serve.port}")
+    lines.append(f"serve           {serve_url(settings)}")
     return lines
+
+
+def serve_url(settings: Settings) -> str:
+    """The endpoint's URL as a client can reach it: a wildcard ``serve.host`` (0.0.0.0, ::, on a
+    cluster) is printed as this node's address, which is where the HTTP port listens."""
+    host = settings.serve.host
+    if host in ("0.0.0.0", "::", ""):
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{settings.serve.port}"
 
 
 def stop_system(settings: Settings) -> int:

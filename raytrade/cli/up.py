@@ -64,7 +64,7 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     record_up(info.address, head_pgid is not None, head_pgid)
     # Every actor, Serve and torch: imported once the cluster is there, so a cluster that
     # cannot be reached is said at once.
-    from raytrade.system import demo_settings, start_system
+    from raytrade.system import demo_settings, serve_url, start_system
 
     settings, demo_key = demo_settings(settings)
     system = start_system(settings, serve_app=not args.no_serve)
@@ -76,7 +76,7 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     for line in system.describe():
         print(f"  {line}")
     if not args.no_serve:
-        url = f"http://{settings.serve.host}:{settings.serve.port}"
+        url = serve_url(settings)
         if demo_key:
             print(f"  demo API key    {demo_key}   (admin, this run only; set api_keys in settings for your own)")
         key = demo_key or "$RAYTRADE_API_KEY"
