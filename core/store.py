@@ -40,20 +40,19 @@ wider machine the share is smaller.
 File names carry each file's time range and row count, so listing a symbol
 (``ranges()``) and pruning a time-range read need no file to be opened.
 
-Not here: validation rules (``core.bars``), or which bars to keep when two
-feeds disagree (the feed router).
+Not here: validation rules (``core.bars``), which bars to keep when two
+feeds disagree (the feed router), or opening the filesystem, whole-file writes
+and the bytes beside the bars (``core.store_fs``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
-from urllib.parse import urlparse
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -61,12 +60,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from core.bars import BAR_SCHEMA, Rejection, empty_bars, first_bad_row, from_table, normalise, to_table, validate_bars
+# The filesystem under the store; open_filesystem and minio_client stay importable from here.
+from core.store_fs import HIDDEN, StoreRoot, minio_client, open_filesystem  # noqa: F401
 
 BARS_DIR = "bars"
 MODELS_DIR = "models"
 MANIFEST_DIR = "_manifest"
 MANIFEST_FORMAT = 1
-_HIDDEN = ".tmp-"
 
 
 class StoreError(RuntimeError):
@@ -139,58 +139,12 @@ class _Listing:
     hidden_entries: dict[str, str]  # part name -> a half-written entry
 
 
-def open_filesystem(
-    uri: str,
-    endpoint: str | None = None,
-    access_key: str | None = None,
-    secret_key: str | None = None,
-    region: str = "us-east-1",
-) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the root path inside it for a store URI."""
-    if uri.startswith("s3://"):
-        parsed = urlparse(uri)
-        root = (parsed.netloc + parsed.path).rstrip("/")
-        kw: dict[str, Any] = {"region": region}
-        if endpoint:
-            ep = urlparse(endpoint)
-            kw["endpoint_override"] = ep.netloc or ep.path
-            kw["scheme"] = ep.scheme or "https"
-        if access_key:
-            kw["access_key"] = access_key
-            kw["secret_key"] = secret_key or ""
-        # Retries are ours (core.resilience), so failures are counted by the breaker.
-        kw["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=1)
-        kw["connect_timeout"] = 5
-        kw["request_timeout"] = 30
-        return pafs.S3FileSystem(**kw), root
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+class BarStore(StoreRoot):
+    """Append and read bars. Cheap to construct; holds no open files.
 
-
-def minio_client(store_settings: Any) -> Any:
-    """A minio client for the store's endpoint and keys (AWS S3 when no endpoint is set)."""
-    from minio import Minio
-
-    s = store_settings
-    ep = urlparse(s.endpoint) if s.endpoint else urlparse("https://s3.amazonaws.com")
-    return Minio(
-        ep.netloc or ep.path,
-        access_key=s.access_key.get_secret_value() if s.access_key else None,
-        secret_key=s.secret_key.get_secret_value() if s.secret_key else None,
-        secure=ep.scheme == "https",
-        region=s.region,
-    )
-
-
-class BarStore:
-    """Append and read bars. Cheap to construct; holds no open files."""
-
-    def __init__(self, fs: pafs.FileSystem, root: str, call: Callable[..., Any] | None = None, uri: str | None = None):
-        self.fs = fs
-        self.root = root.rstrip("/")
-        self.is_local = isinstance(fs, pafs.LocalFileSystem)
-        self.uri = uri or self.root
-        # Every filesystem operation goes through ``call`` (retry + breaker).
-        self._call = call or (lambda fn, *a, **k: fn(*a, **k))
+    The filesystem plumbing (``path``, ``put_bytes``, ``get_bytes``, ``exists``,
+    the ``call`` every operation goes through) is ``StoreRoot``'s.
+    """
 
     @classmethod
     def from_settings(cls, store_settings: Any, resilience: Any | None = None) -> "BarStore":
@@ -210,14 +164,8 @@ class BarStore:
         return cls(fs, root, call, uri=s.uri)
 
     # -- paths -----------------------------------------------------------------
-    def path(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
-
     def _symbol_dir(self, symbol: str) -> str:
         return self.path(BARS_DIR, f"symbol={symbol.upper()}")
-
-    def _ensure_dir(self, path: str) -> None:
-        self._call(self.fs.create_dir, path, recursive=True)
 
     # -- listing -----------------------------------------------------------------
     def _scan(self, symbol: str) -> _Listing:
@@ -233,15 +181,15 @@ class BarStore:
                 continue
             where, name = posixpath.split(info.path)
             if where == mdir and name.endswith(".parquet.json"):
-                if name.startswith(_HIDDEN):
-                    hidden_entries[name[len(_HIDDEN) : -len(".json")]] = info.path
+                if name.startswith(HIDDEN):
+                    hidden_entries[name[len(HIDDEN) : -len(".json")]] = info.path
                 else:
                     entries[name[: -len(".json")]] = info.path
                 continue
             if where != d or not name.endswith(".parquet"):
                 continue
-            if name.startswith(_HIDDEN):
-                hidden_parts[name[len(_HIDDEN) :]] = info.path
+            if name.startswith(HIDDEN):
+                hidden_parts[name[len(HIDDEN) :]] = info.path
                 continue
             if name.startswith((".", "_")):
                 continue
@@ -318,35 +266,17 @@ class BarStore:
         data = sink.getvalue()
         entry = _entry(name, data, len(part), first, last)
         # The three steps of the module docstring; a crash between any two leaves only hidden files.
-        self._call(self._write_bytes, posixpath.join(d, _HIDDEN + name), data)
+        self._call(self._write_bytes, posixpath.join(d, HIDDEN + name), data)
         self._write_entry(final, entry)
         self._publish(final)
         return final
-
-    def _write_bytes(self, path: str, data: Any) -> None:
-        with self.fs.open_output_stream(path) as f:
-            f.write(data)
-
-    def _write_whole(self, final: str, data: Any) -> None:
-        """Write ``final`` so that it appears only whole: hidden name then rename locally, one PUT on S3."""
-        if self.is_local:
-            tmp = posixpath.join(posixpath.dirname(final), f"{_HIDDEN}{uuid.uuid4().hex[:8]}-{posixpath.basename(final)}")
-
-            def write_and_rename() -> None:
-                self._write_bytes(tmp, data)
-                self.fs.move(tmp, final)  # rename(2): atomic on one filesystem
-
-            self._call(write_and_rename)
-        else:
-            # An S3 object becomes visible only when its upload completes.
-            self._call(self._write_bytes, final, data)
 
     def _write_entry(self, part_path: str, entry: dict[str, Any]) -> None:
         d, name = posixpath.split(part_path)
         final = posixpath.join(d, MANIFEST_DIR, name + ".json")
         if self.is_local:
             # Hidden under the part's own name, so sweep() knows whose leftover it is.
-            tmp = posixpath.join(d, MANIFEST_DIR, _HIDDEN + name + ".json")
+            tmp = posixpath.join(d, MANIFEST_DIR, HIDDEN + name + ".json")
 
             def write_and_rename() -> None:
                 self._write_bytes(tmp, json.dumps(entry).encode())
@@ -359,7 +289,7 @@ class BarStore:
     def _publish(self, part_path: str) -> None:
         d, name = posixpath.split(part_path)
         # Local: rename(2). S3: copy (the new object appears whole), then delete the hidden one.
-        self._call(self.fs.move, posixpath.join(d, _HIDDEN + name), part_path)
+        self._call(self.fs.move, posixpath.join(d, HIDDEN + name), part_path)
 
     def sweep(self) -> int:
         """Delete leftovers of interrupted writes; returns how many writes they were.
@@ -384,7 +314,7 @@ class BarStore:
             # Other hidden files (not a part's): none is written today; an older build's, if any.
             name = posixpath.basename(info.path)
             ours = name.endswith((".parquet", ".parquet.json"))  # parts' and entries': handled above
-            if info.type == pafs.FileType.File and name.startswith(_HIDDEN) and not ours:
+            if info.type == pafs.FileType.File and name.startswith(HIDDEN) and not ours:
                 self._call(self.fs.delete_file, info.path)
                 n += 1
         return n
@@ -535,25 +465,6 @@ class BarStore:
                     bad.append(BadPart(sym, path, f"it is missing: the manifest lists it ({entry_path})"))
             counts["interrupted"] += len((set(listing.hidden_parts) | set(listing.hidden_entries)) - visible)
         return StoreCheck(**counts, bad=bad)
-
-    # -- artefacts (bytes beside the bars) -------------------------------------------
-    def put_bytes(self, relpath: str, data: bytes) -> str:
-        final = self.path(relpath)
-        self._ensure_dir(posixpath.dirname(final))
-        self._write_whole(final, data)
-        return final
-
-    def get_bytes(self, relpath: str) -> bytes:
-        def read() -> bytes:
-            with self.fs.open_input_stream(self.path(relpath)) as f:
-                return f.read()
-
-        return self._call(read)
-
-    def exists(self, relpath: str) -> bool:
-        info = self._call(self.fs.get_file_info, self.path(relpath))
-        return info.type != pafs.FileType.NotFound
-
 
 def _entry(name: str, data: Any, rows: int, first_ns: int, last_ns: int) -> dict[str, Any]:
     """A part's manifest entry: what its bytes must hash to, and what its name claims."""

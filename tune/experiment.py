@@ -30,7 +30,7 @@ import ray
 from ray import tune
 
 from cluster.resources import choose_profile, tune_resources
-from core.store import open_filesystem
+from core.store_fs import open_filesystem
 
 
 def chunks(n: int, per: int) -> list[tuple[int, int]]:

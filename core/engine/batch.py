@@ -49,7 +49,7 @@ from core.engine.kernels import (
     metric_level,
 )
 from core.features import price_arrays
-from core.metrics import scratch_size
+from core.metric_kernels import scratch_size
 
 @dataclass
 class BacktestResult:

@@ -18,7 +18,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from core.metrics import floor_ratio, returns_into, summary_core
+from core.metric_kernels import floor_ratio, returns_into, summary_core
 
 # Columns of the raw trade array [P, K, N_TRADE_FIELDS].
 ENTRY_BAR, EXIT_BAR, ENTRY_PRICE, EXIT_PRICE, SIZE, PNL, COMMISSION, IS_OPEN = range(8)

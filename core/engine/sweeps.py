@@ -27,7 +27,7 @@ from core.engine.kernels import (
     metric_level,
 )
 from core.features import price_arrays
-from core.metrics import scratch_size
+from core.metric_kernels import scratch_size
 from core.strategies import cross_scratch_size, sma_cross_changes, sma_grid_table
 
 @njit(cache=True, parallel=True, error_model="numpy")

@@ -39,9 +39,9 @@ from urllib.parse import urlparse
 
 from core.models.errors import CorruptArtefact, RegistryError
 from core.resilience import Resilient
-from core.store import minio_client
+from core.store_fs import HIDDEN, minio_client
 
-_HIDDEN = ".tmp-"
+_HIDDEN = HIDDEN  # the store's own prefix for a file being written
 
 
 def sha256(data: bytes) -> str:
