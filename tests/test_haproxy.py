@@ -55,13 +55,15 @@ def test_raytrade_up_serves_decisions_through_haproxy_and_stops_cleanly(tmp_path
         RAYTRADE_STATE_DIR=str(tmp_path / "state"), RAYTRADE_RAY__NAMESPACE="raytrade-haproxy-test",
         RAYTRADE_RAY__INCLUDE_DASHBOARD="false", RAYTRADE_RAY__NUM_CPUS="2",
     )
-    proc = subprocess.Popen([sys.executable, "-m", "raytrade", "up", "--duration", "240"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
+    def start():
+        p = subprocess.Popen([sys.executable, "-m", "raytrade", "up", "--duration", "240"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        lines: list[str] = []
+        t = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
+        t.start()
+        return p, lines, t
 
-    def wait_for(pattern: str, timeout_s: float) -> re.Match:
+    def wait_for(pattern: str, timeout_s: float, fail: bool = True) -> re.Match | None:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             for line in list(out):
@@ -70,10 +72,23 @@ def test_raytrade_up_serves_decisions_through_haproxy_and_stops_cleanly(tmp_path
             if proc.poll() is not None and not reader.is_alive():
                 break
             time.sleep(0.5)
+        if not fail:
+            return None
         pytest.fail(f"no {pattern!r} in raytrade up's output within {timeout_s:.0f}s:\n" + "".join(out)[-3000:])
 
+    proc, out, reader = start()
     try:
-        key = wait_for(r"demo API key\s+(rt-demo-\S+)", 240).group(1)
+        m = wait_for(r"demo API key\s+(rt-demo-\S+)", 240, fail=False)
+        if m is None and "The current node timed out during startup" in "".join(out):
+            # Ray's own start-up limit (30 s for the raylet to register, fixed in Ray) can pass on a
+            # loaded 2-core machine with the session's Ray beside it: one more try, then it fails.
+            proc.wait(timeout=30)
+            time.sleep(5)
+            proc, out, reader = start()
+            m = wait_for(r"demo API key\s+(rt-demo-\S+)", 240, fail=False)
+        if m is None:
+            pytest.fail("no demo API key in raytrade up's output within 240s:\n" + "".join(out)[-3000:])
+        key = m.group(1)
         assert listener_name(port) == "haproxy"  # HAProxy, not Serve's proxy, holds the HTTP port
         headers = {"X-API-Key": key}
         base = f"http://127.0.0.1:{port}"
