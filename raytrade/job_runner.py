@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from actors.scheduler import current_job, job_output
-from cluster.settings import Settings, load_settings
+from cluster.settings import Settings, _deep_merge, load_settings
 from raytrade.cli import COMMANDS, build_parser
 from raytrade.jobs import ENV_IN_JOB, FLUSH_S
 
@@ -76,7 +76,7 @@ def run_cli(argv: list[str], cwd: str, public_settings: dict[str, Any]) -> dict[
     if job_id is None or system is None:
         raise RuntimeError("run_cli runs as a scheduler workflow's target, not by itself")
     base = system.model_dump()  # SecretStr values intact, in memory only
-    _merge(base, public_settings)
+    _deep_merge(base, public_settings)  # the caller's values over the system's
     settings = load_settings(use_file=False, **base)
     args = build_parser().parse_args(argv)
     sink = _Sink(job_id, system)
@@ -104,11 +104,3 @@ def run_cli(argv: list[str], cwd: str, public_settings: dict[str, Any]) -> dict[
     if code:
         raise RuntimeError(f"raytrade {' '.join(argv[:2])} exited {code}")
     return {"exit": 0}
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v

@@ -41,7 +41,6 @@ from core.models.errors import CorruptArtefact, RegistryError
 from core.resilience import Resilient
 from core.store_fs import HIDDEN, minio_client
 
-_HIDDEN = HIDDEN  # the store's own prefix for a file being written
 
 
 def sha256(data: bytes) -> str:
@@ -71,7 +70,7 @@ class _Local:
     def _write_tmp(self, final: str, data: bytes) -> str:
         d = os.path.dirname(final)
         os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f"{_HIDDEN}{uuid.uuid4().hex[:8]}-{os.path.basename(final)}")
+        tmp = os.path.join(d, f"{HIDDEN}{uuid.uuid4().hex[:8]}-{os.path.basename(final)}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -111,7 +110,7 @@ class _Local:
         out = []
         for d, _, files in os.walk(base):
             for f in files:
-                if not f.startswith(_HIDDEN) and not f.endswith(".lock"):
+                if not f.startswith(HIDDEN) and not f.endswith(".lock"):
                     out.append(posixpath.relpath(os.path.join(d, f), self.root).replace(os.sep, "/"))
         return sorted(out)
 
